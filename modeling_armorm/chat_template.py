@@ -1,0 +1,68 @@
+"""The gating pattern of a chat template: the tokens between the prompt's last message and the final answer.
+
+The prompt feature h_x is read at the first token of the last occurrence of this pattern (SPEC §6): for
+Llama-3 the `<|eot_id|>` of `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`, for ChatML the
+`<|im_end|>` of `<|im_end|>\\n<|im_start|>assistant\\n`.
+"""
+
+from typing import NamedTuple
+
+
+# Probe contents: plain words that no template rewrites and that no tokenizer merges with the markup around them.
+_PROMPT_PROBE = "Armorm prompt probe"
+_ANSWER_PROBE = "Armorm answer probe"
+
+
+class GatingPattern(NamedTuple):
+    token_ids: list[int]
+    offset: int
+    text: str
+
+    def config_kwargs(self) -> dict:
+        """The `ArmoRMConfig` fields this pattern sets."""
+        return {
+            "gating_token_pattern": list(self.token_ids),
+            "gating_token_offset": self.offset,
+            "gating_token_pattern_text": self.text,
+        }
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # The rendered template already holds its special tokens (BOS included): add none.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def gating_pattern_from_tokenizer(tokenizer) -> GatingPattern:
+    """Derive the gating pattern from `tokenizer.chat_template`.
+
+    Renders a two-turn conversation, cuts the text between the end of the user's content and the start of the
+    assistant's, and checks that these tokens are the same alone as inside the whole conversation (a tokenizer
+    could otherwise merge them with their neighbours, and the pattern would never match real inputs).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no `chat_template`, so the gating pattern cannot be derived. Set "
+            "`tokenizer.chat_template` to the template the reward model is used with, or give the pattern "
+            "explicitly (`gating_token_pattern=` in `ArmoRMConfig`)."
+        )
+    messages = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_end = text.rfind(_PROMPT_PROBE) + len(_PROMPT_PROBE)
+    answer_start = text.find(_ANSWER_PROBE, prompt_end)
+    if text.rfind(_PROMPT_PROBE) < 0 or answer_start < 0:
+        raise ValueError(
+            "The chat template does not render the user's and the assistant's contents verbatim, so no gating "
+            f"pattern can be read from it. Rendered probe: {text!r}. Give `gating_token_pattern=` explicitly."
+        )
+    separator = text[prompt_end:answer_start]
+    before = _ids(tokenizer, text[:prompt_end])
+    through = _ids(tokenizer, text[:answer_start])
+    whole = _ids(tokenizer, text)
+    pattern = through[len(before) :]
+    if not separator or not pattern or through[: len(before)] != before or whole[: len(through)] != through:
+        raise ValueError(
+            f"The chat template's separator between prompt and answer ({separator!r}) does not tokenize to a "
+            "stable run of tokens, so it cannot locate the prompt feature. Use a template whose assistant header "
+            "is separated from the contents, or give `gating_token_pattern=` explicitly."
+        )
+    return GatingPattern(token_ids=pattern, offset=0, text=tokenizer.decode(pattern))

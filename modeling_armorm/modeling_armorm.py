@@ -1,0 +1,235 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""ArmoRM: a multi-objective reward model with a prompt-conditioned mixture of objectives (arXiv 2406.12845).
+
+    h    = f(x ⊕ y)[last real token]                     response feature, (batch, d)
+    h_x  = f(x ⊕ y)[gating position]                     prompt feature, same forward pass (attention is causal)
+    r    = W h                                           k objective rewards
+    g    = β · softmax(MLP(h_x) / temperature)           gating weights over the k objectives
+    s    = g · (r T)  =  (g Tᵀ) · r                      score; T removes the verbosity component
+
+This file is copied next to every saved checkpoint (remote code): it imports only torch, transformers and
+`configuration_armorm`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple, logging
+
+from .configuration_armorm import ArmoRMConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here.
+_IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "labels", "return_dict", "num_items_in_batch")
+
+
+@dataclass
+class ArmoRMRewardOutput(ModelOutput):
+    r"""
+    logits (`torch.FloatTensor` of shape `(batch_size, 1)`):
+        The score as a one-label classification output, the form TRL reads (`.logits[:, 0]`).
+    score (`torch.FloatTensor` of shape `(batch_size,)`):
+        s = Σ_i g_i (r T)_i, the preference score.
+    rewards (`torch.FloatTensor` of shape `(batch_size, num_objectives)`):
+        r = W h, the raw reward of each objective, on the scale of its ratings (about [0, 1]).
+    gating_output (`torch.FloatTensor` of shape `(batch_size, num_objectives)`):
+        g = β · softmax(MLP(h_x) / temperature), β included.
+    coefficients (`torch.FloatTensor` of shape `(batch_size, num_objectives)`):
+        c = g Tᵀ, the weight of each raw reward in the score: `score == (coefficients * rewards).sum(-1)`.
+    prompt_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        h_x, the backbone's last hidden state at the gating position.
+    hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        h, the backbone's last hidden state at the last real token.
+    hidden_states, attentions:
+        The backbone's, when asked for with `output_hidden_states` / `output_attentions`.
+    """
+
+    logits: torch.FloatTensor | None = None
+    score: torch.FloatTensor | None = None
+    rewards: torch.FloatTensor | None = None
+    gating_output: torch.FloatTensor | None = None
+    coefficients: torch.FloatTensor | None = None
+    prompt_embedding: torch.FloatTensor | None = None
+    hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ArmoRMGatingNetwork(nn.Module):
+    """g(h_x) = β · softmax(MLP(h_x) / temperature), the softmax over the k objectives (never over a batch axis)."""
+
+    def __init__(self, in_features: int, num_objectives: int, hidden_dim: int, n_hidden: int, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+        widths = [in_features] + [hidden_dim] * n_hidden + [num_objectives]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.logit_scale = nn.Parameter(torch.ones(1))  # β; set by `_init_weights` or loaded
+
+    def forward(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        x = prompt_embedding  # (batch, d)
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))  # (batch, hidden_dim)
+        logits = self.layers[-1](x)  # (batch, k)
+        return self.logit_scale * torch.softmax(logits / self.temperature, dim=-1)  # (batch, k)
+
+
+class ArmoRMPreTrainedModel(PreTrainedModel):
+    config: ArmoRMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The heads are tiny: keep them in float32 so a bfloat16 backbone scores like a float32 one.
+    _keep_in_fp32_modules_strict = ["regression_layer", "gating", "reward_transform_matrix"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ArmoRMForRewardModeling):
+            # T = I until a decorrelation fills it; transformers 5 leaves custom tensors uninitialised otherwise.
+            init.eye_(module.reward_transform_matrix)
+        elif isinstance(module, ArmoRMGatingNetwork):
+            init.constant_(module.logit_scale, self.config.gating_logit_scale_init)
+
+
+class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
+    def __init__(self, config: ArmoRMConfig):
+        super().__init__(config)
+        text_config = config.get_text_config()
+        self.model = AutoModel.from_config(text_config)
+        self.regression_layer = nn.Linear(text_config.hidden_size, config.num_objectives, bias=False)
+        self.gating = ArmoRMGatingNetwork(
+            text_config.hidden_size,
+            config.num_objectives,
+            hidden_dim=config.gating_hidden_dim,
+            n_hidden=config.gating_n_hidden,
+            temperature=config.gating_temperature,
+        )
+        # T is fixed after decorrelation: a persistent buffer, so no optimizer or `requires_grad` reset can train it.
+        self.register_buffer("reward_transform_matrix", torch.eye(config.num_objectives), persistent=True)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def find_gating_positions(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.LongTensor:
+        """The last occurrence of `config.gating_token_pattern` among each row's real tokens, plus the offset."""
+        pattern = self.config.gating_token_pattern
+        if not pattern:
+            raise ValueError(
+                "`config.gating_token_pattern` is not set, so the prompt feature cannot be located. Set it with "
+                "`modeling_armorm.gating_pattern_from_tokenizer(tokenizer)` or pass `gating_positions=`."
+            )
+        batch_size, seq_len = input_ids.shape
+        n = len(pattern)
+        positions = torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
+        if seq_len >= n:
+            pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
+            windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
+            real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
+            found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
+            starts = torch.arange(found.shape[1], device=input_ids.device)
+            positions = torch.where(found, starts, -1).amax(-1)  # (batch,)
+        missing = (positions < 0).nonzero().flatten().tolist()
+        if missing:
+            text = self.config.gating_token_pattern_text
+            raise ValueError(
+                f"Row(s) {missing} of the batch hold no gating pattern {list(pattern)}"
+                + (f" ({text!r})" if text else "")
+                + " among their real tokens, so the prompt feature cannot be located. Render the conversation with "
+                "the reward model's chat template (`tokenizer.apply_chat_template(messages)`, ending with the "
+                "assistant's answer), keep the prompt within the length limit, or pass `gating_positions=`."
+            )
+        return positions + self.config.gating_token_offset
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        gating_positions: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> ArmoRMRewardOutput:
+        r"""
+        gating_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Where to read the prompt feature h_x in each row; found from `config.gating_token_pattern` when not
+            given. Required with `inputs_embeds`.
+        """
+        for key in _IGNORED_KWARGS:
+            kwargs.pop(key, None)
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        batch_size, seq_len = reference.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=reference.device)
+        if position_ids is None:
+            # Count positions over real tokens only, so a left-padded row sees the positions of the unpadded one.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (batch, seq, d)
+
+        # The last real token is the rightmost position with mask 1, whatever the padding side or pad id.
+        token_index = torch.arange(seq_len, device=hidden.device)
+        last_positions = (token_index * attention_mask.to(hidden.device)).argmax(-1)  # (batch,)
+        if gating_positions is None:
+            if input_ids is None:
+                raise ValueError("`gating_positions` is required with `inputs_embeds`: no token ids to search.")
+            gating_positions = self.find_gating_positions(input_ids, attention_mask)
+        gating_positions = torch.as_tensor(gating_positions, dtype=torch.long, device=hidden.device)
+        rows = torch.arange(batch_size, device=hidden.device)
+
+        head_dtype = self.regression_layer.weight.dtype
+        h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
+        h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
+
+        # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ
+        rewards = self.regression_layer(h)  # (batch, k)
+        gating_output = self.gating(h_x)  # (batch, k)
+        transform = self.reward_transform_matrix.to(head_dtype)  # (k, k)
+        score = (gating_output * (rewards @ transform)).sum(-1)  # (batch,)
+        coefficients = gating_output @ transform.T  # (batch, k)
+
+        return ArmoRMRewardOutput(
+            logits=score[:, None],
+            score=score,
+            rewards=rewards,
+            gating_output=gating_output,
+            coefficients=coefficients,
+            prompt_embedding=h_x,
+            hidden_state=h,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Every Auto class this checkpoint answers to, so it loads as remote code wherever the package is absent.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {
+                "AutoConfig": f"{type(self.config).__module__.split('.')[-1]}.{type(self.config).__name__}",
+                "AutoModel": f"{module}.{type(self).__name__}",
+                "AutoModelForSequenceClassification": f"{module}.{type(self).__name__}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+__all__ = ["ArmoRMForRewardModeling", "ArmoRMGatingNetwork", "ArmoRMPreTrainedModel", "ArmoRMRewardOutput"]
