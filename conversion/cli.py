@@ -10,7 +10,13 @@ import importlib
 
 
 COMMANDS = {
+    "assemble": "conversion.assemble",
     "convert-rlhflow": "conversion.convert_rlhflow",
+    "decorrelate": "conversion.decorrelate",
+    "extract": "conversion.extract",
+    "fit": "conversion.fit",
+    "gate": "conversion.gate",
+    "push": "conversion.push",
 }
 
 

@@ -1,5 +1,6 @@
 """Helpers the tests share: tiny random backbones built in-process, the offline real tokenizer, shared data."""
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -59,3 +60,74 @@ def tiny_armorm(text_config=None, num_objectives: int = 4, seed: int = 0, tokeni
         model.reward_transform_matrix.copy_(torch.eye(num_objectives) + 0.3 * torch.randn(num_objectives, num_objectives))
         model.gating.logit_scale.fill_(3.0)
     return model
+
+
+# A Llama-3 chat template written for these tests (same rendering as Meta's: header, blank line, content, eot).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def llama3_tokenizer():
+    """The official Llama-3 tokenizer (`tokenizer.model` of the `llama-models` wheel) as a transformers tokenizer."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        pytest.skip("the `llama-models` wheel (Llama-3 tokenizer.model) is not installed")
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
+    # Meta's 256 special tokens follow the 128000 BPE ranks in this order (llama_models/llama3/tokenizer.py).
+    special = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+        "<|eot_id|>", "<|python_tag|>", "<|image|>",
+    ]  # fmt: skip
+    special += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(special))]
+    backend = TikTokenConverter(vocab_file=path, extra_special_tokens=special).converted()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|eot_id|>"
+    )
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def reference_armorm_outputs(model, rows: list[list[int]], pattern: list[int]) -> dict[str, torch.Tensor]:
+    """The ArmoRM forward written out row by row, independently of the model's batched code: each row alone (no
+    padding, no mask), a Python search for the last pattern, the heads computed from their weights."""
+    out = {"score": [], "rewards": [], "gating_output": [], "coefficients": []}
+    n = len(pattern)
+    temperature = model.config.gating_temperature
+    with torch.no_grad():
+        for row in rows:
+            hidden = model.model(input_ids=torch.tensor([row])).last_hidden_state[0].float()  # (seq, d)
+            start = max(i for i in range(len(row) - n + 1) if row[i : i + n] == pattern)
+            h, h_x = hidden[-1], hidden[start]
+            r = model.regression_layer.weight.float() @ h  # (k,)
+            x = h_x
+            layers = model.gating.layers
+            for layer in layers[:-1]:
+                x = torch.clamp(layer.weight @ x + layer.bias, min=0)
+            logits = layers[-1].weight @ x + layers[-1].bias
+            weights = torch.exp((logits - logits.max()) / temperature)
+            g = model.gating.logit_scale * weights / weights.sum()
+            T = model.reward_transform_matrix.float()
+            out["score"].append(sum(g[i] * (r @ T)[i] for i in range(len(g))))
+            out["rewards"].append(r)
+            out["gating_output"].append(g)
+            out["coefficients"].append(T @ g)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def padded(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded to one width on `side`, with their attention mask."""
+    width = max(map(len, rows))
+    ids, mask = [], []
+    for row in rows:
+        fill = [pad_id] * (width - len(row))
+        ids.append(row + fill if side == "right" else fill + row)
+        mask.append([1] * len(row) + [0] * len(fill) if side == "right" else [0] * len(fill) + [1] * len(row))
+    return torch.tensor(ids), torch.tensor(mask)

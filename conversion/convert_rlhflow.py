@@ -1,0 +1,173 @@
+"""Convert a checkpoint in the released RLHFlow ArmoRM layout into an ArmoRM checkpoint of this package.
+
+    armorm convert-rlhflow SRC_DIR OUT_DIR
+
+The released `RLHFlow/ArmoRM-Llama3-8B-v0.1` ships a flat Llama `config.json` extended with `num_objectives` and
+`gating_*` keys, and remote code that no longer imports on transformers 5. Its weights already carry this package's
+state-dict names (`model.*`, `regression_layer.weight`, `gating.*`, `reward_transform_matrix`), so the conversion
+builds an `ArmoRMConfig`, checks every tensor name and shape against the model it describes, loads the weights
+unchanged and saves them with the config, the remote-code files and the tokenizer.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+
+
+# The release's 19 objectives, in the order of its regression layer (SPEC §1); verbosity is helpsteer-verbosity.
+RLHFLOW_OBJECTIVES = [
+    "helpsteer-helpfulness",
+    "helpsteer-correctness",
+    "helpsteer-coherence",
+    "helpsteer-complexity",
+    "helpsteer-verbosity",
+    "ultrafeedback-overall_score",
+    "ultrafeedback-instruction_following",
+    "ultrafeedback-truthfulness",
+    "ultrafeedback-honesty",
+    "ultrafeedback-helpfulness",
+    "beavertails-is_safe",
+    "prometheus-score",
+    "argilla-overall_quality",
+    "argilla-judge_lm",
+    "code-complexity",
+    "code-style",
+    "code-explanation",
+    "code-instruction-following",
+    "code-readability",
+]
+RLHFLOW_VERBOSITY = "helpsteer-verbosity"
+# <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n, the pattern the release's remote code searched for.
+LLAMA3_GATING_PATTERN = [128009, 128006, 78191, 128007, 271]
+_HEAD_KEYS = ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden")
+_EXPECTED = (
+    "the released RLHFlow ArmoRM layout: a flat decoder `config.json` (e.g. model_type 'llama') with "
+    "`num_objectives` and `gating_temperature`/`gating_hidden_dim`/`gating_n_hidden` keys, and safetensors weights "
+    "named `model.*`, `regression_layer.weight`, `gating.layers.{i}.weight|bias`, `gating.logit_scale`, "
+    "`reward_transform_matrix`"
+)
+
+
+def add_arguments(parser):
+    parser.add_argument("src_dir", help="Folder of the checkpoint in the released layout.")
+    parser.add_argument("out_dir", help="Where to write the ArmoRM checkpoint.")
+
+
+def build_config(src_config: dict, tokenizer=None) -> ArmoRMConfig:
+    """`ArmoRMConfig` from the release's flat config: the backbone keys become `text_config`."""
+    if src_config.get("model_type") == ArmoRMConfig.model_type:
+        raise ValueError("This is already an ArmoRM checkpoint of this package: load it with `from_pretrained`.")
+    missing = [key for key in _HEAD_KEYS if key not in src_config]
+    if "model_type" not in src_config or missing:
+        raise ValueError(f"`config.json` lacks {missing or ['model_type']}; expected {_EXPECTED}.")
+    flat = {k: v for k, v in src_config.items() if k not in ("auto_map", "architectures", "id2label", "label2id")}
+    num_objectives = flat.pop("num_objectives")
+    heads = {
+        "gating_temperature": flat.pop("gating_temperature"),
+        "gating_hidden_dim": flat.pop("gating_hidden_dim"),
+        "gating_n_hidden": flat.pop("gating_n_hidden"),
+    }
+    text_config = AutoConfig.for_model(**flat)
+    if num_objectives == len(RLHFLOW_OBJECTIVES):
+        names = {
+            "objective_names": RLHFLOW_OBJECTIVES,
+            "verbosity_objective": RLHFLOW_OBJECTIVES.index(RLHFLOW_VERBOSITY),
+        }
+    else:
+        names = {}
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        pattern = gating_pattern_from_tokenizer(tokenizer).config_kwargs()
+        if pattern["gating_token_pattern"] != LLAMA3_GATING_PATTERN:
+            raise ValueError(
+                f"The tokenizer's chat template gives the gating pattern {pattern['gating_token_pattern']}, but the "
+                f"released model reads its prompt feature at {LLAMA3_GATING_PATTERN} (Llama-3). Convert with the "
+                "checkpoint's own Llama-3 tokenizer."
+            )
+    else:
+        pattern = {"gating_token_pattern": LLAMA3_GATING_PATTERN, "gating_token_offset": 0}
+    return ArmoRMConfig(text_config=text_config, num_objectives=num_objectives, **heads, **names, **pattern)
+
+
+def _weight_files(src: Path) -> list[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+        hint = f" (found pickled weights {pickled}: convert them to safetensors first)" if pickled else ""
+        raise ValueError(f"No *.safetensors weights in {src}{hint}; expected {_EXPECTED}.")
+    return files
+
+
+def check_weights(src: Path, config: ArmoRMConfig) -> dict[str, str]:
+    """Every tensor the model needs is in the files with its shape, and nothing else is (read from the headers).
+
+    Returns the weight map (tensor name -> file name)."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in ArmoRMForRewardModeling(config).state_dict().items()}
+    found, weight_map = {}, {}
+    for path in _weight_files(src):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                found[name] = tuple(f.get_slice(name).get_shape())
+                weight_map[name] = path.name
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [
+        f"{n}: {found[n]} != {expected[n]}" for n in sorted(set(found) & set(expected)) if found[n] != expected[n]
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"The weights in {src} do not match the model its config describes: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}; expected {_EXPECTED}."
+        )
+    return weight_map
+
+
+def convert_rlhflow(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
+    src, out = Path(src_dir), Path(out_dir)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"No config.json in {src}; expected {_EXPECTED}.")
+    src_config = json.loads(config_path.read_text())
+    tokenizer = None
+    if any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    config = build_config(src_config, tokenizer)
+    weight_map = check_weights(src, config)
+
+    # Load through transformers from a staging folder: the new config, links to the unchanged weight files and an
+    # index of them (however the release named or sharded its files).
+    dtype = src_config.get("dtype") or src_config.get("torch_dtype") or "float32"
+    with tempfile.TemporaryDirectory() as staging:
+        config.save_pretrained(staging)
+        for name in set(weight_map.values()):
+            os.symlink((src / name).resolve(), Path(staging) / name)
+        index = {"metadata": {}, "weight_map": weight_map}
+        (Path(staging) / "model.safetensors.index.json").write_text(json.dumps(index))
+        model, info = ArmoRMForRewardModeling.from_pretrained(
+            staging, dtype=getattr(torch, dtype), output_loading_info=True
+        )
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise ValueError(f"Loading the converted weights reported {problems}; nothing was written.")
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    for extra in ("generation_config.json", "LICENSE"):
+        if (src / extra).is_file() and not (out / extra).exists():
+            shutil.copy(src / extra, out / extra)
+    print(
+        f"Converted {src} -> {out} ({config.num_objectives} objectives, gating pattern {config.gating_token_pattern})"
+    )
+    return model
+
+
+def main(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
+    return convert_rlhflow(src_dir, out_dir)

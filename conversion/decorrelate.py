@@ -1,0 +1,288 @@
+"""Decorrelate every objective from verbosity: the reward transform T of ArmoRM (SPEC §1, arXiv 2406.12845 §3.1).
+
+    armorm decorrelate --regression regression.safetensors --reference PAIR_FEATURES \
+        --verbosity helpsteer-verbosity [--threshold 0.03] --out transform.safetensors
+
+Over the reference responses D (both sides of every pair of a pairs features folder, or the rows of a ratings
+folder) the rewards are r = W h. For each objective i ≠ v (v = verbosity) the penalty λ_i is the smallest λ ≥ 0 with
+Spearman(r_i − λ r_v, r_v) ≤ τ, found by bisection; then T = I, T[v, :] −= λ, T[v, v] = 0, so that r' = r T.
+Writes `transform.safetensors` (`reward_transform_matrix`, `penalties`) and `transform.json` with the correlations.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from conversion.artifacts import load_regression, save_transform
+from conversion.features import load_features
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DecorrelationResult",
+    "add_arguments",
+    "compute_rewards",
+    "decorrelate",
+    "find_penalty",
+    "main",
+    "reference_embeddings",
+    "spearman_to",
+    "transform_matrix",
+]
+
+
+def add_arguments(parser):
+    parser.add_argument("--regression", help="`regression.safetensors` of `armorm fit` (W and the objective names).")
+    parser.add_argument("--reference", help="Features folder of the reference set D (pairs: both sides are used).")
+    parser.add_argument("--verbosity", help="Name of the verbosity objective v (e.g. `helpsteer-verbosity`).")
+    parser.add_argument("--threshold", type=float, help="τ: the Spearman correlation to reach (default 0.03).")
+    parser.add_argument("--tolerance", type=float, help="Bisection tolerance on λ (default 1e-3).")
+    parser.add_argument("--max-penalty", type=float, help="Largest λ tried before an objective is reported.")
+    parser.add_argument(
+        "--out", help="Path of the `transform.safetensors` to write (a `.json` report goes next to it)."
+    )
+
+
+class _SpearmanToFixed:
+    """Spearman(x, y) for many x against one fixed y: y's ranks are computed once (D can hold 10⁵ responses).
+
+    Spearman's ρ is Pearson's correlation of the average ranks, which is what `scipy.stats.spearmanr` computes.
+    """
+
+    def __init__(self, y: np.ndarray):
+        ranks = rankdata(y)
+        self.centered = ranks - ranks.mean()
+        self.norm = np.linalg.norm(self.centered)
+
+    def __call__(self, x: np.ndarray) -> float:
+        ranks = rankdata(x)
+        centered = ranks - ranks.mean()
+        norm = np.linalg.norm(centered)
+        # A constant x carries no verbosity (or anything else): call it uncorrelated rather than NaN.
+        if norm == 0.0:
+            return 0.0
+        return float(centered @ self.centered / (norm * self.norm))
+
+
+def spearman_to(y: np.ndarray):
+    """A function x ↦ Spearman(x, y), for a y that is not constant."""
+    if np.ptp(y) == 0:
+        raise ValueError(
+            "The verbosity reward r_v is constant over the reference responses, so no correlation with it is defined. "
+            "Check `--verbosity` (is it the right objective?) and that its row of W is fitted (not all zeros)."
+        )
+    return _SpearmanToFixed(y)
+
+
+def find_penalty(
+    reward: np.ndarray,
+    verbosity_reward: np.ndarray,
+    threshold: float,
+    tolerance: float = 1e-3,
+    max_penalty: float = 1e3,
+    correlation=None,
+) -> tuple[float, float, bool]:
+    """The smallest λ ≥ 0 with Spearman(reward − λ·verbosity_reward, verbosity_reward) ≤ threshold, within `tolerance`.
+
+    Returns (λ, the correlation at λ, reached). The correlation falls monotonically as λ grows (each pair of responses
+    can only swap order one way), so a bisection is exact up to `tolerance`; it returns the end of its bracket that
+    meets τ. Not reached within `max_penalty`: (0.0, the correlation at 0, False), the objective left unchanged.
+    """
+    if correlation is None:
+        correlation = spearman_to(verbosity_reward)
+
+    def rho(penalty: float) -> float:
+        # ρ(λ) = Spearman(r_i − λ r_v, r_v)
+        return correlation(reward - penalty * verbosity_reward)
+
+    rho_zero = rho(0.0)
+    if rho_zero <= threshold:
+        return 0.0, rho_zero, True
+    # Expand the upper end until it meets τ: λ has no natural scale (it depends on the ratio of the two rewards).
+    low, high = 0.0, min(1.0, max_penalty)
+    rho_high = rho(high)
+    while rho_high > threshold:
+        if high >= max_penalty:
+            return 0.0, rho_zero, False
+        low, high = high, min(2.0 * high, max_penalty)
+        rho_high = rho(high)
+    # Invariant: ρ(low) > τ ≥ ρ(high).
+    while high - low > tolerance:
+        middle = 0.5 * (low + high)
+        rho_middle = rho(middle)
+        if rho_middle <= threshold:
+            high, rho_high = middle, rho_middle
+        else:
+            low = middle
+    # T is stored in float32: round λ up to a float32 so the stored penalty still meets τ (ρ falls as λ grows).
+    stored = np.float32(high)
+    if stored < high:
+        stored = np.nextafter(stored, np.float32(np.inf))
+    if stored != high:
+        high, rho_high = float(stored), rho(float(stored))
+    return high, rho_high, True
+
+
+def transform_matrix(penalties: torch.Tensor, verbosity: int) -> torch.Tensor:
+    """T with r' = r T: r'_i = r_i − λ_i r_v for i ≠ v and r'_v = 0."""
+    k = penalties.shape[0]
+    matrix = torch.eye(k, dtype=torch.float32)
+    # T = I; T[v, :] −= λ; T[v, v] = 0
+    matrix[verbosity, :] -= penalties.to(torch.float32)
+    matrix[verbosity, verbosity] = 0.0
+    return matrix
+
+
+@dataclass
+class DecorrelationResult:
+    """The penalties λ (k,), T (k, k) and, per objective, Spearman(r'_i, r_v) before and after."""
+
+    penalties: torch.Tensor
+    matrix: torch.Tensor
+    correlations_before: list[float]
+    correlations_after: list[float]
+    unreachable: list[int] = field(default_factory=list)
+
+
+def decorrelate(
+    rewards: torch.Tensor,
+    verbosity: int,
+    threshold: float = 0.03,
+    tolerance: float = 1e-3,
+    max_penalty: float = 1e3,
+    objectives: list[str] | None = None,
+) -> DecorrelationResult:
+    """λ_i for every objective i ≠ `verbosity` from the rewards r (n, k) of the reference responses, and T."""
+    if rewards.ndim != 2:
+        raise ValueError(f"`rewards` must be (n, k), got shape {tuple(rewards.shape)}.")
+    n, k = rewards.shape
+    if not 0 <= verbosity < k:
+        raise ValueError(f"`verbosity` must index one of the {k} objectives, got {verbosity}.")
+    if n < 3:
+        raise ValueError(f"The reference set holds {n} responses; a rank correlation needs at least 3 (more: 10⁴+).")
+    names = objectives or [str(i) for i in range(k)]
+    # float64: the bisection compares correlations at λ's 1e-3 apart.
+    values = rewards.detach().cpu().double().numpy()
+    verbosity_reward = values[:, verbosity]
+    correlation = spearman_to(verbosity_reward)
+    penalties = torch.zeros(k, dtype=torch.float64)
+    before, after, unreachable = [], [], []
+    for i in range(k):
+        if i == verbosity:
+            # r'_v = 0: the verbosity objective leaves the score.
+            before.append(1.0)
+            after.append(0.0)
+            continue
+        before.append(correlation(values[:, i]))
+        penalty, rho, reached = find_penalty(
+            values[:, i], verbosity_reward, threshold, tolerance, max_penalty, correlation=correlation
+        )
+        penalties[i] = penalty
+        after.append(rho)
+        if not reached:
+            unreachable.append(i)
+            logger.warning(
+                "Objective `%s` keeps Spearman %.4f > τ = %g with the verbosity reward for every λ ≤ %g; it is left "
+                "unchanged (λ = 0). Raise `--max-penalty` or `--threshold`, or check its regression row.",
+                names[i],
+                before[-1],
+                threshold,
+                max_penalty,
+            )
+    return DecorrelationResult(
+        penalties=penalties.float(),
+        matrix=transform_matrix(penalties, verbosity),
+        correlations_before=before,
+        correlations_after=after,
+        unreachable=unreachable,
+    )
+
+
+def reference_embeddings(features: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    """The response features h of a features folder as (n, d): pairs (N, 2, d) give both sides, 2N rows."""
+    embeddings = features["embeddings"]
+    if embeddings.ndim == 3:
+        return embeddings.reshape(-1, embeddings.shape[-1])
+    if embeddings.ndim == 2:
+        return embeddings
+    raise ValueError(
+        f"`embeddings` of the {meta.get('kind', 'unknown')} features has shape {tuple(embeddings.shape)}; "
+        "expected (N, d) for ratings or (N, 2, d) for pairs."
+    )
+
+
+def compute_rewards(embeddings: torch.Tensor, weight: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+    """r = W h for every row, in float64 chunks (the embeddings may be bfloat16 and large)."""
+    weight = weight.double()
+    return torch.cat(
+        [embeddings[i : i + batch_size].double() @ weight.T for i in range(0, len(embeddings), batch_size)]
+    )
+
+
+def main(
+    regression: str,
+    reference: str,
+    verbosity: str,
+    out: str,
+    threshold: float = 0.03,
+    tolerance: float = 1e-3,
+    max_penalty: float = 1e3,
+) -> DecorrelationResult:
+    # load
+    weight, _, objectives = load_regression(regression)
+    if verbosity not in objectives:
+        raise ValueError(
+            f"`--verbosity {verbosity}` is not an objective of {regression}; its objectives: {objectives}."
+        )
+    features, meta = load_features(reference)
+    embeddings = reference_embeddings(features, meta)
+    if embeddings.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
+            f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
+        )
+    # compute
+    v = objectives.index(verbosity)
+    rewards = compute_rewards(embeddings, weight)
+    logger.info(
+        "Decorrelating %d objectives from `%s` over %d reference responses.", len(objectives), verbosity, len(rewards)
+    )
+    result = decorrelate(rewards, v, threshold, tolerance, max_penalty, objectives=objectives)
+    # save
+    unreachable = [objectives[i] for i in result.unreachable]
+    report = {
+        "objectives": objectives,
+        "verbosity": verbosity,
+        "threshold": threshold,
+        "tolerance": tolerance,
+        "max_penalty": max_penalty,
+        "reference": os.path.abspath(reference),
+        "reference_responses": len(rewards),
+        "penalties": dict(zip(objectives, result.penalties.tolist())),
+        "spearman_before": dict(zip(objectives, result.correlations_before)),
+        "spearman_after": dict(zip(objectives, result.correlations_after)),
+        "unreachable": unreachable,
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_transform(
+        out,
+        result.matrix,
+        result.penalties,
+        objectives,
+        verbosity=verbosity,
+        extra_metadata={
+            "threshold": threshold,
+            "spearman_after": report["spearman_after"],
+            "unreachable": unreachable,
+            "reference_responses": len(rewards),
+        },
+    )
+    Path(out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return result

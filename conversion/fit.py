@@ -1,0 +1,292 @@
+"""Stage 1: fit the multi-objective regression `r = W h` on rating features, one ridge per objective.
+
+    armorm fit --features features/ratings --out regression.safetensors [--alphas 1e-4 ... 1e4] [--val-fraction 0.2]
+
+Each objective is a ridge regression without intercept on the rows where its label exists; its α is the one of
+`--alphas` with the lowest MSE on a seeded held-out split, and the final weight is refitted on all its labelled rows.
+Writes `weight` (k, d), `alpha` (k,) and, next to it, `<out stem>.metrics.json` (rows, validation MSE, Pearson,
+Spearman per objective, at the chosen α).
+
+The features are streamed: only the Gram statistics XᵀX, Xᵀy, yᵀy (float64) of each group of objectives that
+share a label mask are kept, so memory is O(groups · d²) whatever the number of rows, and one eigendecomposition of
+a group's training Gram matrix gives the validation MSE of every α at once. The result equals scikit-learn's
+`Ridge(alpha, fit_intercept=False)` fitted on the same rows.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from conversion.artifacts import save_regression
+from conversion.features import iter_shards, read_meta, shard_names
+
+
+# The paper's grid: decades from 1e-4 to 1e4.
+ALPHAS = tuple(10.0**e for e in range(-4, 5))
+# Rows per Gram update: bounds the float64 copy of a block (4096 x 4096 float64 = 128 MB).
+BLOCK_ROWS = 4096
+
+
+def validation_mask(index: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
+    """A row is held out when a seeded hash of its source `index` falls below `val_fraction`.
+
+    The hash (splitmix64) depends on the row alone, so the split is the same however the rows were sharded or ordered.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+
+    def splitmix64(x: np.ndarray) -> np.ndarray:
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        key = splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))
+        hashed = splitmix64(index.numpy().astype(np.int64).astype(np.uint64) ^ key)
+    uniform = (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # in [0, 1)
+    return torch.from_numpy(uniform < val_fraction)
+
+
+def label_groups(present: torch.Tensor) -> list[list[int]]:
+    """Objectives grouped by identical label mask (columns of `present`, (N, k) bool), in order of first objective."""
+    groups: dict[bytes, list[int]] = {}
+    for j in range(present.shape[1]):
+        groups.setdefault(np.packbits(present[:, j].numpy()).tobytes(), []).append(j)
+    return list(groups.values())
+
+
+@dataclass
+class GramStats:
+    """Sufficient statistics of least squares for m targets sharing rows X: XᵀX (d, d), Xᵀy (d, m), yᵀy (m,), n."""
+
+    xtx: np.ndarray
+    xty: np.ndarray
+    yty: np.ndarray
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, d: int, m: int) -> "GramStats":
+        return cls(np.zeros((d, d)), np.zeros((d, m)), np.zeros(m))
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Add rows `x` (n, d) float64 C-contiguous and targets `y` (n, m)."""
+        # `x.T @ x` on one buffer is a BLAS syrk in numpy: half the flops of a general product.
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.yty += (y * y).sum(0)
+        self.n += x.shape[0]
+
+    def __add__(self, other: "GramStats") -> "GramStats":
+        return GramStats(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty, self.n + other.n)
+
+
+def _ridge_path(gram: GramStats, alphas: np.ndarray) -> np.ndarray:
+    """Ridge weights (d, a, m) for every α from one eigendecomposition: w(α) = Q diag(1 / (λ + α)) Qᵀ Xᵀy."""
+    eigenvalues, q = np.linalg.eigh(gram.xtx)
+    projected = q.T @ gram.xty  # (d, m)
+    scaled = projected[:, None, :] / (eigenvalues[:, None, None] + alphas[None, :, None])  # (d, a, m)
+    return (q @ scaled.reshape(len(eigenvalues), -1)).reshape(scaled.shape)
+
+
+class HeldOutRidge:
+    """Ridge without intercept, α chosen per target by held-out MSE, then refitted on train + validation rows.
+
+    Works on `GramStats`, not on rows, so the data can be streamed. Learned state: `alpha_` (m,), `coef_` (m, d)
+    refitted on all rows, `val_coef_` (m, d) fitted on the training rows at `alpha_` (what the validation metrics
+    judge), `val_mse_` (m,) its validation MSE and `val_mse_path_` (a, m) that of every α.
+    """
+
+    def __init__(self, alphas):
+        self.alphas = alphas
+
+    def fit(self, train: GramStats, val: GramStats) -> "HeldOutRidge":
+        alphas = np.asarray(self.alphas, dtype=np.float64)
+        if alphas.ndim != 1 or alphas.size == 0 or (alphas <= 0).any():
+            raise ValueError(f"`alphas` must be a non-empty list of positive numbers, got {self.alphas}.")
+        if alphas.size > 1 and (train.n == 0 or val.n == 0):
+            raise ValueError(
+                f"Choosing among {alphas.size} alphas needs training and validation rows; got {train.n} and {val.n}. "
+                "Change `val_fraction`, or pass one value in `alphas`."
+            )
+        path = _ridge_path(train, alphas)  # (d, a, m)
+        d, a, m = path.shape
+        # Validation MSE from its Gram statistics: (yᵀy − 2 wᵀXᵀy + wᵀXᵀXw) / n, for every α and target at once.
+        cross = np.einsum("dam,dm->am", path, val.xty)
+        quadratic = np.einsum("dam,dam->am", path, (val.xtx @ path.reshape(d, -1)).reshape(d, a, m))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.val_mse_path_ = (val.yty[None, :] - 2 * cross + quadratic) / val.n
+        best = np.zeros(m, dtype=np.int64) if a == 1 else self.val_mse_path_.argmin(0)  # ties: the smallest α
+        self.alpha_, self.val_mse_ = alphas[best], self.val_mse_path_[best, np.arange(m)]
+        self.val_coef_ = path[:, best, np.arange(m)].T
+        # The refit on all labelled rows, each target at its own α: again one eigendecomposition.
+        full = train + val
+        eigenvalues, q = np.linalg.eigh(full.xtx)
+        self.coef_ = (q @ ((q.T @ full.xty) / (eigenvalues[:, None] + self.alpha_[None, :]))).T
+        return self
+
+
+@dataclass
+class RegressionFit:
+    weight: torch.Tensor  # (k, d) float32
+    alpha: torch.Tensor  # (k,) float64
+    objectives: list[str]
+    metrics: dict = field(default_factory=dict)
+
+
+def _read_rows(folder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass: labels (N, k) and source index (N,) of every row in shard order, checksums verified."""
+    labels, indices, position = [], [], 0
+    for shard in iter_shards(folder, keys=["labels", "index"]):
+        if "labels" not in shard:
+            raise ValueError(f"A shard of `{folder}` has no `labels` tensor: not a ratings features folder.")
+        n = len(shard["labels"])
+        labels.append(shard["labels"])
+        # A folder written without `index` counts rows in shard order, as `load_features` does.
+        indices.append(shard.get("index", torch.arange(position, position + n)))
+        position += n
+    return torch.cat(labels), torch.cat(indices)
+
+
+def _row_blocks(folder, desc: str):
+    """Yield (embeddings (n, d) float64, labels (n, k) float64, rows) blocks in shard order; `rows` is their slice."""
+    position = 0
+    shards = iter_shards(folder, keys=["embeddings", "labels"], verify=False)  # verified by `_read_rows`
+    for shard in tqdm(shards, total=len(shard_names(folder)), desc=desc, unit="shard"):
+        embeddings, labels = shard["embeddings"], shard["labels"]
+        for start in range(0, len(labels), BLOCK_ROWS):
+            x, y = embeddings[start : start + BLOCK_ROWS], labels[start : start + BLOCK_ROWS]
+            yield x.double().numpy(), y.double().numpy(), slice(position + start, position + start + len(y))
+        position += len(labels)
+
+
+def fit_regression(folder: str | os.PathLike, *, alphas, val_fraction: float, seed: int) -> RegressionFit:
+    """Load → compute: stream a ratings features folder twice (Gram statistics, then validation predictions)."""
+    meta = read_meta(folder)
+    if meta.get("kind") != "ratings":
+        raise ValueError(f"`{folder}` holds {meta.get('kind')!r} features; `fit` needs ratings (`armorm extract`).")
+    labels, index = _read_rows(folder)
+    held_out = validation_mask(index, val_fraction, seed).numpy()  # (N,) in shard order
+    k = labels.shape[1]
+    objectives = list(meta.get("objectives") or [str(j) for j in range(k)])
+    infinite = torch.isinf(labels).any(1).nonzero().flatten()
+    if len(infinite):
+        row = int(index[infinite[0]])
+        raise ValueError(
+            f"Source row {row} of `{folder}` has an infinite label ({labels[infinite[0]].tolist()}); "
+            "labels must be finite, NaN for missing: fix the data and re-extract."
+        )
+    present = ~labels.isnan()
+    for j in np.flatnonzero(~present.any(0).numpy()):
+        raise ValueError(f"Objective `{objectives[j]}` has no labelled row in `{folder}`; drop it from the data.")
+    groups = label_groups(present)
+    d = int(meta["hidden_size"])
+    train = [GramStats.zeros(d, len(g)) for g in groups]
+    val = [GramStats.zeros(d, len(g)) for g in groups]
+
+    for x, y, rows in _row_blocks(folder, "fit: Gram statistics"):
+        block_held_out = held_out[rows]
+        for g, group in enumerate(groups):
+            labelled = ~np.isnan(y[:, group[0]])
+            for stats_, split in ((train[g], labelled & ~block_held_out), (val[g], labelled & block_held_out)):
+                if split.any():
+                    stats_.update(np.ascontiguousarray(x[split]), y[split][:, group])
+
+    weight, alpha, val_weight, val_mse = np.zeros((k, d)), np.zeros(k), np.zeros((k, d)), np.zeros(k)
+    mse_path = np.zeros((len(alphas), k))
+    for g, group in enumerate(groups):
+        ridge = HeldOutRidge(alphas).fit(train[g], val[g])
+        weight[group], alpha[group], val_weight[group] = ridge.coef_, ridge.alpha_, ridge.val_coef_
+        val_mse[group], mse_path[:, group] = ridge.val_mse_, ridge.val_mse_path_
+
+    # Pearson and Spearman need each held-out prediction: a second, cheap pass (one (n, d) x (d, k) product a block).
+    predictions, targets = [[] for _ in range(k)], [[] for _ in range(k)]
+    if val_fraction > 0:
+        for x, y, rows in _row_blocks(folder, "fit: validation"):
+            x, y = x[held_out[rows]], y[held_out[rows]]
+            scores = x @ val_weight.T  # (n_val, k)
+            for j in range(k):
+                rows = ~np.isnan(y[:, j])
+                predictions[j].append(scores[rows, j])
+                targets[j].append(y[rows, j])
+
+    metrics = {}
+    for g, group in enumerate(groups):
+        for j in group:
+            pred, true = np.concatenate([np.zeros(0), *predictions[j]]), np.concatenate([np.zeros(0), *targets[j]])
+            # A correlation needs two distinct values on each side; None says "undefined" in the JSON.
+            defined = len(pred) > 1 and np.ptp(pred) > 0 and np.ptp(true) > 0
+            metrics[objectives[j]] = {
+                "rows": train[g].n + val[g].n,
+                "train_rows": train[g].n,
+                "val_rows": val[g].n,
+                "alpha": float(alpha[j]),
+                "val_mse": float(val_mse[j]) if val[g].n else None,
+                "pearson": float(stats.pearsonr(pred, true).statistic) if defined else None,
+                "spearman": float(stats.spearmanr(pred, true).statistic) if defined else None,
+                "val_mse_by_alpha": {f"{a:g}": float(mse_path[i, j]) for i, a in enumerate(alphas)}
+                if val[g].n
+                else {},
+                "label_group": g,
+            }
+    return RegressionFit(torch.from_numpy(weight).float(), torch.from_numpy(alpha), objectives, metrics)
+
+
+def format_metrics(metrics: dict) -> str:
+    """The per-objective table that `armorm fit` prints."""
+
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    width = max(len("objective"), *(len(name) for name in metrics))
+    lines = [f"{'objective':<{width}}  {'rows':>8}  {'alpha':>7}  {'val MSE':>9}  {'Pearson':>7}  {'Spearman':>8}"]
+    for name, row in metrics.items():
+        lines.append(
+            f"{name:<{width}}  {row['rows']:>8}  {row['alpha']:>7g}  {number(row['val_mse'], '>9.5f')}  "
+            f"{number(row['pearson'], '>7.4f')}  {number(row['spearman'], '>8.4f')}"
+        )
+    return "\n".join(lines)
+
+
+def metrics_path_for(out: str | os.PathLike) -> Path:
+    """`regression.safetensors` -> `regression.metrics.json`, next to it."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".metrics.json")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--features", required=True, help="a ratings features folder (`armorm extract`)")
+    parser.add_argument("--out", required=True, help="the regression file to write, e.g. regression.safetensors")
+    parser.add_argument(
+        "--alphas", type=float, nargs="+", help="ridge penalties to choose from (default 1e-4 ... 1e4)"
+    )
+    parser.add_argument("--val-fraction", type=float, help="share of rows held out to choose alpha (default 0.2)")
+    parser.add_argument("--seed", type=int, help="seed of the held-out split (default 0)")
+
+
+def main(
+    features: str,
+    out: str,
+    alphas: list[float] = ALPHAS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
+    """Load → compute → save: `out` (weight, alpha, objectives) and its metrics JSON; returns the metrics."""
+    alphas = [float(a) for a in alphas]
+    result = fit_regression(features, alphas=alphas, val_fraction=val_fraction, seed=seed)
+    settings = {"features": str(features), "alphas": alphas, "val_fraction": val_fraction, "seed": seed}
+    backbone = read_meta(features).get("backbone")
+    made_by = {**settings, **({"backbone": backbone} if backbone is not None else {}), "stage": "armorm fit"}
+    save_regression(out, result.weight, result.alpha, result.objectives, extra_metadata=made_by)
+    report = {**settings, "objectives": result.metrics}
+    metrics_file = metrics_path_for(out)
+    metrics_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_metrics(result.metrics))
+    print(f"wrote {out} and {metrics_file}")
+    return report

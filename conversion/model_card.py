@@ -1,0 +1,215 @@
+"""The Hub model card of an assembled ArmoRM checkpoint: metadata, objective table, evaluation, usage, provenance.
+
+Made with huggingface_hub's `ModelCard` / `ModelCardData`, so the YAML header is the one the Hub validates.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from huggingface_hub import ModelCard, ModelCardData
+
+
+__all__ = ["METRIC_LABELS", "CardInfo", "build_model_card", "evaluation_table", "objective_table", "usage_snippet"]
+
+PAPER = "https://arxiv.org/abs/2406.12845"
+TAGS = ["reward-model", "armorm", "multi-objective", "mixture-of-experts", "rlhf", "trl"]
+# Column titles of the metrics that `armorm fit` and `armorm decorrelate` report; other names are shown as they are.
+METRIC_LABELS = {
+    "rows": "rated rows",
+    "val_mse": "val MSE",
+    "pearson": "val Pearson",
+    "spearman": "val Spearman",
+    "spearman_before": "ρ(r_i, r_v) before T",
+    "spearman_after": "ρ(r'_i, r_v) after T",
+}
+
+
+@dataclass
+class CardInfo:
+    """What the card says about one checkpoint; every field comes from the assembled heads or the command line."""
+
+    objectives: list[str]
+    alphas: list[float | None]
+    penalties: list[float]
+    verbosity_objective: int | None
+    hidden_size: int
+    gating_hidden_dim: int
+    gating_n_hidden: int
+    gating_temperature: float
+    logit_scale: float
+    gating_pattern_text: str | None
+    model_id: str
+    command: str
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    # objective -> {metric name: value}, from the reports of `armorm fit` / `armorm decorrelate`.
+    objective_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # metric name -> value: the gating network's own validation numbers (`armorm gate`).
+    gating_metrics: dict[str, float] = field(default_factory=dict)
+    # the JSON of `armorm evaluate`, rendered as a flat table.
+    eval_results: dict | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}f}"
+
+
+def objective_table(info: CardInfo) -> str:
+    """One row per objective: its index, name, verbosity penalty λ_i, ridge α_i and validation metrics."""
+    metric_names = list(dict.fromkeys(name for metrics in info.objective_metrics.values() for name in metrics))
+    header = ["#", "objective", "verbosity penalty λ", "ridge α", *(METRIC_LABELS.get(m, m) for m in metric_names)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, name in enumerate(info.objectives):
+        if i == info.verbosity_objective:
+            # r'_v = 0: the verbosity reward is removed from the score, it has no penalty of its own.
+            penalty = "— (verbosity, r'_v = 0)"
+        else:
+            penalty = _number(info.penalties[i])
+        metrics = info.objective_metrics.get(name, {})
+        cells = [str(i), f"`{name}`", penalty, _number(info.alphas[i], 2)]
+        cells += [str(int(metrics[m])) if m == "rows" and m in metrics else _number(metrics.get(m)) for m in metric_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _flatten(results: dict, prefix: str = "") -> list[tuple[str, float]]:
+    rows = []
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{name} / ")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, float(value)))
+    return rows
+
+
+def evaluation_table(eval_results: dict) -> str:
+    """Every number of the evaluation JSON (nested keys joined with ` / `) as a two-column table."""
+    rows = _flatten(eval_results)
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_number(value)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def usage_snippet(model_id: str) -> str:
+    """Python that scores and explains one conversation; it runs as is against the checkpoint `model_id`."""
+    return f'''import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import modeling_armorm  # noqa: F401  (the `armorm` package: registers ArmoRM with the Auto classes)
+
+model_id = "{model_id}"
+model = AutoModelForSequenceClassification.from_pretrained(model_id)
+# Without the package, the code shipped with the checkpoint runs instead:
+# model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+
+messages = [
+    {{"role": "user", "content": "What is the capital of France?"}},
+    {{"role": "assistant", "content": "The capital of France is Paris."}},
+]
+inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+with torch.no_grad():
+    output = model(**inputs)
+
+print(f"score: {{output.score.item():.4f}}")
+# s = Σ_i c_i r_i: r = the objectives' rewards, c = the weights the gating network gave them for this prompt.
+contributions = output.coefficients[0] * output.rewards[0]
+for i in contributions.abs().argsort(descending=True).tolist():
+    name = model.config.objective_names[i]
+    reward, weight = output.rewards[0, i].item(), output.coefficients[0, i].item()
+    print(f"{{name:>40}}  reward {{reward:+.3f}}  weight {{weight:+.3f}}  contribution {{contributions[i].item():+.3f}}")
+'''
+
+
+def _card_data(info: CardInfo) -> ModelCardData:
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        base_model=info.base_model,
+        datasets=info.datasets or None,
+        tags=TAGS,
+        license=None,
+    )
+
+
+def _body(info: CardInfo) -> str:
+    base = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})" if info.base_model else "its backbone"
+    k = len(info.objectives)
+    verbosity = (
+        f"`{info.objectives[info.verbosity_objective]}`" if info.verbosity_objective is not None else "none recorded"
+    )
+    parts = [
+        f"# ArmoRM reward model on {info.base_model or 'a decoder backbone'}",
+        "",
+        f"An interpretable multi-objective reward model ([ArmoRM]({PAPER})) built on {base}. It scores the last "
+        "assistant answer of a conversation:",
+        "",
+        "```",
+        "h   = backbone(conversation)[last token]       response feature",
+        "h_x = backbone(conversation)[gating position]  prompt feature, same forward pass",
+        "r   = W h                                      one reward per objective",
+        "g   = β · softmax(MLP(h_x) / temperature)      the prompt's weight for each objective",
+        "s   = g · (r T) = c · r,  c = g Tᵀ             score; T removes each objective's verbosity component",
+        "```",
+        "",
+        "`output.score` is s, `output.rewards` is r, `output.coefficients` is c: the score is a weighted sum of "
+        "per-objective rewards that can be read and explained.",
+        "",
+        "## Objectives",
+        "",
+        f"k = {k} objectives; the verbosity objective v is {verbosity}. Each other objective's reward is "
+        "decorrelated from verbosity as r'_i = r_i − λ_i r_v; α is the ridge penalty chosen by held-out MSE when "
+        "W was fitted.",
+        "",
+        objective_table(info),
+        "",
+        "## Gating network",
+        "",
+        f"MLP {info.hidden_size} → " + " → ".join([str(info.gating_hidden_dim)] * info.gating_n_hidden) + f" → {k}, "
+        f"ReLU, temperature {info.gating_temperature:g}, β = {info.logit_scale:.4g}. The prompt feature is read at "
+        + (f"the first token of the last `{info.gating_pattern_text!r}`" if info.gating_pattern_text else "the end")
+        + " of the conversation (`config.gating_token_pattern`).",
+    ]
+    if info.gating_metrics:
+        parts += ["", "| gating metric | value |", "|---|---|"]
+        parts += [f"| {name} | {_number(value)} |" for name, value in info.gating_metrics.items()]
+    if info.eval_results:
+        parts += ["", "## Evaluation", "", evaluation_table(info.eval_results)]
+    parts += [
+        "",
+        "## Usage",
+        "",
+        "Install the `armorm` package (or load with `trust_remote_code=True`), then score and explain a conversation:",
+        "",
+        "```python",
+        usage_snippet(info.model_id).rstrip("\n"),
+        "```",
+        "",
+        "With TRL the model is a reward model as it is: `output.logits[:, 0]` is the score.",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        info.command,
+        "```",
+        "",
+    ]
+    parts += [f"* {name}: `{source}`" for name, source in info.sources.items()]
+    parts += [
+        "",
+        "Method: Wang et al., *Interpretable Preferences via Multi-Objective Reward Modeling and Mixture-of-Experts* "
+        f"({PAPER}).",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def build_model_card(info: CardInfo) -> ModelCard:
+    """The card: YAML metadata (library, base model, datasets, tags) and the text above."""
+    return ModelCard(f"---\n{_card_data(info).to_yaml()}\n---\n\n{_body(info)}")

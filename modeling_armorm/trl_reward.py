@@ -1,0 +1,218 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""ArmoRM as a reward function for TRL's online trainers (GRPO, RLOO, OnlineDPO, AsyncGRPO).
+
+The model itself is already a TRL reward model: `reward_funcs=[model]` or `reward_funcs=["path"]` works because
+the score is `.logits[:, 0]`, the last real token comes from the attention mask and the gating position is found
+in the tokens. That path has two limits that this callable lifts:
+
+* TRL scores plain-text (non-conversational) prompts as `prompt + completion` without any chat template, so the
+  gating pattern is absent and the model raises. `ArmoRMReward` renders them as a user turn + assistant answer.
+* TRL logs one number per reward model. `ArmoRMReward` also logs each objective's mean reward r_i and the mean
+  gating weights g_i / Σ g (through the `log_metric` / `log_extra` callbacks TRL passes as keyword arguments), and
+  can return a single objective (or the sum of a subset) for TRL's weighted multi-reward aggregation.
+"""
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .chat_template import _ANSWER_PROBE, _PROMPT_PROBE
+from .configuration_armorm import ArmoRMConfig
+from .modeling_armorm import ArmoRMForRewardModeling
+
+
+Message = dict[str, str]
+
+
+def _as_messages(turn: str | list[Message], role: str) -> list[Message]:
+    # TRL's conversational format: a list of {"role", "content"} dicts; its standard format: a plain string.
+    return [{"role": role, "content": turn}] if isinstance(turn, str) else list(turn)
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class ArmoRMReward:
+    """A picklable TRL reward function (`__call__(prompts, completions, **kwargs) -> list[float]`) backed by ArmoRM.
+
+    Args:
+        model_or_path (`ArmoRMForRewardModeling` or `str`):
+            The reward model, or the folder / Hub id of a checkpoint. A path is loaded on the first call (and again
+            after unpickling, so the function can be sent to another process without its weights).
+        objectives (`list[str | int]`, *optional*):
+            Return the sum of these objectives' raw rewards r_i (names from `config.objective_names`, or indices)
+            instead of the gated score s. One objective per instance, combined with `reward_weights`, gives TRL's
+            weighted multi-reward aggregation. Raw rewards are not verbosity-decorrelated (only the score uses T).
+        batch_size (`int`, defaults to 8):
+            Conversations per forward pass; they are sorted by length first so each batch carries little padding.
+        tokenizer (`PreTrainedTokenizerBase` or `str`, *optional*):
+            The reward model's tokenizer (its chat template defines the gating pattern). Loaded from
+            `model_or_path` (or `model.name_or_path`) when not given.
+        device (`str` or `torch.device`, *optional*):
+            Where to run the model. Defaults to the given model's device, or CUDA when available for a path.
+
+    Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is rendered
+    with the reward model's chat template as a user turn followed by the completion as the assistant's answer; a
+    plain prompt that already holds the template's markup (it contains the gating pattern's text) is kept as is and
+    the completion is closed with the template's end-of-turn text.
+    """
+
+    def __init__(
+        self,
+        model_or_path: ArmoRMForRewardModeling | str,
+        objectives: Sequence[str | int] | None = None,
+        batch_size: int = 8,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        self.model_or_path = model_or_path
+        self.objectives = list(objectives) if objectives is not None else None
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.device = device
+        # Resolved once here (the config is small) so that a wrong objective name fails before training starts.
+        config = model_or_path.config if isinstance(model_or_path, PreTrainedModel) else None
+        config = config or ArmoRMConfig.from_pretrained(model_or_path)
+        self.objective_names_ = list(
+            config.objective_names or [f"objective_{i}" for i in range(config.num_objectives)]
+        )
+        self.objective_indices_ = self._resolve_objectives(self.objectives, self.objective_names_)
+        # TRL names each reward function by its `__name__` in its logs (`rewards/<name>/mean`).
+        selected = [self.objective_names_[i] for i in self.objective_indices_ or []]
+        self.__name__ = "armorm" + (f"[{'+'.join(selected)}]" if selected else "")
+        self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+
+    @staticmethod
+    def _resolve_objectives(objectives: list[str | int] | None, names: list[str]) -> list[int] | None:
+        if objectives is None:
+            return None
+        if not objectives:
+            raise ValueError("`objectives` is empty; pass None for the gated score, or at least one objective.")
+        indices = []
+        for objective in objectives:
+            if isinstance(objective, int) and 0 <= objective < len(names):
+                indices.append(objective)
+            elif isinstance(objective, str) and objective in names:
+                indices.append(names.index(objective))
+            else:
+                raise ValueError(f"Unknown objective {objective!r} in `objectives`; choose names among {names}.")
+        return indices
+
+    # Pickling: drop the loaded model and tokenizer (and the lock); `_load` rebuilds them on the next call.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_lock=None, _model=None, _tokenizer=None)
+        return state
+
+    def __setstate__(self, state: dict):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:  # AsyncGRPO calls reward functions from worker threads
+            if self._model is not None:
+                return self._model, self._tokenizer
+            model = self.model_or_path
+            if isinstance(model, str):
+                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                model = ArmoRMForRewardModeling.from_pretrained(model).to(device).eval()
+            elif self.device is not None:
+                model = model.to(self.device)
+            tokenizer = self.tokenizer
+            if tokenizer is None or isinstance(tokenizer, str):
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"The reward tokenizer ({type(tokenizer).__name__}) has no `chat_template`, so conversations "
+                    "cannot be rendered with the gating pattern. Pass the reward model's tokenizer as `tokenizer=`."
+                )
+            self._model, self._tokenizer = model, tokenizer
+            return model, tokenizer
+
+    def _end_of_turn(self, tokenizer) -> str:
+        """The text the template writes after an assistant answer (ChatML: `<|im_end|>\\n`)."""
+        probe = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+        return text[text.rfind(_ANSWER_PROBE) + len(_ANSWER_PROBE) :]
+
+    def render(self, prompt: str | list[Message], completion: str | list[Message]) -> str:
+        """The text the reward model scores: the conversation rendered with its chat template."""
+        model, tokenizer = self._load()
+        if isinstance(prompt, str) and isinstance(completion, str):
+            pattern_text = model.config.gating_token_pattern_text or tokenizer.decode(
+                model.config.gating_token_pattern
+            )
+            if pattern_text in prompt:  # already rendered with the template (generation prompt included)
+                end = self._end_of_turn(tokenizer)
+                return prompt + completion + ("" if completion.endswith(end) else end)
+        messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    @torch.inference_mode()
+    def score(self, prompts: list, completions: list) -> dict[str, torch.Tensor]:
+        """Score each (prompt, completion): `score` (n,), `rewards` (n, k), `gating_output` (n, k), on the CPU."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one of each.")
+        model, tokenizer = self._load()
+        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
+        # The rendered template already holds its special tokens, exactly as TRL tokenizes it for a reward model.
+        input_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(input_ids[i]))
+        device = next(model.parameters()).device
+        # The model reads the last real token from the mask, so any id pads (the tokenizer may have no pad token).
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        outputs = {"score": [], "rewards": [], "gating_output": []}
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                ids, mask = _right_pad([input_ids[i] for i in order[start : start + self.batch_size]], pad_id)
+                output = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                for key in outputs:
+                    outputs[key].append(getattr(output, key).float().cpu())
+        finally:
+            model.train(was_training)
+        # Back to the callers' order.
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return {key: torch.cat(values)[inverse] for key, values in outputs.items()}
+
+    def __call__(self, prompts: list, completions: list, log_metric=None, log_extra=None, **kwargs) -> list[float]:
+        out = self.score(prompts, completions)
+        rewards, gating = out["rewards"], out["gating_output"]  # (n, k), (n, k)
+        if log_metric is not None:
+            # g / Σ g: the softmax share of each objective in the mixture (β divided out).
+            shares = gating / gating.sum(-1, keepdim=True)
+            for i, name in enumerate(self.objective_names_):
+                log_metric(f"{self.__name__}/rewards/{name}", rewards[:, i].mean().item())
+                log_metric(f"{self.__name__}/gating/{name}", shares[:, i].mean().item())
+        if log_extra is not None:
+            # The objective that moved each score most: the largest |c_i r_i|, with c = g Tᵀ.
+            model, _ = self._load()
+            transform = model.reward_transform_matrix.detach().float().cpu()
+            contributions = (gating @ transform.T) * rewards  # (n, k)
+            top = contributions.abs().argmax(-1).tolist()
+            log_extra(f"{self.__name__}/top_objective", [self.objective_names_[i] for i in top])
+        if self.objective_indices_ is None:
+            return out["score"].tolist()
+        return rewards[:, self.objective_indices_].sum(-1).tolist()
+
+    def __repr__(self) -> str:
+        source = self.model_or_path if isinstance(self.model_or_path, str) else type(self.model_or_path).__name__
+        return f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size})"
+
+
+__all__ = ["ArmoRMReward"]

@@ -1,0 +1,98 @@
+"""`gating_pattern_from_tokenizer` on real tokenizers and on template families built here (SPEC §6 rule)."""
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from modeling_armorm import gating_pattern_from_tokenizer
+from tests.utils import llama3_tokenizer
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def trained_tokenizer(special_tokens, template, **named):
+    """A small byte-level BPE trained here, with the family's special tokens and chat template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["Armorm prompt probe and answer probe.", "model user system assistant", "Hello there, how are you?"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_llama3_exact_pattern():
+    pattern = gating_pattern_from_tokenizer(llama3_tokenizer())
+    assert pattern.token_ids == [128009, 128006, 78191, 128007, 271]
+    assert pattern.offset == 0
+    assert pattern.text == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_chatml_smollm2(smollm2_tokenizer):
+    pattern = gating_pattern_from_tokenizer(smollm2_tokenizer)
+    assert pattern.text == "<|im_end|>\n<|im_start|>assistant\n"
+    assert pattern.token_ids == smollm2_tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert pattern.token_ids[0] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_gemma_style():
+    tokenizer = trained_tokenizer(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE, bos_token="<bos>")
+    pattern = gating_pattern_from_tokenizer(tokenizer)
+    assert pattern.text == "<end_of_turn>\n<start_of_turn>model\n"
+    assert pattern.token_ids[0] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    # The pattern occurs in a real multi-turn rendering, last just before the final answer.
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "Fine."},
+    ]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    n = len(pattern.token_ids)
+    hits = [i for i in range(len(ids) - n + 1) if ids[i : i + n] == pattern.token_ids]
+    answer = tokenizer("Fine.", add_special_tokens=False)["input_ids"]
+    assert len(hits) == 2 and ids[hits[-1] + n : hits[-1] + n + len(answer)] == answer
+
+
+def test_mistral_style():
+    tokenizer = trained_tokenizer(
+        ["<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>"
+    )
+    pattern = gating_pattern_from_tokenizer(tokenizer)
+    assert pattern.text.strip() == "[/INST]"
+    assert tokenizer.convert_tokens_to_ids("[/INST]") in pattern.token_ids
+
+
+def test_no_template_is_a_clear_error():
+    tokenizer = trained_tokenizer(["<s>"], None)
+    with pytest.raises(ValueError, match="has no `chat_template`"):
+        gating_pattern_from_tokenizer(tokenizer)
+
+
+def test_template_without_separator_is_a_clear_error():
+    tokenizer = trained_tokenizer(["<s>"], "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="does not tokenize to a stable run of tokens"):
+        gating_pattern_from_tokenizer(tokenizer)
+
+
+def test_template_that_rewrites_contents_is_a_clear_error():
+    tokenizer = trained_tokenizer(["<s>"], "{% for m in messages %}{{ m['content'] | upper }}|{% endfor %}")
+    with pytest.raises(ValueError, match="does not render the user's and the assistant's contents verbatim"):
+        gating_pattern_from_tokenizer(tokenizer)

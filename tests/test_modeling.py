@@ -1,0 +1,219 @@
+"""ArmoRMForRewardModeling against an independent per-row computation of the paper's math.
+
+    h   = f(x ⊕ y)[last real token]        h_x = f(x ⊕ y)[first token of the last gating pattern]
+    r   = W h                              g   = β softmax(MLP(h_x) / τ)     (softmax over the k objectives)
+    s   = Σ_i g_i (r T)_i                  c   = g Tᵀ, so s = c · r
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling
+from tests.utils import padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
+
+
+PATTERN = [7, 8, 9]  # stands for "<eot><header>assistant" in a tiny vocabulary
+EOT = 7
+
+
+def conversations():
+    """Unpadded token rows of different lengths; the pattern occurs twice in the last (multi-turn) one."""
+    return [
+        [1, 20, 21, 22, 7, 8, 9, 30, 31, 7],
+        [1, 23, 7, 8, 9, 32, 7],
+        [1, 24, 25, 7, 8, 9, 33, 34, 35, 36, 37, 7],
+        [1, 26, 7, 8, 9, 38, 7, 10, 27, 7, 8, 9, 39, 40, 7],
+    ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_armorm(tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pad_id", [0, EOT])  # EOT: the pad id equals the end-of-turn id, as with Llama-3
+def test_forward_equals_per_row_math_under_any_padding(model, side, pad_id):
+    rows = conversations()
+    expected = reference_armorm_outputs(model, rows, PATTERN)
+    ids, mask = padded(rows, pad_id, side)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    for key, value in expected.items():
+        torch.testing.assert_close(getattr(out, key), value, atol=1e-5, rtol=1e-5, msg=key)
+    torch.testing.assert_close(out.logits[:, 0], out.score)
+    torch.testing.assert_close((out.coefficients * out.rewards).sum(-1), out.score, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_of_one_and_no_mask(model):
+    row = conversations()[2]
+    expected = reference_armorm_outputs(model, [row], PATTERN)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([row]))
+    torch.testing.assert_close(out.score, expected["score"], atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_is_over_objectives_and_includes_beta(model):
+    with torch.no_grad():
+        out = model(*padded(conversations(), 0, "right"))
+    beta = model.gating.logit_scale.item()
+    torch.testing.assert_close(out.gating_output.sum(-1), torch.full((4,), beta), atol=1e-5, rtol=1e-5)
+    assert (out.gating_output > 0).all()
+
+
+def test_gating_positions_override_and_inputs_embeds(model):
+    rows = conversations()
+    ids, mask = padded(rows, 0, "right")
+    positions = torch.tensor([1, 1, 2, 3])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, gating_positions=positions)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds, attention_mask=mask, gating_positions=positions)
+    torch.testing.assert_close(out.prompt_embedding, hidden[torch.arange(4), positions])
+    torch.testing.assert_close(from_embeds.score, out.score)
+    with pytest.raises(ValueError, match="`gating_positions` is required with `inputs_embeds`"):
+        model(inputs_embeds=embeds, attention_mask=mask)
+
+
+def test_row_without_pattern_names_row_pattern_and_fix(model):
+    rows = conversations()
+    rows[2] = [1, 24, 25, 33, 34, 7]
+    ids, mask = padded(rows, 0, "right")
+    with pytest.raises(ValueError, match=r"Row\(s\) \[2\].*\[7, 8, 9\].*apply_chat_template.*gating_positions"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_pattern_in_padding_is_not_used(model):
+    """A pattern made of pad tokens (pad == eot) must not be matched outside the real tokens."""
+    rows = [[1, 24, 25, 33, 34, 7]]
+    ids = torch.tensor([rows[0] + [7, 8, 9, 7]])
+    mask = torch.tensor([[1] * 6 + [0] * 4])
+    with pytest.raises(ValueError, match=r"Row\(s\) \[0\]"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_trl_keyword_arguments_are_accepted(model):
+    ids, mask = padded(conversations(), 0, "left")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask)
+        extra = model(
+            input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(4), token_type_ids=torch.zeros_like(ids)
+        )
+    torch.testing.assert_close(plain.score, extra.score)
+
+
+def test_missing_pattern_config_is_an_error():
+    model = tiny_armorm(tiny_llama_config(vocab_size=64))
+    with pytest.raises(ValueError, match="gating_token_pattern` is not set"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_fresh_model_initialises_T_to_identity_and_beta():
+    config = ArmoRMConfig(text_config=tiny_llama_config(), num_objectives=5, gating_hidden_dim=8)
+    model = ArmoRMForRewardModeling(config)
+    torch.testing.assert_close(model.reward_transform_matrix, torch.eye(5))
+    assert model.gating.logit_scale.item() == 100.0
+    assert "reward_transform_matrix" in model.state_dict()
+    assert "reward_transform_matrix" not in dict(model.named_parameters())
+
+
+def test_save_load_same_outputs_and_T_stays_frozen(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ArmoRMForRewardModeling)
+    ids, mask = padded(conversations(), EOT, "right")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).score, model(ids, mask).score)
+    torch.testing.assert_close(loaded.reward_transform_matrix, model.reward_transform_matrix)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert "reward_transform_matrix" not in trainable and "gating.logit_scale" in trainable
+    # One pad id, read the same way by RewardBench (top level) and TRL (text config).
+    assert loaded.config.pad_token_id == loaded.config.get_text_config().pad_token_id == EOT
+    assert AutoModel.from_pretrained(tmp_path).__class__ is ArmoRMForRewardModeling
+
+
+def test_missing_head_tensors_are_initialised_not_garbage(tmp_path):
+    """transformers 5 leaves custom tensors absent from a checkpoint uninitialised unless `_init_weights` sets them."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_armorm(tiny_llama_config(vocab_size=64), num_objectives=3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["reward_transform_matrix"], weights["gating.logit_scale"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = ArmoRMForRewardModeling.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.reward_transform_matrix, torch.eye(3))
+    assert loaded.gating.logit_scale.item() == 100.0
+
+
+def test_pad_token_id_has_one_home():
+    config = ArmoRMConfig(text_config=tiny_llama_config(pad_token_id=3), num_objectives=2)
+    assert config.pad_token_id == 3
+    config.pad_token_id = 5  # what TRL does to the text config, and RewardBench reads at the top
+    assert config.get_text_config().pad_token_id == 5
+    config.get_text_config().pad_token_id = 6
+    assert config.pad_token_id == 6
+    assert config.to_dict()["pad_token_id"] == 6 and config.to_dict()["text_config"]["pad_token_id"] == 6
+    assert config.num_labels == 1
+
+
+def test_config_validation_and_auto_registration():
+    with pytest.raises(ValueError, match="`objective_names` has 1 names"):
+        ArmoRMConfig(text_config=tiny_llama_config(), num_objectives=2, objective_names=["a"])
+    with pytest.raises(ValueError, match="`verbosity_objective`"):
+        ArmoRMConfig(text_config=tiny_llama_config(), num_objectives=2, verbosity_objective=2)
+    config = AutoConfig.for_model("armorm", text_config={"model_type": "qwen2", "hidden_size": 16}, num_objectives=2)
+    assert isinstance(config, ArmoRMConfig) and config.text_config.model_type == "qwen2"
+
+
+def test_other_backbone_families():
+    """Any decoder `AutoModel` is a backbone: Qwen2 here, with its own config class."""
+    text_config = AutoConfig.for_model(
+        "qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0,
+    )  # fmt: skip
+    model = tiny_armorm(text_config, gating_token_pattern=PATTERN)
+    expected = reference_armorm_outputs(model, conversations(), PATTERN)
+    with torch.no_grad():
+        out = model(*padded(conversations(), 0, "left"))
+    torch.testing.assert_close(out.score, expected["score"], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_implementations_agree(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    ids, mask = padded(conversations(), 0, "right")
+    scores = {}
+    for impl in ("eager", "sdpa"):
+        loaded = ArmoRMForRewardModeling.from_pretrained(tmp_path, attn_implementation=impl).eval()
+        assert loaded.model.config._attn_implementation == impl
+        with torch.no_grad():
+            scores[impl] = loaded(input_ids=ids, attention_mask=mask).score
+    torch.testing.assert_close(scores["eager"], scores["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    ids, mask = padded(conversations(), 0, "right")
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, attention_mask=mask).score.sum().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+        model.gradient_checkpointing_disable()
+    model.eval()
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bfloat16_scores_close_to_float32(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    bf16 = ArmoRMForRewardModeling.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert bf16.reward_transform_matrix.dtype == torch.float32  # λ keeps its precision
+    ids, mask = padded(conversations(), EOT, "left")
+    with torch.no_grad():
+        low, full = bf16(input_ids=ids, attention_mask=mask).score, model(ids, mask).score
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.05 * full.abs().max().item(), rtol=0.05)
