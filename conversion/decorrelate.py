@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import rankdata
+from tqdm.auto import tqdm
 
 from conversion.artifacts import load_regression, save_transform
 from conversion.features import load_features
@@ -174,7 +175,7 @@ def decorrelate(
     correlation = spearman_to(verbosity_reward)
     penalties = torch.zeros(k, dtype=torch.float64)
     before, after, unreachable = [], [], []
-    for i in range(k):
+    for i in tqdm(range(k), desc="decorrelate", dynamic_ncols=True):
         if i == verbosity:
             # r'_v = 0: the verbosity objective leaves the score.
             before.append(1.0)

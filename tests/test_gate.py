@@ -19,6 +19,15 @@ D = 16
 FAST = dict(steps=200, batch_size=128, lr=3e-3, hidden_dim=32, n_hidden=2, val_fraction=0.25, eval_every=50)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The MLPs here are tiny: on a loaded two-core machine extra intra-op threads only add contention (30× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_pipeline(tmp_path, raw_rewards: np.ndarray, prompts: np.ndarray, matrix: np.ndarray) -> dict:
     """Pairs features whose raw rewards W h are `raw_rewards` (N, 2, k) (h = [r, noise], W = [I, 0]), W and T files."""
     n, _, k = raw_rewards.shape
@@ -132,7 +141,7 @@ def test_loss_is_bradley_terry_on_transformed_rewards():
             r = weight.double().numpy() @ embeddings[row, side].double().numpy()
             scores.append(g[row] @ (r @ matrix.double().numpy()))
         expected += np.log1p(np.exp(-(scores[0] - scores[1]))) / n
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_transform_is_applied_in_training(tmp_path):
@@ -155,7 +164,7 @@ def test_transform_is_applied_in_training(tmp_path):
     raw = np.stack([quality + 2 * verbosity, verbosity], axis=-1)  # (n, 2, 2); v = 1
     matrix = np.array([[1.0, 0.0], [-2.0, 0.0]], dtype=np.float32)  # T = I; T[v, :] −= λ; T[v, v] = 0
     prompts = rng.normal(size=(n, D))
-    fast = {**FAST, "steps": 100}
+    fast = {**FAST, "steps": 40}
 
     with_t = main(
         out=str(tmp_path / "t" / "gating.safetensors"),
