@@ -1,8 +1,8 @@
 """Assemble an ArmoRM checkpoint from a backbone and the three head files, with its tokenizer and model card.
 
-    armorm assemble --backbone HuggingFaceTB/SmolLM2-135M-Instruct --regression regression.safetensors \
-        --transform transform.safetensors --gating gating.safetensors --out armorm-smollm2 \
-        [--tokenizer PATH] [--dtype auto|float32|bfloat16|float16] [--datasets ID ...] [--eval-results JSON] \
+    armorm assemble --backbone HuggingFaceTB/SmolLM2-135M-Instruct --regression regression.safetensors \\
+        --transform transform.safetensors --gating gating.safetensors --out armorm-smollm2 \\
+        [--tokenizer PATH] [--dtype auto|float32|bfloat16|float16] [--datasets ID ...] [--eval-results JSON] \\
         [--base-model ID] [--model-id ID]
 
 `--backbone` is a folder, a Hub id or a `.gguf` file (dequantized on load). The weights are loaded loudly: every
@@ -47,11 +47,17 @@ _NOT_METRICS = {"penalties", "alpha", "alphas", "verbosity", "unreachable", "lab
 
 
 def add_arguments(parser):
-    parser.add_argument("--backbone", help="The backbone: a folder, a Hub id, or a `.gguf` file (dequantized).")
-    parser.add_argument("--regression", help="`regression.safetensors` of `armorm fit` (W, α, objective names).")
-    parser.add_argument("--transform", help="`transform.safetensors` of `armorm decorrelate` (T, λ, verbosity).")
-    parser.add_argument("--gating", help="`gating.safetensors` of `armorm gate` (the gating network).")
-    parser.add_argument("--out", help="Folder of the checkpoint to write.")
+    parser.add_argument(
+        "--backbone", required=True, help="The backbone: a folder, a Hub id, or a `.gguf` file (dequantized)."
+    )
+    parser.add_argument(
+        "--regression", required=True, help="`regression.safetensors` of `armorm fit` (W, α, objective names)."
+    )
+    parser.add_argument(
+        "--transform", required=True, help="`transform.safetensors` of `armorm decorrelate` (T, λ, verbosity)."
+    )
+    parser.add_argument("--gating", required=True, help="`gating.safetensors` of `armorm gate` (the gating network).")
+    parser.add_argument("--out", required=True, help="Folder of the checkpoint to write.")
     parser.add_argument("--tokenizer", help="Tokenizer with the chat template (default: the backbone's).")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], help="Backbone dtype (default: the backbone's own).")
     parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data, for the model card.")

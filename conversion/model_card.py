@@ -72,19 +72,21 @@ def objective_table(info: CardInfo) -> str:
             penalty = _number(info.penalties[i])
         metrics = info.objective_metrics.get(name, {})
         cells = [str(i), f"`{name}`", penalty, _number(info.alphas[i], 2)]
-        cells += [str(int(metrics[m])) if m == "rows" and m in metrics else _number(metrics.get(m)) for m in metric_names]
+        cells += [
+            str(int(metrics[m])) if m == "rows" and m in metrics else _number(metrics.get(m)) for m in metric_names
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _flatten(results: dict, prefix: str = "") -> list[tuple[str, float]]:
+def _flatten(results: dict, prefix: str = "") -> list[tuple[str, int | float]]:
     rows = []
     for key, value in results.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             rows += _flatten(value, f"{name} / ")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((name, float(value)))
+            rows.append((name, value))
     return rows
 
 
@@ -92,7 +94,8 @@ def evaluation_table(eval_results: dict) -> str:
     """Every number of the evaluation JSON (nested keys joined with ` / `) as a two-column table."""
     rows = _flatten(eval_results)
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_number(value)} |" for name, value in rows]
+    # Counts (examples per subset) stay integers; scores get four decimals.
+    lines += [f"| {name} | {value if isinstance(value, int) else _number(value)} |" for name, value in rows]
     return "\n".join(lines)
 
 

@@ -27,7 +27,9 @@ _ASSEMBLE = "Write the checkpoint with `armorm assemble`."
 
 def add_arguments(parser):
     parser.add_argument("checkpoint", help="Checkpoint folder written by `armorm assemble`.")
-    parser.add_argument("--repo-id", help="Hub repository to create or update, `USER/NAME` or `ORG/NAME`.")
+    parser.add_argument(
+        "--repo-id", required=True, help="Hub repository to create or update, `USER/NAME` or `ORG/NAME`."
+    )
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--dry-run", action="store_true", help="Check and list the files; push nothing.")
     parser.add_argument("--token", help="Hub token (default: `HF_TOKEN` or the cached `hf auth login`).")

@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .chat_template import gating_pattern_from_tokenizer
 from .configuration_armorm import ArmoRMConfig
 from .modeling_armorm import ArmoRMForRewardModeling, ArmoRMGatingNetwork, ArmoRMPreTrainedModel, ArmoRMRewardOutput
+from .trl_reward import ArmoRMReward
 
 
 AutoConfig.register(ArmoRMConfig.model_type, ArmoRMConfig, exist_ok=True)
@@ -19,6 +20,7 @@ __all__ = [
     "ArmoRMForRewardModeling",
     "ArmoRMGatingNetwork",
     "ArmoRMPreTrainedModel",
+    "ArmoRMReward",
     "ArmoRMRewardOutput",
     "gating_pattern_from_tokenizer",
 ]

@@ -198,15 +198,17 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         rows = torch.arange(batch_size, device=hidden.device)
 
         head_dtype = self.regression_layer.weight.dtype
-        h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
-        h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
+        # The heads run in their own (float32) dtype even under a trainer's bf16 autocast.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
+            h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
 
-        # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ
-        rewards = self.regression_layer(h)  # (batch, k)
-        gating_output = self.gating(h_x)  # (batch, k)
-        transform = self.reward_transform_matrix.to(head_dtype)  # (k, k)
-        score = (gating_output * (rewards @ transform)).sum(-1)  # (batch,)
-        coefficients = gating_output @ transform.T  # (batch, k)
+            # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ
+            rewards = self.regression_layer(h)  # (batch, k)
+            gating_output = self.gating(h_x)  # (batch, k)
+            transform = self.reward_transform_matrix.to(head_dtype)  # (k, k)
+            score = (gating_output * (rewards @ transform)).sum(-1)  # (batch,)
+            coefficients = gating_output @ transform.T  # (batch, k)
 
         return ArmoRMRewardOutput(
             logits=score[:, None],

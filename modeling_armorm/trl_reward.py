@@ -12,6 +12,7 @@ in the tokens. That path has two limits that this callable lifts:
   can return a single objective (or the sum of a subset) for TRL's weighted multi-reward aggregation.
 """
 
+import os
 import threading
 from collections.abc import Sequence
 
@@ -68,7 +69,7 @@ class ArmoRMReward:
 
     def __init__(
         self,
-        model_or_path: ArmoRMForRewardModeling | str,
+        model_or_path: ArmoRMForRewardModeling | str | os.PathLike,
         objectives: Sequence[str | int] | None = None,
         batch_size: int = 8,
         tokenizer=None,
@@ -126,7 +127,7 @@ class ArmoRMReward:
             if self._model is not None:
                 return self._model, self._tokenizer
             model = self.model_or_path
-            if isinstance(model, str):
+            if not isinstance(model, PreTrainedModel):
                 device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
                 model = ArmoRMForRewardModeling.from_pretrained(model).to(device).eval()
             elif self.device is not None:
@@ -211,7 +212,8 @@ class ArmoRMReward:
         return rewards[:, self.objective_indices_].sum(-1).tolist()
 
     def __repr__(self) -> str:
-        source = self.model_or_path if isinstance(self.model_or_path, str) else type(self.model_or_path).__name__
+        source = self.model_or_path
+        source = type(source).__name__ if isinstance(source, PreTrainedModel) else os.fspath(source)
         return f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size})"
 
 

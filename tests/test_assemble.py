@@ -96,7 +96,7 @@ def built(tmp_path_factory, smollm2_tokenizer_dir):
     AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(backbone_dir)
     tensors = write_heads(root)
     eval_results = root / "eval.json"
-    eval_results.write_text(json.dumps({"accuracy": {"chat": 0.9, "safety": 0.75}, "score": 0.8125}))
+    eval_results.write_text(json.dumps({"accuracy": {"chat": 0.9, "safety": 0.75}, "score": 0.8125, "pairs": 836}))
     checkpoint = root / "ckpt"
     assemble.main(
         backbone=str(backbone_dir),
@@ -174,8 +174,8 @@ def test_checkpoint_loads_with_the_package_and_scores_as_the_heads_math(built, s
     ids, mask = padded_batch(tokenizer, rows)
     with torch.no_grad():
         output = model(input_ids=ids, attention_mask=mask)
-    assert_outputs({key: getattr(output, key) for key in ("score", "rewards", "gating_output", "coefficients")},
-                   expected_outputs(built, rows, smollm2_tokenizer))  # fmt: skip
+    outputs = {key: getattr(output, key) for key in ("score", "rewards", "gating_output", "coefficients")}
+    assert_outputs(outputs, expected_outputs(built, rows, smollm2_tokenizer))
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -294,8 +294,14 @@ def test_model_card_metadata_and_tables(built):
         assert float(row[header.index("val MSE")]) == pytest.approx(VAL_MSE[i])
         assert row[header.index("rated rows")] == str(10 + i)
 
-    evaluation = {name: float(value) for name, value in table_rows(card.text, "metric")[2:]}
-    assert evaluation == {"accuracy / chat": 0.9, "accuracy / safety": 0.75, "score": 0.8125}
+    evaluation = dict(table_rows(card.text, "metric")[2:])
+    assert {name: float(value) for name, value in evaluation.items()} == {
+        "accuracy / chat": 0.9,
+        "accuracy / safety": 0.75,
+        "score": 0.8125,
+        "pairs": 836,
+    }
+    assert evaluation["pairs"] == "836"
     assert float(dict(table_rows(card.text, "gating metric")[2:])["val_accuracy"]) == 0.625
     command = re.search(r"```bash\n(.*?)\n```", card.text, re.DOTALL).group(1)
     assert command.startswith(f"armorm assemble --backbone {built['backbone']} --regression")
@@ -357,7 +363,9 @@ def test_assemble_from_a_gguf_backbone(tmp_path):
     save_regression(tmp_path / "regression.safetensors", torch.randn(k, d), torch.ones(k), ["a", "b", "c"])
     save_transform(tmp_path / "transform.safetensors", torch.eye(k), torch.zeros(k), ["a", "b", "c"])
     gating = {"layers.0.weight": torch.randn(8, d), "layers.0.bias": torch.randn(8)}
-    gating.update({"layers.1.weight": torch.randn(k, 8), "layers.1.bias": torch.randn(k), "logit_scale": torch.ones(1)})
+    gating.update(
+        {"layers.1.weight": torch.randn(k, 8), "layers.1.bias": torch.randn(k), "logit_scale": torch.ones(1)}
+    )
     save_gating(tmp_path / "gating.safetensors", gating, TEMPERATURE, 8, 1)
     gguf = os.path.join(smollm2_dir(), SMOLLM2_GGUF)
     assemble.main(backbone=gguf, **head_paths(tmp_path), out=str(tmp_path / "ckpt"))

@@ -217,3 +217,11 @@ def test_bfloat16_scores_close_to_float32(model, tmp_path):
         low, full = bf16(input_ids=ids, attention_mask=mask).score, model(ids, mask).score
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, full, atol=0.05 * full.abs().max().item(), rtol=0.05)
+
+
+def test_heads_stay_float32_under_bf16_autocast(model):
+    """Trainers (TRL, accelerate) run the forward under bf16 autocast; the heads must not drop to bf16."""
+    ids, mask = padded(conversations(), 0, "right")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.rewards.dtype == out.score.dtype == out.gating_output.dtype == torch.float32
