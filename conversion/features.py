@@ -29,6 +29,7 @@ DEFAULT_SHARD_ROWS = 50_000
 _HASH_CHUNK = 1 << 24
 
 __all__ = [
+    "META_NAME",
     "SHARD_NAME",
     "file_sha256",
     "iter_shards",
