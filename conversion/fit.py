@@ -152,46 +152,92 @@ class RegressionFit:
     metrics: dict = field(default_factory=dict)
 
 
-def _read_rows(folder) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first pass: labels (N, k) and source index (N,) of every row in shard order, checksums verified."""
-    labels, indices, position = [], [], 0
-    for shard in iter_shards(folder, keys=["labels", "index"]):
-        if "labels" not in shard:
-            raise ValueError(f"A shard of `{folder}` has no `labels` tensor: not a ratings features folder.")
-        n = len(shard["labels"])
-        labels.append(shard["labels"])
-        # A folder written without `index` counts rows in shard order, as `load_features` does.
-        indices.append(shard.get("index", torch.arange(position, position + n)))
-        position += n
-    return torch.cat(labels), torch.cat(indices)
+# Rows of the i-th features folder are keyed `index + i * FOLDER_STRIDE`, so each folder's split stays its own.
+FOLDER_STRIDE = 1 << 40
 
 
-def _row_blocks(folder, desc: str):
-    """Yield (embeddings (n, d) float32, labels (n, k) float64, rows) blocks in shard order; `rows` is their slice.
+def _as_folders(features) -> list[str]:
+    return [features] if isinstance(features, (str, os.PathLike)) else list(features)
+
+
+def _read_metas(folders: list[str]) -> tuple[list[dict], list[str], int]:
+    """Each folder's meta, the union of their objectives (in order of first appearance) and the hidden size."""
+    metas, objectives = [read_meta(f) for f in folders], []
+    for folder, meta in zip(folders, metas):
+        if meta.get("kind") != "ratings":
+            raise ValueError(
+                f"`{folder}` holds {meta.get('kind')!r} features; `fit` needs ratings (`armorm extract`)."
+            )
+        objectives += [o for o in meta.get("objectives") or [] if o not in objectives]
+    sizes = {int(m["hidden_size"]) for m in metas}
+    if len(sizes) != 1:
+        raise ValueError(f"The features folders {folders} come from backbones of hidden sizes {sorted(sizes)}.")
+    return metas, objectives, sizes.pop()
+
+
+def _label_names(folder, meta: dict, k_folder: int) -> list[str]:
+    names = list(meta.get("objectives") or [str(j) for j in range(k_folder)])
+    if len(names) != k_folder:
+        raise ValueError(f"meta.json of `{folder}` names {len(names)} objectives for {k_folder} label columns.")
+    return names
+
+
+def _read_rows(folders: list[str], metas: list[dict], objectives: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass: labels (N, K) over the union of objectives and keyed source index (N,) of every row, in
+    folder then shard order, checksums verified. Extends `objectives` with the names of unnamed label columns."""
+    parts, indices = [], []
+    for i, (folder, meta) in enumerate(zip(folders, metas)):
+        position = 0
+        for shard in iter_shards(folder, keys=["labels", "index"]):
+            if "labels" not in shard:
+                raise ValueError(f"A shard of `{folder}` has no `labels` tensor: not a ratings features folder.")
+            n, k_folder = shard["labels"].shape
+            names = _label_names(folder, meta, k_folder)
+            objectives += [name for name in names if name not in objectives]
+            parts.append((shard["labels"].float(), [objectives.index(name) for name in names]))
+            # A folder written without `index` counts rows in shard order, as `load_features` does.
+            indices.append(shard.get("index", torch.arange(position, position + n)) + i * FOLDER_STRIDE)
+            position += n
+    labels = torch.full((sum(len(p) for p, _ in parts), len(objectives)), float("nan"))
+    row = 0
+    for part, columns in parts:
+        labels[row : row + len(part), columns] = part
+        row += len(part)
+    return labels, torch.cat(indices)
+
+
+def _row_blocks(folders: list[str], metas: list[dict], objectives: list[str], desc: str):
+    """Yield (embeddings (n, d) float32, labels (n, K) float64, rows) blocks in the order of `_read_rows`.
 
     The embeddings stay float32 here: each consumer converts only the rows it uses.
     """
     position = 0
-    shards = iter_shards(folder, keys=["embeddings", "labels"], verify=False)  # verified by `_read_rows`
-    for shard in tqdm(shards, total=len(shard_names(folder)), desc=desc, unit="shard"):
-        embeddings, labels = shard["embeddings"], shard["labels"]
-        for start in range(0, len(labels), BLOCK_ROWS):
-            x, y = embeddings[start : start + BLOCK_ROWS], labels[start : start + BLOCK_ROWS]
-            yield x.numpy(), y.double().numpy(), slice(position + start, position + start + len(y))
-        position += len(labels)
+    total = sum(len(shard_names(f)) for f in folders)
+    bar = tqdm(total=total, desc=desc, unit="shard")
+    for folder, meta in zip(folders, metas):
+        for shard in iter_shards(folder, keys=["embeddings", "labels"], verify=False):  # verified by `_read_rows`
+            embeddings, folder_labels = shard["embeddings"], shard["labels"]
+            columns = [objectives.index(name) for name in _label_names(folder, meta, folder_labels.shape[1])]
+            labels = np.full((len(folder_labels), len(objectives)), np.nan)
+            labels[:, columns] = folder_labels.double().numpy()
+            for start in range(0, len(labels), BLOCK_ROWS):
+                x, y = embeddings[start : start + BLOCK_ROWS], labels[start : start + BLOCK_ROWS]
+                yield x.numpy(), y, slice(position + start, position + start + len(y))
+            position += len(labels)
+            bar.update(1)
+    bar.close()
 
 
-def fit_regression(folder: str | os.PathLike, *, alphas, val_fraction: float, seed: int) -> RegressionFit:
-    """Load → compute: stream a ratings features folder twice (Gram statistics, then validation predictions)."""
-    meta = read_meta(folder)
-    if meta.get("kind") != "ratings":
-        raise ValueError(f"`{folder}` holds {meta.get('kind')!r} features; `fit` needs ratings (`armorm extract`).")
-    labels, index = _read_rows(folder)
+def fit_regression(features, *, alphas, val_fraction: float, seed: int) -> RegressionFit:
+    """Load → compute: stream one or several ratings features folders twice (Gram statistics, then validation
+    predictions). Several folders (datasets rating different objectives) are fitted as one table over the union of
+    their objectives, a label missing wherever a folder lacks its column."""
+    folders = _as_folders(features)
+    folder = ", ".join(map(str, folders))
+    metas, objectives, d = _read_metas(folders)
+    labels, index = _read_rows(folders, metas, objectives)
     held_out = validation_mask(index, val_fraction, seed).numpy()  # (N,) in shard order
     k = labels.shape[1]
-    objectives = list(meta.get("objectives") or [str(j) for j in range(k)])
-    if len(objectives) != k:
-        raise ValueError(f"meta.json of `{folder}` names {len(objectives)} objectives for {k} label columns.")
     infinite = torch.isinf(labels).any(1).nonzero().flatten()
     if len(infinite):
         row = int(index[infinite[0]])
@@ -203,11 +249,10 @@ def fit_regression(folder: str | os.PathLike, *, alphas, val_fraction: float, se
     for j in np.flatnonzero(~present.any(0).numpy()):
         raise ValueError(f"Objective `{objectives[j]}` has no labelled row in `{folder}`; drop it from the data.")
     groups = label_groups(present)
-    d = int(meta["hidden_size"])
     train = [GramStats.zeros(d, len(g)) for g in groups]
     val = [GramStats.zeros(d, len(g)) for g in groups]
 
-    for x, y, rows in _row_blocks(folder, "fit: Gram statistics"):
+    for x, y, rows in _row_blocks(folders, metas, objectives, "fit: Gram statistics"):
         block_held_out = held_out[rows]
         for g, group in enumerate(groups):
             labelled = ~np.isnan(y[:, group[0]])
@@ -225,7 +270,7 @@ def fit_regression(folder: str | os.PathLike, *, alphas, val_fraction: float, se
     # Pearson and Spearman need each held-out prediction: a second, cheap pass (one (n, d) x (d, k) product a block).
     predictions, targets = [[] for _ in range(k)], [[] for _ in range(k)]
     if val_fraction > 0:
-        for x, y, rows in _row_blocks(folder, "fit: validation"):
+        for x, y, rows in _row_blocks(folders, metas, objectives, "fit: validation"):
             x, y = x[held_out[rows]].astype(np.float64), y[held_out[rows]]
             scores = x @ val_weight.T  # (n_val, k)
             for j in range(k):
@@ -278,7 +323,9 @@ def metrics_path_for(out: str | os.PathLike) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--features", required=True, help="a ratings features folder (`armorm extract`)")
+    parser.add_argument(
+        "--features", required=True, nargs="+", help="one or more ratings features folders (`armorm extract`)"
+    )
     parser.add_argument("--out", required=True, help="the regression file to write, e.g. regression.safetensors")
     parser.add_argument(
         "--alphas", type=float, nargs="+", help="ridge penalties to choose from (default 1e-4 ... 1e4)"
@@ -288,7 +335,7 @@ def add_arguments(parser) -> None:
 
 
 def main(
-    features: str,
+    features: str | list[str],
     out: str,
     alphas: list[float] = ALPHAS,
     val_fraction: float = 0.2,
@@ -297,8 +344,9 @@ def main(
     """Load → compute → save: `out` (weight, alpha, objectives) and its metrics JSON; returns the metrics."""
     alphas = [float(a) for a in alphas]
     result = fit_regression(features, alphas=alphas, val_fraction=val_fraction, seed=seed)
-    settings = {"features": str(features), "alphas": alphas, "val_fraction": val_fraction, "seed": seed}
-    backbone = read_meta(features).get("backbone")
+    folders = [str(f) for f in _as_folders(features)]
+    settings = {"features": folders, "alphas": alphas, "val_fraction": val_fraction, "seed": seed}
+    backbone = read_meta(folders[0]).get("backbone")
     made_by = {**settings, **({"backbone": backbone} if backbone is not None else {}), "stage": "armorm fit"}
     save_regression(out, result.weight, result.alpha, result.objectives, extra_metadata=made_by)
     report = {**settings, "objectives": result.metrics}

@@ -11,7 +11,16 @@ from sklearn.linear_model import Ridge
 from conversion import cli
 from conversion.artifacts import load_regression
 from conversion.features import write_features
-from conversion.fit import ALPHAS, GramStats, HeldOutRidge, fit_regression, label_groups, main, validation_mask
+from conversion.fit import (
+    ALPHAS,
+    FOLDER_STRIDE,
+    GramStats,
+    HeldOutRidge,
+    fit_regression,
+    label_groups,
+    main,
+    validation_mask,
+)
 
 
 OBJECTIVES = ["helpfulness", "correctness", "verbosity", "is_safe", "score"]
@@ -177,3 +186,35 @@ def test_errors_name_the_problem(tmp_path):
     write_features(tmp_path / "inf", "ratings", {"embeddings": x, "labels": y}, objectives=OBJECTIVES)
     with pytest.raises(ValueError, match="Source row 7 .* infinite label"):
         fit_regression(tmp_path / "inf", alphas=[1.0], val_fraction=0.2, seed=0)
+
+
+def test_several_folders_fit_the_union_of_their_objectives(tmp_path):
+    """Datasets rating different objectives, extracted separately: the fit over the union of their columns equals
+    scikit-learn on the table stacked by hand (labels NaN where a dataset lacks the objective)."""
+    x, y = make_ratings()
+    first, second = slice(0, 90), slice(90, 240)
+    write_features(
+        tmp_path / "a", "ratings", {"embeddings": x[first], "labels": y[first][:, :3]}, objectives=OBJECTIVES[:3]
+    )
+    # The second dataset names its columns in another order and lacks objective 1 and 2.
+    order = [4, 3, 0]
+    write_features(
+        tmp_path / "b", "ratings", {"embeddings": x[second], "labels": y[second][:, order]},
+        objectives=[OBJECTIVES[j] for j in order], shard_rows=70,
+    )  # fmt: skip
+    fit = main([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "regression.safetensors"))
+    weight, alpha, names = load_regression(tmp_path / "regression.safetensors")
+    union = [0, 1, 2, 4, 3]  # objectives in order of first appearance across the folders
+    assert names == [OBJECTIVES[j] for j in union] and json.loads(json.dumps(fit))["features"] == [
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+    ]
+
+    stacked = y.clone()
+    stacked[first, 3:] = float("nan")
+    stacked[second, 1:3] = float("nan")
+    keys = torch.cat([torch.arange(90), torch.arange(150) + FOLDER_STRIDE])
+    held_out = validation_mask(keys, 0.2, 0).numpy()
+    alphas, weights, _ = sklearn_reference(x, stacked, held_out, list(ALPHAS))
+    assert alpha.tolist() == alphas[union].tolist()
+    np.testing.assert_allclose(weight.numpy(), weights[union], rtol=1e-5, atol=1e-6)
