@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from conversion.artifacts import load_regression, save_transform
-from conversion.features import load_features
+from conversion.features import load_pair_features
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ __all__ = [
 
 def add_arguments(parser):
     parser.add_argument("--regression", help="`regression.safetensors` of `armorm fit` (W and the objective names).")
-    parser.add_argument("--reference", help="Features folder of the reference set D (pairs: both sides are used).")
+    parser.add_argument(
+        "--reference", nargs="+", help="Features folder(s) of the reference set D (pairs: both sides are used)."
+    )
     parser.add_argument("--verbosity", help="Name of the verbosity objective v (e.g. `helpsteer-verbosity`).")
     parser.add_argument("--threshold", type=float, help="τ: the Spearman correlation to reach (default 0.03).")
     parser.add_argument("--tolerance", type=float, help="Bisection tolerance on λ (default 1e-3).")
@@ -229,7 +231,7 @@ def compute_rewards(embeddings: torch.Tensor, weight: torch.Tensor, batch_size: 
 
 def main(
     regression: str,
-    reference: str,
+    reference: str | list[str],
     verbosity: str,
     out: str,
     threshold: float = 0.03,
@@ -242,7 +244,8 @@ def main(
         raise ValueError(
             f"`--verbosity {verbosity}` is not an objective of {regression}; its objectives: {objectives}."
         )
-    features, meta = load_features(reference)
+    features, metas = load_pair_features(reference)
+    meta = metas[0]
     embeddings = reference_embeddings(features, meta)
     if embeddings.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -264,7 +267,7 @@ def main(
         "threshold": threshold,
         "tolerance": tolerance,
         "max_penalty": max_penalty,
-        "reference": os.path.abspath(reference),
+        "reference": [os.path.abspath(f) for f in ([reference] if isinstance(reference, str) else reference)],
         "reference_responses": len(rewards),
         "penalties": dict(zip(objectives, result.penalties.tolist())),
         "spearman_before": dict(zip(objectives, result.correlations_before)),

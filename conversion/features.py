@@ -169,6 +169,21 @@ def load_features(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def load_pair_features(folders: str | os.PathLike | list) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """One or several pairs (or ratings) features folders of one kind, concatenated in the order given; the
+    stages after `fit` take several datasets this way. Returns the tensors and each folder's meta."""
+    folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+    loaded = [load_features(folder) for folder in folders]
+    kinds = {meta.get("kind") for _, meta in loaded}
+    keys = {tuple(sorted(tensors)) for tensors, _ in loaded}
+    if len(kinds) > 1 or len(keys) > 1:
+        raise ValueError(
+            f"The features folders {folders} mix kinds {sorted(map(str, kinds))} or tensors {sorted(keys)}."
+        )
+    tensors = {key: torch.cat([t[key] for t, _ in loaded]) for key in loaded[0][0] if key != "index"}
+    return tensors, [meta for _, meta in loaded]
+
+
 def _check_tensors(kind: str, tensors: dict[str, torch.Tensor], objectives: list[str] | None) -> tuple[int, int]:
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from conversion.artifacts import load_regression, load_transform, save_gating
-from conversion.features import load_features
+from conversion.features import load_pair_features
 from modeling_armorm import ArmoRMGatingNetwork
 
 
@@ -39,7 +39,9 @@ __all__ = [
 
 
 def add_arguments(parser):
-    parser.add_argument("--features", help="Pairs features folder of `armorm extract` (the training pairs).")
+    parser.add_argument(
+        "--features", nargs="+", help="Pairs features folder(s) of `armorm extract` (the training pairs)."
+    )
     parser.add_argument("--regression", help="`regression.safetensors` of `armorm fit` (W).")
     parser.add_argument("--transform", help="`transform.safetensors` of `armorm decorrelate` (T).")
     parser.add_argument("--out", help="Path of the `gating.safetensors` to write (a `.json` report goes next to it).")
@@ -209,7 +211,7 @@ def _check_objectives(regression_objectives: list[str], transform_metadata: dict
 
 
 def main(
-    features: str,
+    features: str | list[str],
     regression: str,
     transform: str,
     out: str,
@@ -234,7 +236,8 @@ def main(
         raise ValueError(
             f"T of {transform} is {tuple(matrix.shape)} but W of {regression} has {weight.shape[0]} rows."
         )
-    tensors, meta = load_features(features)
+    tensors, metas = load_pair_features(features)
+    meta = metas[0]
     if meta.get("kind", "pairs") != "pairs" or "prompt_embeddings" not in tensors:
         raise ValueError(
             f"{features} holds {meta.get('kind')} features; `armorm gate` needs pairs features (`embeddings` (N, 2, d) "
@@ -264,7 +267,7 @@ def main(
     gating, report = train_gating(tensors["prompt_embeddings"], rewards, device=device, **hyper_parameters)
     # save
     report = {
-        "features": os.path.abspath(features),
+        "features": [os.path.abspath(f) for f in ([features] if isinstance(features, str) else features)],
         "regression": os.path.abspath(regression),
         "transform": os.path.abspath(transform),
         "objectives": objectives,

@@ -19,6 +19,7 @@ from conversion.features import (
     file_sha256,
     iter_shards,
     load_features,
+    load_pair_features,
     read_meta,
     save_meta,
     save_shard,
@@ -194,3 +195,22 @@ def test_gating_file_round_trip_loads_strictly_into_the_network(tmp_path):
     torch.testing.assert_close(fresh(x), network(x))
     with pytest.raises(ValueError, match="n_hidden = 3"):
         save_gating(tmp_path / "bad.safetensors", network.state_dict(), temperature=10, hidden_dim=8, n_hidden=3)
+
+
+def test_several_pair_folders_concatenate_in_the_order_given(tmp_path):
+    torch.manual_seed(0)
+    parts = [
+        {"embeddings": torch.randn(n, 2, 4), "prompt_embeddings": torch.randn(n, 4), "index": torch.arange(n).flip(0)}
+        for n in (3, 5)
+    ]
+    for i, part in enumerate(parts):
+        write_features(tmp_path / str(i), "pairs", part, shard_rows=2)
+    tensors, metas = load_pair_features([tmp_path / "0", tmp_path / "1"])
+    for key in ("embeddings", "prompt_embeddings"):
+        # each folder's rows come back in its source order (by index), then the next folder's
+        expected = torch.cat([part[key].flip(0) for part in parts])
+        torch.testing.assert_close(tensors[key], expected, rtol=0, atol=0)
+    assert [m["kind"] for m in metas] == ["pairs", "pairs"]
+    write_features(tmp_path / "r", "ratings", {"embeddings": torch.randn(2, 4), "labels": torch.zeros(2, 1)})
+    with pytest.raises(ValueError, match="mix kinds"):
+        load_pair_features([tmp_path / "0", tmp_path / "r"])
