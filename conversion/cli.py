@@ -11,6 +11,7 @@ import importlib
 
 COMMANDS = {
     "assemble": "conversion.assemble",
+    "build": "conversion.build",
     "convert-rlhflow": "conversion.convert_rlhflow",
     "decorrelate": "conversion.decorrelate",
     "extract": "conversion.extract",

@@ -285,7 +285,7 @@ class ConversationEncoder:
                 ids = self._tokenize([self._render(side) for side in shorter])
                 longest = max(map(len, ids))
                 if longest <= self.max_length:
-                    dropped = len(_drop_turns(sides[0], 0)) - len(shorter[0])
+                    dropped = len(sides[0]) - len(shorter[0])
                     break
             else:
                 return (

@@ -20,15 +20,32 @@ from transformers import AutoModel, AutoTokenizer, LlamaModel
 from conversion import extract as extract_module
 from conversion.cli import main as cli_main
 from conversion.data import load_pairs
+from conversion.extract import load_backbone
 from conversion.extract import main as extract
 from conversion.features import load_features, read_meta
-from tests.utils import SHARED_DATA, requires_shared_data, tiny_llama_config
+from tests.utils import (
+    SHARED_DATA,
+    SMOLLM2_GGUF,
+    requires_shared_data,
+    requires_smollm2,
+    smollm2_dir,
+    tiny_llama_config,
+)
 
 
 pytestmark = requires_shared_data
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 OBJECTIVES = ["helpsteer-helpfulness", "topicalchat-overall", "ultrafeedback-overall_score"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hidden size 16 gains nothing from threads, and OpenMP threads on a busy 2-core machine stall (30 ms per mm)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +170,19 @@ def test_resume_gives_identical_files(backbone, mixed_ratings, tmp_path, monkeyp
     n_shards = len(read_meta(tmp_path / "whole")["shards"])
 
     out = tmp_path / "resumed"
-    calls = []
+    calls, interrupt_at = [], [3] if interruption == "raise mid-run" else []
     forward = extract_module.forward_features
 
     def spy(*args, **spy_kwargs):
         calls.append(len(args[1]))
-        if interruption == "raise mid-run" and len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
+        if interrupt_at and len(calls) == interrupt_at[0]:
+            interrupt_at.clear()  # interrupt once; the rerun goes through
+            raise RuntimeError("simulated interruption")
         return forward(*args, **spy_kwargs)
 
     monkeypatch.setattr(extract_module, "forward_features", spy)
     if interruption == "raise mid-run":
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(RuntimeError, match="simulated"):
             extract(backbone, data, str(out), "ratings", **kwargs)
         assert not (out / "meta.json").exists()
         calls.clear()
@@ -257,3 +275,39 @@ def test_two_processes_equal_one(backbone, tmp_path):
     assert one.keys() == two.keys() and torch.equal(one["index"], two["index"])
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=ATOL)
+
+
+def test_bfloat16_backbone_stores_float32_features(backbone, reference, tmp_path):
+    data = str(SHARED_DATA / "ratings" / "helpsteer2_sample.jsonl")
+    meta = extract(backbone, data, str(tmp_path), "ratings", dtype="bfloat16", max_length=8192)
+    tensors, _ = load_features(tmp_path)
+    assert meta["backbone_dtype"] == "bfloat16" and meta["dtype"] == "bfloat16"
+    assert tensors["embeddings"].dtype == torch.float32
+    expected = torch.stack([reference.features(row["messages"])[0] for row in read_jsonl(Path(data))])
+    torch.testing.assert_close(tensors["embeddings"], expected, rtol=0, atol=0.1)  # bf16 keeps ~3 digits
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_gguf_backbone_equals_per_row_forward(tmp_path):
+    """SmolLM2-135M-Instruct from its GGUF file (what `--backbone file.gguf` loads), on real UltraFeedback pairs."""
+    model, tokenizer = load_backbone(os.path.join(smollm2_dir(), SMOLLM2_GGUF), "float32", "cpu")
+    pairs = load_pairs(str(SHARED_DATA / "raw" / "ultrafeedback_sample_eval.jsonl"), "train[:3]")
+    settings = dict.fromkeys(extract_module.RESUME_KEYS) | {"kind": "pairs"}
+    options = dict(max_length=1024, truncate_prompt=False, batch_size=2, shard_rows=2, settings=settings)
+    meta = extract_module.extract(model, tokenizer, pairs, tmp_path, **options)
+    tensors, _ = load_features(tmp_path)
+    skipped = {record["index"] for record in meta["skipped"]}
+    kept = [i for i, index in enumerate(pairs.index) if index not in skipped]
+    assert meta["hidden_size"] == 576 and tensors["index"].tolist() == [pairs.index[i] for i in kept] and kept
+
+    pattern = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for row, i in enumerate(kept):
+        for side, messages in enumerate((pairs.chosen[i], pairs.rejected[i])):
+            ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+            gating = max(s for s in range(len(ids)) if ids[s : s + len(pattern)] == pattern)
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (seq, d)
+            torch.testing.assert_close(tensors["embeddings"][row, side], hidden[-1], rtol=1e-4, atol=1e-4)
+            if side == 0:
+                torch.testing.assert_close(tensors["prompt_embeddings"][row], hidden[gating], rtol=1e-4, atol=1e-4)
