@@ -81,18 +81,20 @@ def add_arguments(parser):
     parser.add_argument("--eval-results", help="JSON of evaluation results for the model card (assemble).")
 
 
-def _run_once(work: Path, stage: str, settings: dict, run) -> None:
-    """Run `run()` unless `<stage>.done.json` records the same settings; then write that stamp."""
+def _run_once(work: Path, stage: str, settings: dict, run, upstream_ran: bool) -> bool:
+    """Run `run()` unless `<stage>.done.json` records the same settings and no earlier stage ran again (its outputs
+    would be stale); then write that stamp. Returns whether the stage ran."""
     stamp = work / f"{stage}.done.json"
     settings = json.loads(json.dumps(settings, default=str))
-    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+    if not upstream_ran and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         logger.info("build: %s already done, reusing it (%s)", stage, stamp)
         print(f"[build] {stage}: done earlier, reused")
-        return
+        return False
     print(f"[build] {stage} ...")
     stamp.unlink(missing_ok=True)
     run()
     stamp.write_text(json.dumps(settings, indent=2) + "\n")
+    return True
 
 
 def _verbosity(regression: Path, verbosity: str | None) -> str | None:
@@ -130,6 +132,7 @@ def main(
 
     # Features: one folder per dataset; extraction resumes inside a folder by itself.
     folders = {"ratings": [], "pairs": [], "reference": []}
+    ran = False  # once a stage runs, every later one runs too
     jobs = (
         [("ratings", d) for d in ratings] + [("pairs", d) for d in pairs] + [("reference", d) for d in reference or []]
     )
@@ -139,16 +142,14 @@ def main(
         kind = "ratings" if role == "ratings" else "pairs"
         kwargs = {**per_stage["extract"], **({"objectives": objectives} if objectives and kind == "ratings" else {})}
         settings = {"backbone": backbone, "data": data, "kind": kind, **kwargs}
-        _run_once(
-            work,
-            f"extract-{folder.name}",
-            settings,
-            partial(extract.main, backbone, data, str(folder), kind, **kwargs),
-        )
+        extract_rows = partial(extract.main, backbone, data, str(folder), kind, **kwargs)
+        ran |= _run_once(work, f"extract-{folder.name}", settings, extract_rows, upstream_ran=False)
 
     regression, transform, gating = (work / f"{name}.safetensors" for name in ("regression", "transform", "gating"))
     settings = {"features": folders["ratings"], **per_stage["fit"]}
-    _run_once(work, "fit", settings, lambda: fit.main(folders["ratings"], str(regression), **per_stage["fit"]))
+    ran |= _run_once(
+        work, "fit", settings, lambda: fit.main(folders["ratings"], str(regression), **per_stage["fit"]), ran
+    )
 
     reference_folders = folders["reference"] or folders["pairs"]
     verbosity = _verbosity(regression, verbosity)
@@ -169,12 +170,12 @@ def main(
         else:
             decorrelate.main(str(regression), reference_folders, verbosity, str(transform), **per_stage["decorrelate"])
 
-    _run_once(work, "decorrelate", settings, run_decorrelate)
+    ran |= _run_once(work, "decorrelate", settings, run_decorrelate, ran)
 
     settings = {"features": folders["pairs"], **per_stage["gate"]}
-    _run_once(
+    ran |= _run_once(
         work, "gate", settings,
-        lambda: gate.main(folders["pairs"], str(regression), str(transform), str(gating), **per_stage["gate"]),
+        lambda: gate.main(folders["pairs"], str(regression), str(transform), str(gating), **per_stage["gate"]), ran,
     )  # fmt: skip
 
     datasets = [d for d in [*ratings, *pairs] if not Path(d).exists()]  # Hub ids go to the card's metadata
@@ -185,6 +186,7 @@ def main(
             backbone, str(regression), str(transform), str(gating), out, datasets=datasets or None,
             **per_stage["assemble"],
         ),
+        ran,
     )  # fmt: skip
     print(f"[build] checkpoint: {out}")
     return out
