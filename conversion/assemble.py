@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from conversion.artifacts import load_gating, load_regression, load_transform
+from conversion.backbone import DTYPES, load_backbone, load_tokenizer, split_gguf
 from conversion.model_card import CardInfo, build_model_card
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 
@@ -35,13 +36,10 @@ __all__ = [
     "add_arguments",
     "assemble_model",
     "build_config",
-    "load_backbone",
-    "load_tokenizer",
     "main",
     "read_heads",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Report entries that are not per-objective validation metrics (the table shows λ and α from the tensors).
 _NOT_METRICS = {"penalties", "alpha", "alphas", "verbosity", "unreachable", "label_group", "train_rows", "val_rows"}
 
@@ -59,7 +57,7 @@ def add_arguments(parser):
     parser.add_argument("--gating", required=True, help="`gating.safetensors` of `armorm gate` (the gating network).")
     parser.add_argument("--out", required=True, help="Folder of the checkpoint to write.")
     parser.add_argument("--tokenizer", help="Tokenizer with the chat template (default: the backbone's).")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], help="Backbone dtype (default: the backbone's own).")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="Backbone dtype (default: the backbone's own).")
     parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data, for the model card.")
     parser.add_argument("--eval-results", help="JSON of `armorm evaluate`, shown in the model card.")
     parser.add_argument("--base-model", help="Hub id of the backbone for the card (default: `--backbone` if an id).")
@@ -67,30 +65,6 @@ def add_arguments(parser):
 
 
 # ---------------------------------------------------------------- load
-
-
-def _split_gguf(source: str) -> tuple[str, str | None]:
-    """(folder or Hub repo, GGUF file name or None) for a `--backbone`/`--tokenizer` value."""
-    if not source.endswith(".gguf"):
-        return source, None
-    if os.path.isfile(source):
-        return os.path.dirname(os.path.abspath(source)), os.path.basename(source)
-    repo, _, name = source.rpartition("/")  # a Hub file: `org/repo/file.gguf`
-    return repo, name
-
-
-def load_backbone(backbone: str, dtype: str = "auto") -> PreTrainedModel:
-    """The backbone without its LM head (`AutoModel`), in `dtype` ("auto": the dtype it was saved in)."""
-    source, gguf_file = _split_gguf(backbone)
-    # A GGUF file is dequantized to float32 on load; its quantizer flag stays on this model, which is why only its
-    # state dict goes into the checkpoint (see `assemble_model`).
-    model = AutoModel.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES.get(dtype, "auto"))
-    return model.eval()
-
-
-def load_tokenizer(source: str):
-    source, gguf_file = _split_gguf(source)
-    return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
 
 
 @dataclass
@@ -336,8 +310,8 @@ def main(
 ) -> ArmoRMForRewardModeling:
     """Assemble the checkpoint folder `out`: weights (safetensors), config with `auto_map`, remote-code files,
     tokenizer with its chat template, and README.md. Returns the assembled model."""
-    if dtype not in ("auto", *DTYPES):
-        raise ValueError(f"`dtype` must be one of {['auto', *DTYPES]}, got {dtype!r}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
     command = _command(
         backbone=backbone,
         regression=regression,
@@ -362,14 +336,14 @@ def main(
     tok = load_tokenizer(tokenizer or backbone)
 
     # build
-    torch_dtype = DTYPES.get(dtype, backbone_model.dtype)
+    torch_dtype = backbone_model.dtype if dtype == "auto" else DTYPES[dtype]
     config = build_config(backbone_model.config, heads, tok, dtype=torch_dtype)
     model = assemble_model(config, backbone_model, heads, dtype=torch_dtype)
     del backbone_model
 
     # save
-    if base_model is None and not os.path.exists(_split_gguf(backbone)[0]):
-        base_model = _split_gguf(backbone)[0]  # a Hub id
+    if base_model is None and not os.path.exists(split_gguf(backbone)[0]):
+        base_model = split_gguf(backbone)[0]  # a Hub id
     if base_model is None:
         logger.warning("The backbone is a local path: pass `--base-model` (its Hub id) to name it in the card.")
     out = Path(out)

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
 
 from modeling_armorm import gating_pattern_from_tokenizer
 
+from .backbone import DTYPES, load_backbone, load_tokenizer
 from .data import PairRows, RatingRows, load_pairs, load_ratings
 from .features import META_NAME, SHARD_NAME, read_meta, save_meta, save_shard
 
 
 KINDS = ("ratings", "pairs")
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROGRESS_NAME = "progress-{rank:03d}.json"
 # The settings that decide the files' contents: a resumed run must use the same ones (batch size and device only
 # change the speed, so a run may resume with other values).
@@ -61,7 +60,6 @@ __all__ = [
     "extract",
     "forward_features",
     "length_sorted_batches",
-    "load_backbone",
     "main",
     "pad_batch",
 ]
@@ -128,7 +126,7 @@ def main(
     rank, world_size, created_group, device = _init_distributed(device)
     try:
         rows = load_ratings(data, split, objectives) if kind == "ratings" else load_pairs(data, split)
-        model, tokenizer = load_backbone(backbone, dtype, device)
+        model, tokenizer = load_backbone(backbone, dtype).to(device), load_tokenizer(backbone)
         settings = {
             "kind": kind,
             "backbone": backbone,
@@ -178,18 +176,6 @@ def _init_distributed(device: str | None) -> tuple[int, int, bool, torch.device]
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     return rank, world_size, created, device
-
-
-def load_backbone(backbone: str, dtype: str, device: str | torch.device) -> tuple[torch.nn.Module, object]:
-    """The backbone without its LM head (`AutoModel`) and its tokenizer, from a Hub id, a folder or a GGUF file."""
-    kwargs = {}
-    if backbone.endswith(".gguf"):
-        if not os.path.isfile(backbone):
-            raise FileNotFoundError(f"`--backbone {backbone}`: no such GGUF file.")
-        backbone, kwargs["gguf_file"] = os.path.split(os.path.abspath(backbone))
-    tokenizer = AutoTokenizer.from_pretrained(backbone, **kwargs)
-    model = AutoModel.from_pretrained(backbone, dtype=DTYPES[dtype], **kwargs).to(device).eval()
-    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,14 +46,17 @@ def test_llama3_exact_pattern():
 def test_chatml_smollm2(smollm2_tokenizer):
     pattern = gating_pattern_from_tokenizer(smollm2_tokenizer)
     assert pattern.text == "<|im_end|>\n<|im_start|>assistant\n"
-    assert pattern.token_ids == smollm2_tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
-        "input_ids"
-    ]
+    assert (
+        pattern.token_ids
+        == smollm2_tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    )
     assert pattern.token_ids[0] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_gemma_style():
-    tokenizer = trained_tokenizer(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE, bos_token="<bos>")
+    tokenizer = trained_tokenizer(
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE, bos_token="<bos>"
+    )
     pattern = gating_pattern_from_tokenizer(tokenizer)
     assert pattern.text == "<end_of_turn>\n<start_of_turn>model\n"
     assert pattern.token_ids[0] == tokenizer.convert_tokens_to_ids("<end_of_turn>")

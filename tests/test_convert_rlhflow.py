@@ -46,7 +46,10 @@ def released_layout(folder, shards=1):
         part = {k: state[k] for k in names[i::shards]}
         save_file(part, folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", metadata={"format": "pt"})
     if shards > 1:
-        index = {"metadata": {}, "weight_map": {k: f"model-{names.index(k) % shards + 1:05d}-of-{shards:05d}.safetensors" for k in names}}
+        index = {
+            "metadata": {},
+            "weight_map": {k: f"model-{names.index(k) % shards + 1:05d}-of-{shards:05d}.safetensors" for k in names},
+        }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     llama3_tokenizer().save_pretrained(folder)
     return model
@@ -90,7 +93,9 @@ def test_refuses_what_is_not_the_released_layout(tmp_path):
     with pytest.raises(ValueError, match="No config.json"):
         cli(["convert-rlhflow", str(tmp_path / "nowhere"), str(tmp_path / "out")])
 
-    (tmp_path / "src" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_objectives"}))
+    (tmp_path / "src" / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "num_objectives"})
+    )
     with pytest.raises(ValueError, match=r"lacks \['num_objectives'\].*gating_temperature"):
         cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
 

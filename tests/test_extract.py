@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer, LlamaModel
 
 from conversion import extract as extract_module
+from conversion.backbone import load_backbone, load_tokenizer
 from conversion.cli import main as cli_main
 from conversion.data import load_pairs
-from conversion.extract import load_backbone
 from conversion.extract import main as extract
 from conversion.features import load_features, read_meta
 from tests.utils import (
@@ -291,7 +291,10 @@ def test_bfloat16_backbone_stores_float32_features(backbone, reference, tmp_path
 @requires_smollm2
 def test_gguf_backbone_equals_per_row_forward(tmp_path):
     """SmolLM2-135M-Instruct from its GGUF file (what `--backbone file.gguf` loads), on real UltraFeedback pairs."""
-    model, tokenizer = load_backbone(os.path.join(smollm2_dir(), SMOLLM2_GGUF), "float32", "cpu")
+    model, tokenizer = (
+        load_backbone(os.path.join(smollm2_dir(), SMOLLM2_GGUF), "float32"),
+        load_tokenizer(os.path.join(smollm2_dir(), SMOLLM2_GGUF)),
+    )
     pairs = load_pairs(str(SHARED_DATA / "raw" / "ultrafeedback_sample_eval.jsonl"), "train[:3]")
     settings = dict.fromkeys(extract_module.RESUME_KEYS) | {"kind": "pairs"}
     options = dict(max_length=1024, truncate_prompt=False, batch_size=2, shard_rows=2, settings=settings)

@@ -1,8 +1,8 @@
 """ArmoRMForRewardModeling against an independent per-row computation of the paper's math.
 
-    h   = f(x ⊕ y)[last real token]        h_x = f(x ⊕ y)[first token of the last gating pattern]
-    r   = W h                              g   = β softmax(MLP(h_x) / τ)     (softmax over the k objectives)
-    s   = Σ_i g_i (r T)_i                  c   = g Tᵀ, so s = c · r
+h   = f(x ⊕ y)[last real token]        h_x = f(x ⊕ y)[first token of the last gating pattern]
+r   = W h                              g   = β softmax(MLP(h_x) / τ)     (softmax over the k objectives)
+s   = Σ_i g_i (r T)_i                  c   = g Tᵀ, so s = c · r
 """
 
 import pytest
@@ -99,7 +99,11 @@ def test_trl_keyword_arguments_are_accepted(model):
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask)
         extra = model(
-            input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(4), token_type_ids=torch.zeros_like(ids)
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=False,
+            margin=torch.zeros(4),
+            token_type_ids=torch.zeros_like(ids),
         )
     torch.testing.assert_close(plain.score, extra.score)
 

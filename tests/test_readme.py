@@ -18,7 +18,9 @@ def test_score_and_explain_snippet_runs(tmp_path, smollm2_tokenizer, capsys):
     model.config.pad_token_id = smollm2_tokenizer.pad_token_id
     model.save_pretrained(tmp_path)
     smollm2_tokenizer.save_pretrained(tmp_path)
-    snippet = next(block for block in python_blocks() if "Score and explain" in README.read_text() and "contributions" in block)
+    snippet = next(
+        block for block in python_blocks() if "Score and explain" in README.read_text() and "contributions" in block
+    )
     exec(snippet.replace("/abs/path/to/checkpoint", str(tmp_path)), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("score ") and len(printed) == 5

@@ -57,7 +57,9 @@ def tiny_armorm(text_config=None, num_objectives: int = 4, seed: int = 0, tokeni
     )
     model = ArmoRMForRewardModeling(config).eval()
     with torch.no_grad():
-        model.reward_transform_matrix.copy_(torch.eye(num_objectives) + 0.3 * torch.randn(num_objectives, num_objectives))
+        model.reward_transform_matrix.copy_(
+            torch.eye(num_objectives) + 0.3 * torch.randn(num_objectives, num_objectives)
+        )
         model.gating.logit_scale.fill_(3.0)
     return model
 
