@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from modeling_armorm import gating_pattern_from_tokenizer
+from modeling_armorm.modeling_armorm import last_pattern_positions
 
 from .backbone import DTYPES, load_backbone, load_tokenizer
 from .data import PairRows, RatingRows, load_pairs, load_ratings
@@ -191,17 +192,6 @@ class EncodedRow:
     dropped_turns: int = 0  # prompt messages dropped by `truncate_prompt`
 
 
-def _last_occurrence(ids: list[int], pattern: np.ndarray) -> int:
-    """Start of the last occurrence of `pattern` in `ids`, -1 when absent (the per-row, pre-batch twin of
-    `ArmoRMForRewardModeling.find_gating_positions`: a row without it is skipped here, not failed in a batch)."""
-    n = len(pattern)
-    if len(ids) < n:
-        return -1
-    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(ids), n)  # (len - n + 1, n)
-    found = np.flatnonzero((windows == pattern).all(-1))
-    return int(found[-1]) if found.size else -1
-
-
 def _truncation_starts(messages: list[dict]) -> list[int]:
     """Where the kept prompt may start (after the leading system turns), from the fewest turns dropped to the most.
 
@@ -232,7 +222,6 @@ class ConversationEncoder:
         self.truncate_prompt = truncate_prompt
         self.need_gating = need_gating
         self.pattern = gating_pattern_from_tokenizer(tokenizer)
-        self._pattern_ids = np.asarray(self.pattern.token_ids)
 
     def _render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -280,7 +269,10 @@ class ConversationEncoder:
                 )
         positions = [-1] * len(sides)
         if self.need_gating:
-            positions = [_last_occurrence(side_ids, self._pattern_ids) for side_ids in ids]
+            positions = [
+                int(last_pattern_positions(torch.tensor([row]), torch.ones(1, len(row)), self.pattern.token_ids)[0])
+                for row in ids
+            ]
             if min(positions) < 0:
                 return (
                     f"no gating pattern {self.pattern.text!r} in the rendered conversation, so its prompt feature "

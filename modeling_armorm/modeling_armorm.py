@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -79,6 +78,22 @@ class ArmoRMGatingNetwork(nn.Module):
         return self.logit_scale * torch.softmax(logits / self.temperature, dim=-1)  # (batch, k)
 
 
+def last_pattern_positions(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]
+) -> torch.LongTensor:
+    """Start of the last occurrence of `pattern` among each row's real tokens, -1 where it is absent. (batch,)"""
+    batch_size, seq_len = input_ids.shape
+    n = len(pattern)
+    if seq_len < n:
+        return torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
+    pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
+    windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
+    real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
+    found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
+    starts = torch.arange(found.shape[1], device=input_ids.device)
+    return torch.where(found, starts, -1).amax(-1)
+
+
 class ArmoRMPreTrainedModel(PreTrainedModel):
     config: ArmoRMConfig
     base_model_prefix = "model"
@@ -130,16 +145,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
                 "`config.gating_token_pattern` is not set, so the prompt feature cannot be located. Set it with "
                 "`modeling_armorm.gating_pattern_from_tokenizer(tokenizer)` or pass `gating_positions=`."
             )
-        batch_size, seq_len = input_ids.shape
-        n = len(pattern)
-        positions = torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
-        if seq_len >= n:
-            pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
-            windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
-            real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
-            found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
-            starts = torch.arange(found.shape[1], device=input_ids.device)
-            positions = torch.where(found, starts, -1).amax(-1)  # (batch,)
+        positions = last_pattern_positions(input_ids, attention_mask, pattern)
         missing = (positions < 0).nonzero().flatten().tolist()
         if missing:
             text = self.config.gating_token_pattern_text
@@ -234,4 +240,10 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-__all__ = ["ArmoRMForRewardModeling", "ArmoRMGatingNetwork", "ArmoRMPreTrainedModel", "ArmoRMRewardOutput"]
+__all__ = [
+    "ArmoRMForRewardModeling",
+    "ArmoRMGatingNetwork",
+    "ArmoRMPreTrainedModel",
+    "ArmoRMRewardOutput",
+    "last_pattern_positions",
+]
