@@ -38,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
+    # Returns nothing: the console script passes the return value to `sys.exit`, where anything but None fails.
     args = vars(build_parser().parse_args(argv))
     args.pop("command")
-    return args.pop("_main")(**args)
+    args.pop("_main")(**args)
 
 
 if __name__ == "__main__":
