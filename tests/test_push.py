@@ -144,11 +144,12 @@ def test_no_token_is_refused_before_any_request(checkpoint, hub, no_login):
 
 
 def test_dry_run_lists_files_and_sizes_and_sends_nothing(checkpoint, hub, capsys):
-    files = cli.main(["push", str(checkpoint), "--repo-id", REPO_ID, "--dry-run", "--token", TOKEN])
+    cli.main(["push", str(checkpoint), "--repo-id", REPO_ID, "--dry-run", "--token", TOKEN])
     assert hub == []
-    expected = {path: len(data) for path, data in local_files(checkpoint).items()}
-    assert dict(files) == expected
     out = capsys.readouterr().out
+    expected = {path: len(data) for path, data in local_files(checkpoint).items()}
+    assert dict(push.main(str(checkpoint), repo_id=REPO_ID, dry_run=True, token=TOKEN)) == expected
+    assert hub == []
     for path in expected:
         assert path in out
     assert "nothing was pushed" in out and f"{len(expected)} files" in out
