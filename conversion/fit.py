@@ -119,10 +119,8 @@ class HeldOutRidge:
         if alphas.ndim != 1 or alphas.size == 0 or (alphas <= 0).any():
             raise ValueError(f"`alphas` must be a non-empty list of positive numbers, got {self.alphas}.")
         if alphas.size > 1 and (train.n == 0 or val.n == 0):
-            raise ValueError(
-                f"Choosing among {alphas.size} alphas needs training and validation rows; got {train.n} and {val.n}. "
-                "Change `val_fraction`, or pass one value in `alphas`."
-            )
+            return self._fit_by_gcv(train + val, alphas)
+        self.selection_ = "held-out MSE"
         path = _ridge_path(train, alphas)  # (d, a, m)
         d, a, m = path.shape
         # Validation MSE from its Gram statistics: (yᵀy − 2 wᵀXᵀy + wᵀXᵀXw) / n, for every α and target at once.
@@ -141,6 +139,26 @@ class HeldOutRidge:
             targets = self.alpha_ == alpha
             system = full.xtx + alpha * np.eye(d)
             self.coef_[targets] = linalg.solve(system, full.xty[:, targets], assume_a="pos").T
+        return self
+
+    def _fit_by_gcv(self, full: GramStats, alphas: np.ndarray) -> "HeldOutRidge":
+        """A label group too small to hold rows out (a few rated rows): α by generalized cross-validation on all of
+        them, GCV(α) = n · RSS(α) / (n − df(α))², df(α) = Σ_j s_j / (s_j + α), from the same Gram statistics."""
+        self.selection_ = "GCV (no held-out rows)"
+        eigenvalues = np.linalg.eigvalsh(full.xtx)
+        path = _ridge_path(full, alphas)  # (d, a, m)
+        d, a, m = path.shape
+        cross = np.einsum("dam,dm->am", path, full.xty)
+        quadratic = np.einsum("dam,dam->am", path, (full.xtx @ path.reshape(d, -1)).reshape(d, a, m))
+        rss = full.yty[None, :] - 2 * cross + quadratic  # (a, m)
+        dof = (eigenvalues[:, None] / (eigenvalues[:, None] + alphas[None, :])).sum(0)  # (a,)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gcv = np.where((full.n - dof)[:, None] > 0, full.n * rss / (full.n - dof)[:, None] ** 2, np.inf)
+        best = gcv.argmin(0)
+        self.alpha_ = alphas[best]
+        self.coef_ = self.val_coef_ = path[:, best, np.arange(m)].T
+        self.val_mse_path_ = np.full((a, m), np.nan)
+        self.val_mse_ = np.full(m, np.nan)
         return self
 
 
@@ -262,8 +280,10 @@ def fit_regression(features, *, alphas, val_fraction: float, seed: int) -> Regre
 
     weight, alpha, val_weight, val_mse = np.zeros((k, d)), np.zeros(k), np.zeros((k, d)), np.zeros(k)
     mse_path = np.zeros((len(alphas), k))
+    selection = np.empty(k, dtype=object)
     for g, group in enumerate(groups):
         ridge = HeldOutRidge(alphas).fit(train[g], val[g])
+        selection[group] = ridge.selection_
         weight[group], alpha[group], val_weight[group] = ridge.coef_, ridge.alpha_, ridge.val_coef_
         val_mse[group], mse_path[:, group] = ridge.val_mse_, ridge.val_mse_path_
 
@@ -289,6 +309,7 @@ def fit_regression(features, *, alphas, val_fraction: float, seed: int) -> Regre
                 "train_rows": train[g].n,
                 "val_rows": val[g].n,
                 "alpha": float(alpha[j]),
+                "alpha_selection": selection[j],
                 "val_mse": float(val_mse[j]) if val[g].n else None,
                 "pearson": float(stats.pearsonr(pred, true).statistic) if defined else None,
                 "spearman": float(stats.spearmanr(pred, true).statistic) if defined else None,

@@ -218,3 +218,24 @@ def test_several_folders_fit_the_union_of_their_objectives(tmp_path):
     alphas, weights, _ = sklearn_reference(x, stacked, held_out, list(ALPHAS))
     assert alpha.tolist() == alphas[union].tolist()
     np.testing.assert_allclose(weight.numpy(), weights[union], rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_without_held_out_rows_chooses_alpha_by_gcv():
+    """Too few rated rows to hold any out (e.g. 8 HelpSteer2 rows): no crash, α by generalized cross-validation,
+    GCV(α) = n‖y − H y‖² / (n − tr H)² with H = X (XᵀX + αI)⁻¹ Xᵀ, computed here from the rows."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(7, 5)) * np.logspace(0, -1, 5)).astype(np.float32).astype(np.float64)  # as stored
+    y = x @ rng.normal(size=(5, 2)) + 0.3 * rng.normal(size=(7, 2))
+    train = GramStats.zeros(5, 2)
+    train.update(x.astype(np.float32), y)
+    ridge = HeldOutRidge(list(ALPHAS)).fit(train, GramStats.zeros(5, 2))
+    assert ridge.selection_.startswith("GCV")
+    for j in range(2):
+        scores = []
+        for alpha in ALPHAS:
+            hat = x @ np.linalg.solve(x.T @ x + alpha * np.eye(5), x.T)
+            scores.append(len(x) * np.sum((y[:, j] - hat @ y[:, j]) ** 2) / (len(x) - np.trace(hat)) ** 2)
+        best = ALPHAS[int(np.argmin(scores))]
+        assert ridge.alpha_[j] == best
+        reference = Ridge(alpha=best, fit_intercept=False).fit(x, y[:, j])
+        np.testing.assert_allclose(ridge.coef_[j], reference.coef_, rtol=1e-6, atol=1e-8)
