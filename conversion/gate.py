@@ -265,8 +265,27 @@ def main(
         seed=seed,
     )
     gating, report = train_gating(tensors["prompt_embeddings"], rewards, device=device, **hyper_parameters)
+    # A column of T that is all zero (the verbosity objective after decorrelation) gives r'_j = 0 for every answer:
+    # weight the gating puts there switches the score off. Most of it there means the other objectives' rewards do
+    # not separate the pairs, and the score is near a tie everywhere: say so. (Some weight there is normal: it is
+    # also how the gating scales the score down.)
+    with torch.no_grad():
+        shares = (gating(tensors["prompt_embeddings"].float()) / gating.logit_scale).mean(0)  # (k,)
+    null = (matrix == 0).all(0)
+    off = float(shares[null].sum())
+    warnings = []
+    if off > 0.9:
+        names = [objectives[j] for j in null.nonzero().flatten().tolist()]
+        warnings.append(
+            f"The gating puts {off:.0%} of its weight on {names}, whose decorrelated reward r' is 0 by construction: "
+            "the score is nearly switched off. The other objectives' rewards barely separate these pairs; check "
+            "the stage-1 metrics and the features, or decorrelate less (`--threshold`)."
+        )
+        logger.warning(warnings[-1])
     # save
     report = {
+        "warnings": warnings,
+        "mean_gating_share": dict(zip(objectives, shares.tolist())),
         "features": [os.path.abspath(f) for f in ([features] if isinstance(features, str) else features)],
         "regression": os.path.abspath(regression),
         "transform": os.path.abspath(transform),

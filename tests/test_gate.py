@@ -226,3 +226,23 @@ def test_mismatched_objectives_are_an_error(tmp_path):
     save_transform(paths["transform"], torch.eye(3), torch.zeros(3), ["a", "b", "c"])
     with pytest.raises(ValueError, match="re-run `armorm decorrelate`"):
         main(out=str(tmp_path / "g.safetensors"), device="cpu", **paths, steps=1)
+
+
+def test_weight_on_the_null_objective_is_reported(tmp_path, caplog):
+    """Rewards that do not separate the pairs, and a T whose verbosity column is zero (r'_v = 0): the gating escapes
+    to that column, where the loss is ln 2 at every pair; `gate` says so. With separable rewards it does not."""
+    rng = np.random.default_rng(0)
+    matrix = np.eye(3, dtype=np.float32)
+    matrix[2, :] -= 0.5
+    matrix[2, 2] = 0.0  # T = I, T[v, :] -= λ, T[v, v] = 0 with v = 2
+    noise = rng.normal(size=(400, 2, 3)) * 5
+    paths = write_pipeline(tmp_path / "noise", noise, rng.normal(size=(400, D)), matrix)
+    report = main(out=str(tmp_path / "noise.safetensors"), device="cpu", **paths, **FAST)
+    assert report["mean_gating_share"]["objective-2"] > 0.9
+    assert report["warnings"] and "objective-2" in report["warnings"][0]
+    assert any("switched off" in record.message for record in caplog.records)
+
+    prompts, rewards = prompt_dependent_pairs()
+    paths = write_pipeline(tmp_path / "signal", rewards, prompts, matrix)
+    report = main(out=str(tmp_path / "signal.safetensors"), device="cpu", **paths, **FAST)
+    assert report["warnings"] == [] and report["final"]["val_accuracy"] > 0.8
