@@ -250,7 +250,7 @@ def _iter_rows(table: datasets.Dataset, columns: list[str], desc: str) -> Iterat
 
 
 def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
-    """Every column holding numbers, in column order, but the conversation, row ids and all-null columns."""
+    """Every column holding numbers, but the conversation, row ids and all-null columns, in order of first use."""
     objectives = []
     for column, feature in table.features.items():
         if column in TEXT_COLUMNS or ID_COLUMN.search(column):
@@ -263,7 +263,12 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
         elif isinstance(feature, _JSON_FEATURE) and any(_is_number(value) for value in table[column]):
             # Mixed types (numbers and strings in one json column): an objective whose odd rows get skipped.
             objectives.append(column)
-    return objectives
+    # In the order the rows name them: a json file's column order comes from pyarrow's schema unification, which
+    # depends on how the file was split into blocks (and on threads), not on the data.
+    first_rated = {
+        column: next((i for i, v in enumerate(table[column]) if v is not None), len(table)) for column in objectives
+    }
+    return sorted(objectives, key=lambda column: first_rated[column])
 
 
 def _is_number(value) -> bool:
