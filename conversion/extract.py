@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from modeling_armorm import gating_pattern_from_tokenizer
-from modeling_armorm.modeling_armorm import last_pattern_positions
+from modeling_armorm.modeling_armorm import last_pattern_positions, right_pad
 
 from .backbone import DTYPES, load_backbone, load_tokenizer
 from .data import PairRows, RatingRows, load_pairs, load_ratings
@@ -296,12 +296,7 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 
 def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, and `position_ids` counted over the real tokens."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
+    input_ids, attention_mask = right_pad(sequences, pad_token_id)
     # Positions from the mask, as ArmoRMForRewardModeling.forward does, so any padding sees the unpadded positions.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -78,6 +78,17 @@ class ArmoRMGatingNetwork(nn.Module):
         return self.logit_scale * torch.softmax(logits / self.temperature, dim=-1)  # (batch, k)
 
 
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token rows padded on the right to one width: `input_ids` and `attention_mask`, each (batch, width)."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 def last_pattern_positions(
     input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]
 ) -> torch.LongTensor:
@@ -246,4 +257,5 @@ __all__ = [
     "ArmoRMPreTrainedModel",
     "ArmoRMRewardOutput",
     "last_pattern_positions",
+    "right_pad",
 ]

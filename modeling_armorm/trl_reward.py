@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from .chat_template import _ANSWER_PROBE, _PROMPT_PROBE
 from .configuration_armorm import ArmoRMConfig
-from .modeling_armorm import ArmoRMForRewardModeling
+from .modeling_armorm import ArmoRMForRewardModeling, right_pad
 
 
 Message = dict[str, str]
@@ -30,16 +30,6 @@ Message = dict[str, str]
 def _as_messages(turn: str | list[Message], role: str) -> list[Message]:
     # TRL's conversational format: a list of {"role", "content"} dicts; its standard format: a plain string.
     return [{"role": role, "content": turn}] if isinstance(turn, str) else list(turn)
-
-
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 class ArmoRMReward:
@@ -180,7 +170,7 @@ class ArmoRMReward:
         model.eval()
         try:
             for start in range(0, len(order), self.batch_size):
-                ids, mask = _right_pad([input_ids[i] for i in order[start : start + self.batch_size]], pad_id)
+                ids, mask = right_pad([input_ids[i] for i in order[start : start + self.batch_size]], pad_id)
                 output = model(input_ids=ids.to(device), attention_mask=mask.to(device))
                 for key in outputs:
                     outputs[key].append(getattr(output, key).float().cpu())
