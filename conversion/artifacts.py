@@ -1,7 +1,10 @@
-"""The head files of the conversion pipeline (SPEC §3): regression, transform and gating safetensors.
+"""The head files of the conversion pipeline: regression (W), transform (T) and gating safetensors.
 
-Each file holds only its tensors; what it needs to be read (objective names, verbosity index, gating temperature)
-goes into the safetensors metadata, whose values are strings: a non-string value is stored as JSON and parsed back.
+Each file holds only its tensors; what it needs to be read (objective names, the verbosity objective, the gating
+temperature) goes into the safetensors metadata, whose values are strings: a non-string value is stored as JSON and
+parsed back. Every file also records `content_sha256`, the hash of its tensors and other metadata
+(`conversion.files.tensors_sha256`): loading recomputes it, so a corrupted or edited head file is refused, and the
+stage reports name their inputs by it. A file written by another tool without it is trusted.
 """
 
 import json
@@ -12,8 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conversion.files import atomic_write, tensors_sha256
+from conversion.reports import Fingerprint
+
 
 __all__ = [
+    "CONTENT_HASH",
+    "head_fingerprint",
     "load_gating",
     "load_regression",
     "load_transform",
@@ -34,19 +42,43 @@ def _decode(value: str):
         return value  # a plain string (backbone id, command line, ...)
 
 
-def _save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+CONTENT_HASH = "content_sha256"
+
+
+def _save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """Write the file atomically with its content hash in the metadata; returns that hash."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    save_file(tensors, str(path), metadata=_encode(metadata))
+    encoded = _encode(metadata)
+    encoded[CONTENT_HASH] = tensors_sha256(tensors, encoded)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=encoded))
+    return encoded[CONTENT_HASH]
 
 
-def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the raw (string) metadata, with the content hash verified and removed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist.")
     with safe_open(str(path), framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-        metadata = {key: _decode(value) for key, value in (f.metadata() or {}).items()}
+        metadata = dict(f.metadata() or {})
+    recorded = metadata.pop(CONTENT_HASH, None)
+    if recorded is not None and (actual := tensors_sha256(tensors, metadata)) != recorded:
+        raise ValueError(
+            f"{path} is corrupt or was edited: its content hash is {actual}, but it records {recorded}. Rerun the "
+            "stage that wrote it."
+        )
     return tensors, metadata
+
+
+def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, metadata = _read(path)
+    return tensors, {key: _decode(value) for key, value in metadata.items()}
+
+
+def head_fingerprint(path: str | os.PathLike) -> Fingerprint:
+    """A head file's `Fingerprint`: its recorded (and verified) content hash, or one computed for a file without."""
+    tensors, metadata = _read(path)
+    return Fingerprint(str(path), tensors_sha256(tensors, metadata))
 
 
 def _require(path, tensors: dict, names: tuple[str, ...], stage: str) -> None:
@@ -71,7 +103,7 @@ def save_regression(
     alpha: torch.Tensor,
     objectives: list[str],
     extra_metadata: dict | None = None,
-) -> None:
+) -> str:
     """`weight` (k, d) float32 = W, `alpha` (k,) = each objective's ridge penalty; metadata `objectives`."""
     weight, alpha = torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(alpha, dtype=torch.float64)
     if weight.ndim != 2 or alpha.shape != (weight.shape[0],):
@@ -79,7 +111,7 @@ def save_regression(
             f"`weight` must be (k, d) and `alpha` (k,); got {tuple(weight.shape)} and {tuple(alpha.shape)}."
         )
     objectives = _objective_list(objectives, weight.shape[0])
-    _save(path, {"weight": weight, "alpha": alpha}, {**(extra_metadata or {}), "objectives": objectives})
+    return _save(path, {"weight": weight, "alpha": alpha}, {**(extra_metadata or {}), "objectives": objectives})
 
 
 def load_regression(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -98,10 +130,11 @@ def save_transform(
     matrix: torch.Tensor,
     penalties: torch.Tensor,
     objectives: list[str],
-    verbosity: int | str | None = None,
+    verbosity: str | None = None,
     extra_metadata: dict | None = None,
-) -> None:
-    """`reward_transform_matrix` (k, k) = T and `penalties` (k,) = λ; metadata `objectives` and `verbosity`."""
+) -> str:
+    """`reward_transform_matrix` (k, k) = T and `penalties` (k,) = λ; metadata `objectives` and `verbosity`, the name
+    of the verbosity objective (absent when T = I)."""
     matrix, penalties = torch.as_tensor(matrix, dtype=torch.float32), torch.as_tensor(penalties, dtype=torch.float32)
     k = matrix.shape[0]
     if matrix.shape != (k, k) or penalties.shape != (k,):
@@ -110,8 +143,12 @@ def save_transform(
         )
     metadata = {**(extra_metadata or {}), "objectives": _objective_list(objectives, k)}
     if verbosity is not None:
+        if verbosity not in metadata["objectives"]:
+            raise ValueError(
+                f"`verbosity` must name one of the objectives {metadata['objectives']}, got {verbosity!r}."
+            )
         metadata["verbosity"] = verbosity
-    _save(path, {"reward_transform_matrix": matrix, "penalties": penalties}, metadata)
+    return _save(path, {"reward_transform_matrix": matrix, "penalties": penalties}, metadata)
 
 
 def load_transform(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -146,7 +183,7 @@ def save_gating(
     hidden_dim: int,
     n_hidden: int,
     extra_metadata: dict | None = None,
-) -> None:
+) -> str:
     """The gating state dict (`layers.{i}.weight|bias`, `logit_scale` = β); metadata temperature/hidden_dim/n_hidden."""
     _check_gating(path, state_dict, hidden_dim, n_hidden)
     metadata = {
@@ -155,7 +192,7 @@ def save_gating(
         "hidden_dim": int(hidden_dim),
         "n_hidden": int(n_hidden),
     }
-    _save(path, dict(state_dict), metadata)
+    return _save(path, dict(state_dict), metadata)
 
 
 def load_gating(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -7,61 +7,88 @@
 
 `--backbone` is a folder, a Hub id or a `.gguf` file (dequantized on load). The weights are loaded loudly: every
 tensor of the checkpoint comes from exactly one input (backbone → `model.*`, W → `regression_layer.weight`,
-T → `reward_transform_matrix`, the gating state dict → `gating.*`), and the key sets and shapes are asserted equal
-before anything is saved. The checkpoint loads with `import modeling_armorm` and with `trust_remote_code=True`.
+T → `reward_transform_matrix`, the gating state dict → `gating.*`), and the key sets and shapes are checked before
+anything is saved. The stage reports beside the head files (`fit.json`, `decorrelate.json`, `gate.json`, and each
+features folder's `extract.json`) give the card its metrics and the whole build's commands; a report is used only
+when the content hash it records for its output is the head file's. The checkpoint loads with
+`import modeling_armorm` and with `trust_remote_code=True`.
 """
 
+import hashlib
 import json
 import logging
-import math
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from conversion.artifacts import load_gating, load_regression, load_transform
-from conversion.backbone import DTYPES, load_backbone, load_tokenizer, split_gguf
+from conversion.artifacts import head_fingerprint, load_gating, load_regression, load_transform
+from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
+from conversion.cli import Location, command_line, normalize_locations, settings_dict
 from conversion.model_card import CardInfo, build_model_card
+from conversion.reports import Fingerprint, file_name, output_sha256, read_report, report_path, write_report
+from conversion.state_dict import check_state_dict, expected_shapes
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+from modeling_armorm.scoring import pad_token_id
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ARGUMENTS",
+    "AssembleConfig",
+    "AssembleSettings",
     "Heads",
-    "add_arguments",
     "assemble_model",
     "build_config",
     "main",
     "read_heads",
 ]
 
-# Report entries that are not per-objective validation metrics (the table shows λ and α from the tensors).
-_NOT_METRICS = {"penalties", "alpha", "alphas", "verbosity", "unreachable", "label_group", "train_rows", "val_rows"}
+
+@dataclass(kw_only=True)
+class AssembleSettings:
+    """The knobs of `armorm assemble` (the ones `armorm build` passes on as `--assemble-<name>`)."""
+
+    tokenizer: Location | None = field(
+        default=None, metadata={"help": "Tokenizer with the chat template (default: the backbone's)."}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype of the saved backbone (`auto`: its own); the heads stay float32."}
+    )
+    datasets: list[str] | None = field(default=None, metadata={"help": "Hub ids of the training data, for the card."})
+    eval_results: Location | None = field(
+        default=None, metadata={"help": "Results JSON of `armorm evaluate`, shown in the model card."}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Hub id of the backbone for the card (default: `--backbone` if an id)."}
+    )
+    model_id: str | None = field(
+        default=None, metadata={"help": "Hub id the card's usage snippet loads (default: the `--out` folder's name)."}
+    )
 
 
-def add_arguments(parser):
-    parser.add_argument(
-        "--backbone", required=True, help="The backbone: a folder, a Hub id, or a `.gguf` file (dequantized)."
-    )
-    parser.add_argument(
-        "--regression", required=True, help="`regression.safetensors` of `armorm fit` (W, α, objective names)."
-    )
-    parser.add_argument(
-        "--transform", required=True, help="`transform.safetensors` of `armorm decorrelate` (T, λ, verbosity)."
-    )
-    parser.add_argument("--gating", required=True, help="`gating.safetensors` of `armorm gate` (the gating network).")
-    parser.add_argument("--out", required=True, help="Folder of the checkpoint to write.")
-    parser.add_argument("--tokenizer", help="Tokenizer with the chat template (default: the backbone's).")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="Backbone dtype (default: the backbone's own).")
-    parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data, for the model card.")
-    parser.add_argument("--eval-results", help="JSON of `armorm evaluate`, shown in the model card.")
-    parser.add_argument("--base-model", help="Hub id of the backbone for the card (default: `--backbone` if an id).")
-    parser.add_argument("--model-id", help="Hub id the card's usage snippet loads (default: the `--out` name).")
+@dataclass(kw_only=True)
+class AssembleConfig(AssembleSettings):
+    """`armorm assemble`: what it reads and writes, and its settings."""
+
+    backbone: Location = field(metadata={"help": "The backbone: a folder, a Hub id, or a `.gguf` file."})
+    regression: Location = field(metadata={"help": "`regression.safetensors` of `armorm fit` (W, α, objectives)."})
+    transform: Location = field(metadata={"help": "`transform.safetensors` of `armorm decorrelate` (T, λ)."})
+    gating: Location = field(metadata={"help": "`gating.safetensors` of `armorm gate` (the gating network)."})
+    out: Location = field(metadata={"help": "Folder of the checkpoint to write."})
+
+    def __post_init__(self):
+        normalize_locations(self)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
+
+
+ARGUMENTS = (AssembleConfig,)
 
 
 # ---------------------------------------------------------------- load
@@ -83,62 +110,42 @@ class Heads:
     gating_n_hidden: int
     objective_metrics: dict[str, dict[str, float]]
     gating_metrics: dict[str, float]
+    reports: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # stage → (its folder, its report)
 
 
-def _report(path: str | os.PathLike) -> dict:
-    """A head file's safetensors metadata merged with the JSON report its stage writes next to it, if any
-    (`regression.metrics.json` of `armorm fit`, `transform.json` of `armorm decorrelate`, `gating.json`)."""
-    with safe_open(str(path), framework="pt") as f:
-        report = {}
-        for key, value in (f.metadata() or {}).items():
-            try:
-                report[key] = json.loads(value)
-            except json.JSONDecodeError:
-                report[key] = value
-    stem = Path(path).with_suffix("")
-    for sidecar in (stem.with_suffix(".json"), stem.with_suffix(".metrics.json")):
-        if sidecar.is_file():
-            report.update(json.loads(sidecar.read_text(encoding="utf-8")))
+def stage_report(stage: str, path: str, output: str) -> dict | None:
+    """The report `stage` wrote beside `path`, if it was written for this very file (its output hash matches)."""
+    report = read_report(report_path(stage, path))
+    if report is None:
+        return None
+    if output_sha256(report, output) != head_fingerprint(path).sha256:
+        logger.warning(
+            "%s is not the report of %s (it was written for another %s file); its metrics are not used.",
+            report_path(stage, path),
+            path,
+            output,
+        )
+        return None
     return report
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# Per-objective metrics each stage's report holds, as the card's table shows them.
+_FIT_METRICS = ("rows", "val_mse", "pearson", "spearman")
+_DECORRELATE_METRICS = ("spearman_before", "spearman_after")
 
 
-def _numbers(entry: dict) -> dict[str, float]:
-    return {key: float(value) for key, value in entry.items() if key not in _NOT_METRICS and _is_number(value)}
-
-
-def _per_objective(report: dict, objectives: list[str]) -> dict[str, dict[str, float]]:
-    """Metrics keyed by objective, in the shapes the stages write: `{metric: {objective: x}}` (decorrelate),
-    `{"objectives": {objective: {metric: x}}}` (fit), or a list of `{"objective": name, metric: x}` rows."""
-    names, metrics = set(objectives), {}
-    for key, value in report.items():
-        if key in _NOT_METRICS or not value:
-            continue
-        if isinstance(value, dict) and set(value) <= names:
-            for objective, entry in value.items():
-                if _is_number(entry):
-                    metrics.setdefault(objective, {})[key] = float(entry)
-                elif isinstance(entry, dict):
-                    metrics.setdefault(objective, {}).update(_numbers(entry))
-        elif isinstance(value, list) and all(isinstance(row, dict) for row in value):
-            for row in value:
-                objective = row.get("objective", row.get("name"))
-                if objective in names:
-                    metrics.setdefault(objective, {}).update(_numbers(row))
-    return metrics
-
-
-def _verbosity_index(value, objectives: list[str], path) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        return int(value)
-    if value in objectives:
-        return objectives.index(value)
-    raise ValueError(f"{path}: the verbosity objective `{value}` is not one of the objectives {objectives}.")
+def _objective_metrics(reports: dict[str, tuple[Path, dict]], objectives: list[str]) -> dict[str, dict[str, float]]:
+    metrics = {name: {} for name in objectives}
+    if "fit" in reports:
+        for name, entry in reports["fit"][1]["metrics"]["objectives"].items():
+            if name in metrics:
+                metrics[name].update({key: entry[key] for key in _FIT_METRICS if entry.get(key) is not None})
+    if "decorrelate" in reports:
+        for key in _DECORRELATE_METRICS:
+            for name, value in (reports["decorrelate"][1]["metrics"].get(key) or {}).items():
+                if name in metrics and value is not None:
+                    metrics[name][key] = value
+    return {name: entry for name, entry in metrics.items() if entry}
 
 
 def _same_objectives(path, found, objectives: list[str], stage: str) -> None:
@@ -149,27 +156,28 @@ def _same_objectives(path, found, objectives: list[str], stage: str) -> None:
         )
 
 
-def read_heads(regression: str | os.PathLike, transform: str | os.PathLike, gating: str | os.PathLike) -> Heads:
+def read_heads(regression: str, transform: str, gating: str) -> Heads:
     weight, alpha, objectives = load_regression(regression)
     matrix, penalties, transform_meta = load_transform(transform)
     gating_state, gating_meta = load_gating(gating)
     _same_objectives(transform, transform_meta.get("objectives"), objectives, "decorrelate")
     _same_objectives(gating, gating_meta.get("objectives"), objectives, "gate")
+    verbosity = transform_meta.get("verbosity")  # the objective's name, written by `armorm decorrelate`
+    if verbosity is not None and verbosity not in objectives:
+        raise ValueError(f"{transform}: the verbosity objective `{verbosity}` is not one of {objectives}.")
 
-    verbosity = _verbosity_index(transform_meta.get("verbosity"), objectives, transform)
-    if verbosity is None:
-        # r'_v = 0 is the one zero on T's diagonal (T[v, v] = 0): recover v from the matrix when the metadata lacks it.
-        zeros = (matrix.diagonal() == 0).nonzero().flatten().tolist()
-        verbosity = zeros[0] if len(zeros) == 1 else None
-
-    objective_metrics = _per_objective(_report(regression), objectives)
-    for objective, entries in _per_objective(_report(transform), objectives).items():
-        objective_metrics.setdefault(objective, {}).update(entries)
-    gating_report = _report(gating)
+    reports = {
+        stage: (Path(path).parent, report)
+        for stage, path, output in (
+            ("fit", regression, "regression"),
+            ("decorrelate", transform, "transform"),
+            ("gate", gating, "gating"),
+        )
+        if (report := stage_report(stage, path, output)) is not None
+    }
+    final = reports["gate"][1]["metrics"]["final"] if "gate" in reports else gating_meta
     gating_metrics = {
-        key: float(gating_report[key])
-        for key in ("val_accuracy", "train_accuracy")
-        if _is_number(gating_report.get(key))
+        key: float(final[key]) for key in ("val_accuracy", "train_accuracy") if final.get(key) is not None
     }
     return Heads(
         objectives=objectives,
@@ -177,13 +185,14 @@ def read_heads(regression: str | os.PathLike, transform: str | os.PathLike, gati
         alpha=alpha,
         matrix=matrix.float(),
         penalties=penalties.float(),
-        verbosity_objective=verbosity,
+        verbosity_objective=objectives.index(verbosity) if verbosity is not None else None,
         gating_state={key: value.float() for key, value in gating_state.items()},
         gating_temperature=gating_meta["temperature"],
         gating_hidden_dim=gating_meta["hidden_dim"],
         gating_n_hidden=gating_meta["n_hidden"],
-        objective_metrics=objective_metrics,
+        objective_metrics=_objective_metrics(reports, objectives),
         gating_metrics=gating_metrics,
+        reports=reports,
     )
 
 
@@ -205,9 +214,10 @@ def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | 
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token; give it a `pad_token` first.")
-        # Padding is masked out (the last real token comes from the attention mask), so eos is a safe pad.
+        # Padding is masked out (the last real token comes from the attention mask), so eos is a safe pad; the saved
+        # tokenizer gets it too, for the tools that pad with the tokenizer (TRL).
         logger.warning("The tokenizer has no pad token: using its eos token %r as pad.", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id(tokenizer))
     config = ArmoRMConfig(
         text_config=text_config,
         num_objectives=len(heads.objectives),
@@ -218,7 +228,7 @@ def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | 
         gating_temperature=heads.gating_temperature,
         **gating_pattern_from_tokenizer(tokenizer).config_kwargs(),
     )
-    config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = pad_token_id(tokenizer)
     return config
 
 
@@ -232,28 +242,12 @@ _HINTS = {
 }
 
 
-def _check_tensors(source: str, prefix: str, expected: dict[str, tuple], found: dict[str, torch.Tensor]) -> None:
-    expected = {key: shape for key, shape in expected.items() if key.startswith(prefix)}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    mismatched = [
-        f"`{key}` has shape {tuple(found[key].shape)}, the model expects {expected[key]}"
-        for key in sorted(set(expected) & set(found))
-        if tuple(found[key].shape) != expected[key]
-    ]
-    problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected) + mismatched
-    if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems) + ". " + _HINTS[prefix])
-
-
 def assemble_model(
     config: ArmoRMConfig, backbone: PreTrainedModel, heads: Heads, dtype: torch.dtype | None = None
 ) -> ArmoRMForRewardModeling:
-    """Instantiate `ArmoRMForRewardModeling` and load every tensor from the backbone and the heads, asserting the
-    key sets and shapes match: nothing is left at its random initialisation."""
-    # Built on the meta device, then the loaded tensors are assigned: no second copy of an 8B backbone in memory.
-    with torch.device("meta"):
-        model = ArmoRMForRewardModeling(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    """Instantiate `ArmoRMForRewardModeling` and load every tensor from the backbone and the heads, checking the key
+    sets and shapes first: nothing is left at its random initialisation."""
+    expected = expected_shapes(config)
     backbone_state = {f"model.{key}": value.to(dtype or value.dtype) for key, value in backbone.state_dict().items()}
     sources = {
         "model.": ("The backbone", backbone_state),
@@ -263,10 +257,14 @@ def assemble_model(
     }
     state = {}
     for prefix, (source, tensors) in sources.items():
-        _check_tensors(source, prefix, expected, tensors)
+        owned = {key: shape for key, shape in expected.items() if key.startswith(prefix)}
+        check_state_dict({key: tuple(t.shape) for key, t in tensors.items()}, owned, source, _HINTS[prefix])
         state.update(tensors)
-    # Every model key belongs to one source: a new module in the model class would fail here, not load randomly.
-    assert set(state) == set(expected), sorted(set(expected) ^ set(state))
+    # Every model key belongs to one source: a new module in the model class fails here rather than load randomly.
+    check_state_dict({key: tuple(t.shape) for key, t in state.items()}, expected, "The assembled state dict", "")
+    # Built on the meta device, then the loaded tensors are assigned: no second copy of an 8B backbone in memory.
+    with torch.device("meta"):
+        model = ArmoRMForRewardModeling(config)
     model.load_state_dict(state, strict=True, assign=True)
 
     # Non-persistent buffers (RoPE inverse frequencies) are computed in `__init__`, never saved: take the backbone's.
@@ -284,91 +282,126 @@ def assemble_model(
 # ---------------------------------------------------------------- save
 
 
-def _command(**kwargs) -> str:
-    """The `armorm assemble` command line that reproduces this call (the card records how the model was made)."""
-    parts = ["armorm", "assemble"]
-    for key, value in kwargs.items():
-        if value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
-    return shlex.join(parts)
+def upstream_reports(heads: Heads) -> list[tuple[Path, dict]]:
+    """Every stage report of the build with its folder, in pipeline order: each features folder's `extract.json` (as
+    the fit, decorrelate and gate reports name their inputs), then fit, decorrelate and gate."""
+    extracts, seen = [], set()
+    for folder, report in heads.reports.values():
+        for role in ("features", "reference"):
+            for entry in report["inputs"].get(role) or []:
+                features = (folder / entry["path"]).resolve()
+                extract = read_report(features / "extract.json")
+                if extract is not None and features not in seen:
+                    seen.add(features)
+                    extracts.append((features, extract))
+    stages = [heads.reports[stage] for stage in ("fit", "decorrelate", "gate") if stage in heads.reports]
+    return extracts + stages
 
 
-def main(
-    backbone: str,
-    regression: str,
-    transform: str,
-    gating: str,
-    out: str,
-    tokenizer: str | None = None,
-    dtype: str = "auto",
-    datasets: list[str] | None = None,
-    eval_results: str | None = None,
-    base_model: str | None = None,
-    model_id: str | None = None,
-) -> ArmoRMForRewardModeling:
-    """Assemble the checkpoint folder `out`: weights (safetensors), config with `auto_map`, remote-code files,
-    tokenizer with its chat template, and README.md. Returns the assembled model."""
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
-    command = _command(
-        backbone=backbone,
-        regression=regression,
-        transform=transform,
-        gating=gating,
-        out=out,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        datasets=datasets,
-        eval_results=eval_results,
-        base_model=base_model,
-        model_id=model_id,
-    )
-    # load
-    heads = read_heads(regression, transform, gating)
-    results = None
-    if eval_results is not None:
-        results = json.loads(Path(eval_results).read_text(encoding="utf-8"))
-        if not isinstance(results, dict):
-            raise ValueError(f"{eval_results} must hold a JSON object (the output of `armorm evaluate`).")
-    backbone_model = load_backbone(backbone, dtype)
-    tok = load_tokenizer(tokenizer or backbone)
+def public_view(folder: Path, report: dict) -> dict:
+    """What the card shows of a stage report: the stage, its command and settings, with every local path (relative
+    to the report's folder) reduced to its file name, so no local folder layout leaves the machine."""
 
-    # build
-    torch_dtype = backbone_model.dtype if dtype == "auto" else DTYPES[dtype]
-    config = build_config(backbone_model.config, heads, tok, dtype=torch_dtype)
-    model = assemble_model(config, backbone_model, heads, dtype=torch_dtype)
-    del backbone_model
+    def name(value):
+        if isinstance(value, list):
+            return [name(item) for item in value]
+        if isinstance(value, dict):
+            return {key: name(item) for key, item in value.items()}
+        if isinstance(value, str) and value and (folder / value).exists():
+            return Path(os.path.normpath(folder / value)).name
+        return value
 
-    # save
-    if base_model is None and not os.path.exists(split_gguf(backbone)[0]):
-        base_model = split_gguf(backbone)[0]  # a Hub id
-    if base_model is None:
-        logger.warning("The backbone is a local path: pass `--base-model` (its Hub id) to name it in the card.")
-    out = Path(out)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    info = CardInfo(
+    command = shlex.join(name(shlex.split(report["command"])))
+    return {"stage": report["stage"], "command": command, "settings": name(report["settings"])}
+
+
+def _card_info(config: AssembleConfig, heads: Heads, model_config: ArmoRMConfig, results, build) -> CardInfo:
+    return CardInfo(
         objectives=heads.objectives,
         alphas=heads.alpha.tolist(),
         penalties=heads.penalties.tolist(),
         verbosity_objective=heads.verbosity_objective,
-        hidden_size=config.get_text_config().hidden_size,
+        hidden_size=model_config.get_text_config().hidden_size,
         gating_hidden_dim=heads.gating_hidden_dim,
         gating_n_hidden=heads.gating_n_hidden,
         gating_temperature=heads.gating_temperature,
         logit_scale=float(heads.gating_state["logit_scale"].item()),
-        gating_pattern_text=config.gating_token_pattern_text,
-        model_id=model_id or out.name,
-        command=command,
-        base_model=base_model,
-        datasets=list(datasets or []),
+        gating_pattern_text=model_config.gating_token_pattern_text,
+        model_id=config.model_id or Path(config.out).name,
+        base_model=_base_model(config),
+        datasets=list(config.datasets or []),
         objective_metrics=heads.objective_metrics,
         gating_metrics=heads.gating_metrics,
         eval_results=results,
-        sources={"backbone": backbone, "regression": regression, "transform": transform, "gating": gating},
+        build=build,
     )
-    build_model_card(info).save(out / "README.md")
+
+
+def checkpoint_fingerprint(folder: str | Path) -> Fingerprint:
+    """A checkpoint folder's `Fingerprint`: its config and card, and every file's name and size (hashing an 8B
+    model's weights on every rerun of `armorm build` would cost minutes)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return Fingerprint(str(folder), None)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "assemble.json")
+    listing = [[p.name, p.stat().st_size] for p in files]
+    listing += [(folder / name).read_text(encoding="utf-8") for name in ("config.json", "README.md")]
+    return Fingerprint(str(folder), hashlib.sha256(json.dumps(listing).encode()).hexdigest())
+
+
+def _base_model(config: AssembleConfig) -> str | None:
+    if config.base_model is not None:
+        return config.base_model
+    source = split_gguf(config.backbone)[0]
+    if not Path(source).exists():
+        return source  # a Hub id
+    logger.warning("The backbone is a local path: pass `--base-model` (its Hub id) to name it in the card.")
+    return None
+
+
+def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardModeling:
+    """Assemble the checkpoint folder `config.out`: weights (safetensors), config with `auto_map`, remote-code files,
+    tokenizer with its chat template, README.md (the model card) and the report `assemble.json` with the whole
+    build. Returns the assembled model. Pass an `AssembleConfig`, or its fields as keywords."""
+    config = config or AssembleConfig(**kwargs)
+    # load
+    heads = read_heads(config.regression, config.transform, config.gating)
+    results = None
+    if config.eval_results is not None:
+        results = json.loads(Path(config.eval_results).read_text(encoding="utf-8"))
+        if not isinstance(results, dict):
+            raise ValueError(f"{config.eval_results} must hold a JSON object (the output of `armorm evaluate`).")
+    backbone_model = load_backbone(config.backbone, config.dtype)
+    tokenizer = load_tokenizer(config.tokenizer or config.backbone)
+
+    # build
+    torch_dtype = backbone_model.dtype if config.dtype == "auto" else DTYPES[config.dtype]
+    model_config = build_config(backbone_model.config, heads, tokenizer, dtype=torch_dtype)
+    model = assemble_model(model_config, backbone_model, heads, dtype=torch_dtype)
+    del backbone_model
+
+    # save
+    out = Path(config.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    build = [public_view(folder, upstream) for folder, upstream in upstream_reports(heads)]
+    this = {"stage": "assemble", "command": command_line("assemble", config, paths=file_name)}
+    build.append({**this, "settings": settings_dict(config, file_name)})
+    card = _card_info(config, heads, model_config, results, build)
+    build_model_card(card).save(out / "README.md")
+    inputs = {
+        "backbone": backbone_fingerprint(config.backbone),
+        **{name: head_fingerprint(getattr(config, name)) for name in ("regression", "transform", "gating")},
+    }
+    # Published with the checkpoint: local paths as file names only.
+    write_report(
+        report_path("assemble", out),
+        "assemble",
+        config,
+        inputs=inputs,
+        outputs={"checkpoint": checkpoint_fingerprint(out)},
+        metrics={"build": build[:-1]},
+        public=True,
+    )
     logger.info("Wrote the ArmoRM checkpoint %s (%d objectives).", out, len(heads.objectives))
     return model

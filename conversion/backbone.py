@@ -1,9 +1,17 @@
 """Loading a backbone and its tokenizer from a Hub id, a local folder or a GGUF file: one place for every stage."""
 
+import functools
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+from conversion.files import file_sha256
+from conversion.reports import Fingerprint
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,3 +43,29 @@ def load_backbone(backbone: str, dtype: str = "auto") -> PreTrainedModel:
 def load_tokenizer(source: str):
     source, gguf_file = split_gguf(source)
     return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+
+
+def backbone_fingerprint(backbone: str) -> Fingerprint:
+    """What identifies a backbone's content: the sha256 of a GGUF file, of every file of a local folder, or the
+    revision of a Hub id's cached snapshot (None when it is not in the local cache)."""
+    source, gguf_file = split_gguf(backbone)
+    if gguf_file is not None and os.path.isfile(os.path.join(source, gguf_file)):
+        return Fingerprint(backbone, _cached_sha256(os.path.join(source, gguf_file)))
+    if os.path.isdir(source):
+        files = sorted(p for p in Path(source).rglob("*") if p.is_file() and not p.name.startswith("."))
+        listing = [[p.relative_to(source).as_posix(), _cached_sha256(str(p))] for p in files]
+        return Fingerprint(backbone, hashlib.sha256(json.dumps(listing).encode()).hexdigest())
+    cached = try_to_load_from_cache(source, "config.json")
+    revision = Path(cached).parent.name if isinstance(cached, str) else None
+    return Fingerprint(backbone, hashlib.sha256(f"{source}@{revision}".encode()).hexdigest() if revision else None)
+
+
+def _cached_sha256(path: str) -> str:
+    stat = os.stat(path)
+    return _sha256_of(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed on size and modification time too, so a file rewritten in place is hashed again.
+    return file_sha256(path)

@@ -1,192 +1,230 @@
 """Every stage in one command: extract → fit → decorrelate → gate → assemble, in a work folder that a rerun reuses.
 
-    armorm build --backbone B --ratings R1 [R2 ...] --pairs P1 [P2 ...] [--reference P ...] --out CKPT [--work DIR]
+    armorm build --backbone B --ratings R1 [R2 ...] --pairs P1 [P2 ...] [--reference P ...] --out CKPT [--work DIR] \\
+        [--extract-batch-size 16 --gate-steps 2000 --decorrelate-verbosity helpsteer-verbosity ...]
 
-Each stage writes into `--work` (default `<out>.work`) and, once finished, a stamp `<stage>.done.json` with the
-settings it ran with. A rerun skips every stage whose stamp matches and resumes the others (extraction continues
-from its last complete shard), so an interrupted build loses at most the stage it was in. Options are passed to the
-stage that owns them; an option not given keeps that stage's default.
+Each stage writes into `--work` (default `<out>.work`) with its report (`<stage>.json`). A rerun reuses a stage when
+its report records the same settings and the same content hashes of its inputs, and its outputs are still the files
+it wrote; otherwise the stage runs again (an interrupted extraction continues from its last shard). Reuse follows
+content, not paths: data edited in place, a stage that produced another file, a deleted output all make the stages
+that depend on them run again. The settings of each stage are its own dataclass, composed here: every field `<name>`
+of stage `<stage>` is the flag `--<stage>-<name>` (`--gate-steps`, `--extract-batch-size`, …), with that stage's
+default and help.
 """
 
+import dataclasses
 import json
 import logging
-from functools import partial
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from conversion import assemble, decorrelate, extract, fit, gate
-from conversion.artifacts import load_regression, save_transform
+from conversion.artifacts import head_fingerprint
+from conversion.assemble import AssembleSettings, checkpoint_fingerprint
+from conversion.backbone import backbone_fingerprint
+from conversion.cli import Location, normalize_locations, settings_dict
+from conversion.data import data_fingerprint
+from conversion.decorrelate import DecorrelateSettings
+from conversion.extract import ExtractSettings
+from conversion.features import folder_fingerprint
+from conversion.fit import FitSettings
+from conversion.gate import GateSettings
+from conversion.reports import Fingerprint, file_name, read_report, relative_path, report_path
 
 
 logger = logging.getLogger(__name__)
 
-# build option -> (stage, that stage's parameter): the stage functions keep the defaults.
-STAGE_OPTIONS = {
-    "split": ("extract", "split"),
-    "max_length": ("extract", "max_length"),
-    "batch_size": ("extract", "batch_size"),
-    "dtype": ("extract", "dtype"),
-    "truncate_prompt": ("extract", "truncate_prompt"),
-    "device": ("extract", "device"),
-    "alphas": ("fit", "alphas"),
-    "threshold": ("decorrelate", "threshold"),
-    "steps": ("gate", "steps"),
-    "gate_batch_size": ("gate", "batch_size"),
-    "lr": ("gate", "lr"),
-    "hidden_dim": ("gate", "hidden_dim"),
-    "n_hidden": ("gate", "n_hidden"),
-    "temperature": ("gate", "temperature"),
-    "beta_init": ("gate", "beta_init"),
-    "eval_every": ("gate", "eval_every"),
-    "seed": ("gate", "seed"),
-    "checkpoint_dtype": ("assemble", "dtype"),
-    "model_id": ("assemble", "model_id"),
-    "eval_results": ("assemble", "eval_results"),
+__all__ = ["ARGUMENTS", "BuildConfig", "BuildInputs", "main", "stage_flags"]
+
+# The settings dataclass of every stage `build` runs, in order.
+STAGES = {
+    "extract": ExtractSettings,
+    "fit": FitSettings,
+    "decorrelate": DecorrelateSettings,
+    "gate": GateSettings,
+    "assemble": AssembleSettings,
 }
 
 
-def add_arguments(parser):
-    parser.add_argument("--backbone", required=True, help="Hub id, folder or .gguf file of the decoder backbone.")
-    parser.add_argument("--ratings", required=True, nargs="+", help="Rating datasets (messages + objective columns).")
-    parser.add_argument("--pairs", required=True, nargs="+", help="Preference pair datasets for the gating network.")
-    parser.add_argument(
-        "--reference", nargs="+", help="Pair datasets for the verbosity decorrelation (default: --pairs)."
+@dataclass(kw_only=True)
+class BuildInputs:
+    """What `armorm build` reads and writes."""
+
+    backbone: Location = field(metadata={"help": "Hub id, folder or `.gguf` file of the decoder backbone."})
+    ratings: list[Location] = field(metadata={"help": "Rating datasets (messages + objective columns)."})
+    pairs: list[Location] = field(metadata={"help": "Preference pair datasets for the gating network."})
+    reference: list[Location] | None = field(
+        default=None, metadata={"help": "Pair datasets for the verbosity decorrelation (default: `--pairs`)."}
     )
-    parser.add_argument("--verbosity", help="The verbosity objective (default: the one objective named *verbosity*).")
-    parser.add_argument("--objectives", type=lambda s: s.split(","), help="Rating columns to use, comma-separated.")
-    parser.add_argument("--out", required=True, help="The checkpoint folder to write.")
-    parser.add_argument("--work", help="The work folder (default: <out>.work).")
-    parser.add_argument("--split", help="Dataset split of every input (extract).")
-    parser.add_argument("--max-length", type=int, help="Longest conversation in tokens (extract).")
-    parser.add_argument("--batch-size", type=int, help="Responses per forward pass (extract).")
-    parser.add_argument("--dtype", help="Backbone dtype for extraction: auto, float32, bfloat16, float16.")
-    parser.add_argument(
-        "--truncate-prompt", action="store_true", help="Drop early prompt turns of long rows (extract)."
-    )
-    parser.add_argument("--device", help="Device for extraction and gating (default: cuda when available).")
-    parser.add_argument("--alphas", type=float, nargs="+", help="Ridge penalties to choose from (fit).")
-    parser.add_argument("--threshold", type=float, help="Spearman threshold τ (decorrelate).")
-    parser.add_argument("--steps", type=int, help="Training steps (gate).")
-    parser.add_argument("--gate-batch-size", type=int, help="Pairs per step (gate).")
-    parser.add_argument("--lr", type=float, help="Learning rate (gate).")
-    parser.add_argument("--hidden-dim", type=int, help="Gating MLP width (gate).")
-    parser.add_argument("--n-hidden", type=int, help="Gating MLP hidden layers (gate).")
-    parser.add_argument("--temperature", type=float, help="Gating softmax temperature (gate).")
-    parser.add_argument("--beta-init", type=float, help="Initial β (gate).")
-    parser.add_argument("--eval-every", type=int, help="Validation interval in steps (gate).")
-    parser.add_argument("--seed", type=int, help="Seed of the gating training (gate).")
-    parser.add_argument("--checkpoint-dtype", help="dtype of the saved backbone (assemble).")
-    parser.add_argument("--model-id", help="Hub id the model card's snippet loads (assemble).")
-    parser.add_argument("--eval-results", help="JSON of evaluation results for the model card (assemble).")
+    out: Location = field(metadata={"help": "The checkpoint folder to write."})
+    work: Location | None = field(default=None, metadata={"help": "The work folder (default: `<out>.work`)."})
+
+    def __post_init__(self):
+        normalize_locations(self)
 
 
-def _run_once(work: Path, stage: str, settings: dict, run, upstream_ran: bool) -> bool:
-    """Run `run()` unless `<stage>.done.json` records the same settings and no earlier stage ran again (its outputs
-    would be stale); then write that stamp. Returns whether the stage ran."""
-    stamp = work / f"{stage}.done.json"
-    settings = json.loads(json.dumps(settings, default=str))
-    if not upstream_ran and stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        logger.info("build: %s already done, reusing it (%s)", stage, stamp)
-        print(f"[build] {stage}: done earlier, reused")
+@dataclass(kw_only=True)
+class BuildConfig(BuildInputs):
+    """`armorm build`: its inputs and each stage's settings (`BuildConfig(..., gate=GateSettings(steps=100))`)."""
+
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    decorrelate: DecorrelateSettings = field(default_factory=DecorrelateSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    assemble: AssembleSettings = field(default_factory=AssembleSettings)
+
+
+def stage_flags(stage: str, settings_class: type) -> type:
+    """`settings_class` with every field renamed `<stage>_<name>` (the flag `--<stage>-<name>`): the same types,
+    defaults and help, so that `HfArgumentParser` gives `armorm build` every stage's flags without a copy."""
+    hints = typing.get_type_hints(settings_class)
+    fields = []
+    for f in dataclasses.fields(settings_class):
+        default = (
+            {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        )
+        fields.append((f"{stage}_{f.name}", hints[f.name], dataclasses.field(metadata=f.metadata, **default)))
+    flags = dataclasses.make_dataclass(f"{settings_class.__name__}Flags", fields, kw_only=True)
+    flags._argument_group_name = f"`armorm {stage}` settings"
+    return flags
+
+
+STAGE_FLAGS = {stage: stage_flags(stage, settings) for stage, settings in STAGES.items()}
+ARGUMENTS = (BuildInputs, *STAGE_FLAGS.values())
+
+
+def _from_flags(inputs: BuildInputs, flags) -> BuildConfig:
+    """The `BuildConfig` of a command line: the inputs, and each stage's settings from its prefixed flags."""
+    by_stage = {type(f): f for f in flags}
+    settings = {}
+    for stage, settings_class in STAGES.items():
+        given = by_stage[STAGE_FLAGS[stage]]
+        values = {f.name: getattr(given, f"{stage}_{f.name}") for f in dataclasses.fields(settings_class)}
+        settings[stage] = settings_class(**values)
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(BuildInputs)}
+    return BuildConfig(**fields, **settings)
+
+
+# ---------------------------------------------------------------- reuse
+
+
+def _as_written(entries: dict, paths) -> dict:
+    """`inputs` as a report records them (see `conversion.reports.write_report`)."""
+
+    def one(entry):
+        return [one(item) for item in entry] if isinstance(entry, list) else entry.as_dict(paths)
+
+    return {name: one(entry) for name, entry in entries.items()}
+
+
+def _reusable(report_file: Path, config, inputs: dict, outputs: dict, public: bool = False) -> bool:
+    """Whether the report at `report_file` was written by a run with these settings on inputs of this content, and
+    its outputs are still what it wrote (`outputs`: name → the function that fingerprints that output now)."""
+    report = read_report(report_file)
+    if report is None:
         return False
-    print(f"[build] {stage} ...")
-    stamp.unlink(missing_ok=True)
-    run()
-    stamp.write_text(json.dumps(settings, indent=2) + "\n")
-    return True
-
-
-def _verbosity(regression: Path, verbosity: str | None) -> str | None:
-    _, _, objectives = load_regression(regression)
-    if verbosity is not None:
-        return verbosity
-    named = [name for name in objectives if "verbosity" in name.lower()]
-    if len(named) > 1:
-        raise ValueError(f"Several objectives name verbosity ({named}): choose one with `--verbosity`.")
-    return named[0] if named else None
-
-
-def main(
-    backbone: str,
-    ratings: list[str],
-    pairs: list[str],
-    out: str,
-    reference: list[str] | None = None,
-    verbosity: str | None = None,
-    objectives: list[str] | None = None,
-    work: str | None = None,
-    **options,
-) -> str:
-    unknown = sorted(set(options) - set(STAGE_OPTIONS))
-    if unknown:
-        raise TypeError(f"`armorm build` has no option {unknown}; its options: {sorted(STAGE_OPTIONS)}.")
-    per_stage = {stage: {} for stage in ("extract", "fit", "decorrelate", "gate", "assemble")}
-    for name, value in options.items():
-        stage, parameter = STAGE_OPTIONS[name]
-        per_stage[stage][parameter] = value
-    if "device" in per_stage["extract"]:
-        per_stage["gate"]["device"] = per_stage["extract"]["device"]
-    work = Path(work or f"{out}.work")
-    work.mkdir(parents=True, exist_ok=True)
-
-    # Features: one folder per dataset; extraction resumes inside a folder by itself.
-    folders = {"ratings": [], "pairs": [], "reference": []}
-    ran = False  # once a stage runs, every later one runs too
-    jobs = (
-        [("ratings", d) for d in ratings] + [("pairs", d) for d in pairs] + [("reference", d) for d in reference or []]
+    paths = file_name if public else (lambda value: relative_path(value, report_file.parent))
+    if report["settings"] != json.loads(json.dumps(settings_dict(config, paths))):
+        return False
+    if report["inputs"] != _as_written(inputs, paths):
+        return False
+    return all(
+        report["outputs"].get(name, {}).get("sha256") == fingerprint().sha256 for name, fingerprint in outputs.items()
     )
+
+
+def _run(stage: str, label: str, reusable: bool, run) -> None:
+    if reusable:
+        logger.info("[build] %s: done earlier, reused", label)
+        return
+    logger.info("[build] %s ...", label)
+    run()
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def _extract_all(config: BuildConfig, work: Path) -> dict[str, list[str]]:
+    """One features folder per dataset; extraction resumes inside a folder by itself."""
+    folders = {"ratings": [], "pairs": [], "reference": []}
+    jobs = [("ratings", d) for d in config.ratings] + [("pairs", d) for d in config.pairs]
+    jobs += [("reference", d) for d in config.reference or []]
+    settings = dataclasses.asdict(config.extract)
     for role, data in jobs:
         folder = work / "features" / f"{role}-{len(folders[role])}"
         folders[role].append(str(folder))
         kind = "ratings" if role == "ratings" else "pairs"
-        kwargs = {**per_stage["extract"], **({"objectives": objectives} if objectives and kind == "ratings" else {})}
-        settings = {"backbone": backbone, "data": data, "kind": kind, **kwargs}
-        extract_rows = partial(extract.main, backbone, data, str(folder), kind, **kwargs)
-        ran |= _run_once(work, f"extract-{folder.name}", settings, extract_rows, upstream_ran=False)
+        stage = extract.ExtractConfig(
+            **{**settings, "objectives": settings["objectives"] if kind == "ratings" else None},
+            backbone=config.backbone, data=data, kind=kind, out=str(folder),
+        )  # fmt: skip
+        inputs = {"backbone": backbone_fingerprint(config.backbone), "data": data_fingerprint(data)}
+        reusable = _reusable(
+            folder / "extract.json", stage, inputs, {"features": lambda f=folder: folder_fingerprint(f)}
+        )
+        _run("extract", f"extract-{folder.name}", reusable, lambda s=stage: extract.main(s))
+    return folders
 
-    regression, transform, gating = (work / f"{name}.safetensors" for name in ("regression", "transform", "gating"))
-    settings = {"features": folders["ratings"], **per_stage["fit"]}
-    ran |= _run_once(
-        work, "fit", settings, lambda: fit.main(folders["ratings"], str(regression), **per_stage["fit"]), ran
+
+def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -> str:
+    """Run (or reuse) every stage and return the checkpoint folder. Pass a `BuildConfig`, or its fields as keywords
+    (`gate=GateSettings(steps=100)`); the command line gives `BuildInputs` and each stage's flags."""
+    if config is None:
+        config = BuildConfig(**kwargs)
+    elif not isinstance(config, BuildConfig):
+        config = _from_flags(config, flags)
+    work = Path(config.work or f"{config.out}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    folders = _extract_all(config, work)
+    heads = {name: str(work / f"{name}.safetensors") for name in ("regression", "transform", "gating")}
+
+    fit_config = fit.FitConfig(**dataclasses.asdict(config.fit), features=folders["ratings"], out=heads["regression"])
+    inputs = {"features": [folder_fingerprint(f) for f in folders["ratings"]]}
+    reusable = _reusable(report_path("fit", heads["regression"]), fit_config, inputs, _head("regression", heads))
+    _run("fit", "fit", reusable, lambda: fit.main(fit_config))
+
+    reference = folders["reference"] or folders["pairs"]
+    decorrelate_config = decorrelate.DecorrelateConfig(
+        **dataclasses.asdict(config.decorrelate), regression=heads["regression"], reference=reference,
+        out=heads["transform"],
+    )  # fmt: skip
+    inputs = {
+        "regression": head_fingerprint(heads["regression"]),
+        "reference": [folder_fingerprint(f) for f in reference],
+    }
+    reusable = _reusable(
+        report_path("decorrelate", heads["transform"]), decorrelate_config, inputs, _head("transform", heads)
     )
+    _run("decorrelate", "decorrelate", reusable, lambda: decorrelate.main(decorrelate_config))
 
-    reference_folders = folders["reference"] or folders["pairs"]
-    verbosity = _verbosity(regression, verbosity)
-    settings = {"reference": reference_folders, "verbosity": verbosity, **per_stage["decorrelate"]}
-
-    def run_decorrelate():
-        if verbosity is None:
-            # Nothing to decorrelate from: T = I, said loudly and recorded in the file.
-            _, _, names = load_regression(regression)
-            logger.warning("No verbosity objective among %s: T = I (no decorrelation).", names)
-            save_transform(
-                transform,
-                torch.eye(len(names)),
-                torch.zeros(len(names)),
-                names,
-                extra_metadata={"note": "no verbosity objective"},
-            )
-        else:
-            decorrelate.main(str(regression), reference_folders, verbosity, str(transform), **per_stage["decorrelate"])
-
-    ran |= _run_once(work, "decorrelate", settings, run_decorrelate, ran)
-
-    settings = {"features": folders["pairs"], **per_stage["gate"]}
-    ran |= _run_once(
-        work, "gate", settings,
-        lambda: gate.main(folders["pairs"], str(regression), str(transform), str(gating), **per_stage["gate"]), ran,
+    gate_config = gate.GateConfig(
+        **dataclasses.asdict(config.gate), features=folders["pairs"], regression=heads["regression"],
+        transform=heads["transform"], out=heads["gating"],
     )  # fmt: skip
+    inputs = {
+        "features": [folder_fingerprint(f) for f in folders["pairs"]],
+        "regression": head_fingerprint(heads["regression"]),
+        "transform": head_fingerprint(heads["transform"]),
+    }
+    reusable = _reusable(report_path("gate", heads["gating"]), gate_config, inputs, _head("gating", heads))
+    _run("gate", "gate", reusable, lambda: gate.main(gate_config))
 
-    datasets = [d for d in [*ratings, *pairs] if not Path(d).exists()]  # Hub ids go to the card's metadata
-    settings = {"backbone": backbone, "out": out, **per_stage["assemble"]}
-    _run_once(
-        work, "assemble", settings,
-        lambda: assemble.main(
-            backbone, str(regression), str(transform), str(gating), out, datasets=datasets or None,
-            **per_stage["assemble"],
-        ),
-        ran,
-    )  # fmt: skip
-    print(f"[build] checkpoint: {out}")
-    return out
+    settings = dataclasses.asdict(config.assemble)
+    # Hub ids among the inputs go to the card's metadata, unless `--assemble-datasets` names them.
+    datasets = settings.pop("datasets") or [d for d in [*config.ratings, *config.pairs] if not Path(d).exists()]
+    assemble_config = assemble.AssembleConfig(
+        **settings, datasets=datasets or None, backbone=config.backbone, out=config.out, **heads
+    )
+    inputs = {"backbone": backbone_fingerprint(config.backbone)}
+    inputs.update({name: head_fingerprint(path) for name, path in heads.items()})
+    checkpoint = {"checkpoint": lambda: checkpoint_fingerprint(config.out)}
+    reusable = _reusable(report_path("assemble", config.out), assemble_config, inputs, checkpoint, public=True)
+    _run("assemble", "assemble", reusable, lambda: assemble.main(assemble_config))
+    logger.info("[build] checkpoint: %s", config.out)
+    return config.out
+
+
+def _head(name: str, heads: dict[str, str]) -> dict:
+    path = Path(heads[name])
+    return {name: lambda: head_fingerprint(path) if path.is_file() else Fingerprint(str(path), None)}

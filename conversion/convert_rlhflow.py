@@ -1,6 +1,6 @@
 """Convert a checkpoint in the released RLHFlow ArmoRM layout into an ArmoRM checkpoint of this package.
 
-    armorm convert-rlhflow SRC_DIR OUT_DIR
+    armorm convert-rlhflow --src-dir SRC_DIR --out-dir OUT_DIR
 
 The released `RLHFlow/ArmoRM-Llama3-8B-v0.1` ships a flat Llama `config.json` extended with `num_objectives` and
 `gating_*` keys, and remote code that no longer imports on transformers 5. Its weights already carry this package's
@@ -10,19 +10,27 @@ unchanged and saves them with the config, the remote-code files and the tokenize
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from conversion.cli import Location, normalize_locations
+from conversion.state_dict import check_state_dict, expected_shapes
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 
 
-# The release's 19 objectives, in the order of its regression layer (SPEC §1); verbosity is helpsteer-verbosity.
+logger = logging.getLogger(__name__)
+
+
+# The release's 19 objectives, in the order of its regression layer (arXiv 2406.12845 Appendix A); verbosity is
+# helpsteer-verbosity.
 RLHFLOW_OBJECTIVES = [
     "helpsteer-helpfulness",
     "helpsteer-correctness",
@@ -56,9 +64,18 @@ _EXPECTED = (
 )
 
 
-def add_arguments(parser):
-    parser.add_argument("src_dir", help="Folder of the checkpoint in the released layout.")
-    parser.add_argument("out_dir", help="Where to write the ArmoRM checkpoint.")
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """`armorm convert-rlhflow`: the released checkpoint and where its conversion goes."""
+
+    src_dir: Location = field(metadata={"help": "Folder of the checkpoint in the released layout."})
+    out_dir: Location = field(metadata={"help": "Where to write the ArmoRM checkpoint."})
+
+    def __post_init__(self):
+        normalize_locations(self)
+
+
+ARGUMENTS = (ConvertConfig,)
 
 
 def build_config(src_config: dict, tokenizer=None) -> ArmoRMConfig:
@@ -109,24 +126,13 @@ def check_weights(src: Path, config: ArmoRMConfig) -> dict[str, str]:
     """Every tensor the model needs is in the files with its shape, and nothing else is (read from the headers).
 
     Returns the weight map (tensor name -> file name)."""
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in ArmoRMForRewardModeling(config).state_dict().items()}
     found, weight_map = {}, {}
     for path in _weight_files(src):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 found[name] = tuple(f.get_slice(name).get_shape())
                 weight_map[name] = path.name
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [
-        f"{n}: {found[n]} != {expected[n]}" for n in sorted(set(found) & set(expected)) if found[n] != expected[n]
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"The weights in {src} do not match the model its config describes: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}; expected {_EXPECTED}."
-        )
+    check_state_dict(found, expected_shapes(config), f"The weights in {src}", f"Expected {_EXPECTED}.")
     return weight_map
 
 
@@ -163,11 +169,14 @@ def convert_rlhflow(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
     for extra in ("generation_config.json", "LICENSE"):
         if (src / extra).is_file() and not (out / extra).exists():
             shutil.copy(src / extra, out / extra)
-    print(
-        f"Converted {src} -> {out} ({config.num_objectives} objectives, gating pattern {config.gating_token_pattern})"
-    )
+    logger.info(
+        "Converted %s -> %s (%d objectives, gating pattern %s)", src, out, config.num_objectives,
+        config.gating_token_pattern,
+    )  # fmt: skip
     return model
 
 
-def main(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
-    return convert_rlhflow(src_dir, out_dir)
+def main(config: ConvertConfig | None = None, /, **kwargs) -> ArmoRMForRewardModeling:
+    """Pass a `ConvertConfig`, or its fields as keywords."""
+    config = config or ConvertConfig(**kwargs)
+    return convert_rlhflow(config.src_dir, config.out_dir)

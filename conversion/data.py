@@ -1,4 +1,4 @@
-"""Read every data layout of SPEC §3 into chat message lists: rated responses and preference pairs.
+"""Read every data layout this package accepts into chat message lists: rated responses and preference pairs.
 
 Data comes through `datasets`: a Hub id (with `name` and `split`), a local data folder, or a local
 json/jsonl/json.gz, parquet or csv file. Accepted layouts:
@@ -16,6 +16,7 @@ A malformed row is skipped and recorded in `skipped` with its source index and t
 extraction never stops halfway and never drops a row silently. A file in no accepted layout raises one error.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -24,15 +25,19 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from conversion.files import file_sha256
+from conversion.reports import Fingerprint
+from modeling_armorm.scoring import ROLES, validate_messages
+
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 # The `datasets` builder of each local file extension (compressed files are read through their inner extension).
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -116,6 +121,19 @@ def load_table(data: str | os.PathLike, split: str = "train", name: str | None =
     if os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS) or data.startswith(("/", ".")):
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
     return datasets.load_dataset(data, name, split=split)
+
+
+def data_fingerprint(data: str | os.PathLike) -> Fingerprint:
+    """What identifies the data's content: the sha256 of a local file, of every file of a local folder, or None for a
+    Hub dataset id (`datasets` resolves its revision itself)."""
+    data = os.fspath(data)
+    if os.path.isfile(data):
+        return Fingerprint(data, file_sha256(data))
+    if os.path.isdir(data):
+        files = sorted(path for path in Path(data).rglob("*") if path.is_file() and not path.name.startswith("."))
+        listing = [[path.relative_to(data).as_posix(), file_sha256(path)] for path in files]
+        return Fingerprint(data, hashlib.sha256(json.dumps(listing).encode()).hexdigest())
+    return Fingerprint(data, None)
 
 
 def parse_hh_transcript(text: str) -> list[dict]:
@@ -276,7 +294,7 @@ def _is_number(value) -> bool:
 
 
 def _label(value, column: str) -> float:
-    """A label as a float: null → NaN (missing), booleans → 0/1 (SPEC §1), anything else not a number → error."""
+    """A label as a float: null → NaN (missing), booleans → 0/1, anything else not a number → error."""
     if value is None:
         return math.nan
     if isinstance(value, numbers.Real) and not math.isinf(value):
@@ -349,10 +367,7 @@ def _check_conversation(messages: list[dict], what: str) -> None:
     """A scored conversation ends with the assistant's answer and has a prompt before it (the gating input)."""
     if not messages:
         raise ValueError(f"{what} has no messages")
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{what} ends with a {messages[-1]['role']} turn, not the assistant's answer")
-    if all(message["role"] == "assistant" for message in messages[:-1]):
-        raise ValueError(f"{what} has no system or user turn before the answer, so it has no prompt")
+    validate_messages(messages, what)
 
 
 def _layout_error(data: str, split: str, columns: list[str], kind: str, layouts: tuple[str, ...]) -> ValueError:

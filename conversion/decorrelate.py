@@ -1,4 +1,4 @@
-"""Decorrelate every objective from verbosity: the reward transform T of ArmoRM (SPEC §1, arXiv 2406.12845 §3.1).
+"""Decorrelate every objective from verbosity: the reward transform T of ArmoRM (arXiv 2406.12845 §3.2).
 
     armorm decorrelate --regression regression.safetensors --reference PAIR_FEATURES \
         --verbosity helpsteer-verbosity [--threshold 0.03] --out transform.safetensors
@@ -6,51 +6,96 @@
 Over the reference responses D (both sides of every pair of a pairs features folder, or the rows of a ratings
 folder) the rewards are r = W h. For each objective i ≠ v (v = verbosity) the penalty λ_i is the smallest λ ≥ 0 with
 Spearman(r_i − λ r_v, r_v) ≤ τ, found by bisection; then T = I, T[v, :] −= λ, T[v, v] = 0, so that r' = r T.
-Writes `transform.safetensors` (`reward_transform_matrix`, `penalties`) and `transform.json` with the correlations.
+The verbosity objective is chosen here and only here (`--verbosity`: a name, `auto` for the one objective named
+`*verbosity*`, `none` for T = I); the transform file records its name. Writes `transform.safetensors`
+(`reward_transform_matrix`, `penalties`) and the report `decorrelate.json` with the correlations.
 """
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from conversion.artifacts import load_regression, save_transform
-from conversion.features import load_pair_features
+from conversion.artifacts import head_fingerprint, load_regression, save_transform
+from conversion.cli import Location, normalize_locations
+from conversion.features import folder_fingerprint, load_pair_features
+from conversion.heads import rewards as compute_rewards
+from conversion.reports import report_path, write_report
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ARGUMENTS",
+    "DecorrelateConfig",
+    "DecorrelateSettings",
     "DecorrelationResult",
-    "add_arguments",
-    "compute_rewards",
     "decorrelate",
     "find_penalty",
     "main",
     "reference_embeddings",
+    "resolve_verbosity",
     "spearman_to",
     "transform_matrix",
 ]
 
 
-def add_arguments(parser):
-    parser.add_argument("--regression", help="`regression.safetensors` of `armorm fit` (W and the objective names).")
-    parser.add_argument(
-        "--reference", nargs="+", help="Features folder(s) of the reference set D (pairs: both sides are used)."
+@dataclass(kw_only=True)
+class DecorrelateSettings:
+    """The knobs of `armorm decorrelate` (the ones `armorm build` passes on as `--decorrelate-<name>`)."""
+
+    verbosity: str = field(
+        default="auto",
+        metadata={
+            "help": "The verbosity objective v: its name, `auto` (the one objective whose name contains "
+            "`verbosity`; T = I when there is none) or `none` (T = I, no decorrelation)."
+        },
     )
-    parser.add_argument("--verbosity", help="Name of the verbosity objective v (e.g. `helpsteer-verbosity`).")
-    parser.add_argument("--threshold", type=float, help="τ: the Spearman correlation to reach (default 0.03).")
-    parser.add_argument("--tolerance", type=float, help="Bisection tolerance on λ (default 1e-3).")
-    parser.add_argument("--max-penalty", type=float, help="Largest λ tried before an objective is reported.")
-    parser.add_argument(
-        "--out", help="Path of the `transform.safetensors` to write (a `.json` report goes next to it)."
+    threshold: float = field(default=0.03, metadata={"help": "τ: the Spearman correlation with r_v to reach."})
+    tolerance: float = field(default=1e-3, metadata={"help": "Bisection tolerance on each penalty λ."})
+    max_penalty: float = field(
+        default=1e3, metadata={"help": "Largest λ tried; an objective that needs more is left unchanged and reported."}
     )
+
+
+@dataclass(kw_only=True)
+class DecorrelateConfig(DecorrelateSettings):
+    """`armorm decorrelate`: what it reads and writes, and its settings."""
+
+    regression: Location = field(metadata={"help": "`regression.safetensors` of `armorm fit` (W, objective names)."})
+    reference: list[Location] | None = field(
+        default=None,
+        metadata={"help": "Features folder(s) of the reference set D (pairs: both answers). Not read for T = I."},
+    )
+    out: Location = field(metadata={"help": "The `transform.safetensors` to write (`decorrelate.json` beside it)."})
+
+    def __post_init__(self):
+        normalize_locations(self)
+
+
+ARGUMENTS = (DecorrelateConfig,)
+
+
+def resolve_verbosity(verbosity: str, objectives: list[str]) -> tuple[str | None, str]:
+    """The verbosity objective's name (None for T = I) and the reason for the choice, from `--verbosity`."""
+    if verbosity == "none":
+        return None, "`--verbosity none`: no decorrelation asked for, T = I"
+    if verbosity == "auto":
+        named = [name for name in objectives if "verbosity" in name.lower()]
+        if len(named) > 1:
+            raise ValueError(f"Several objectives name verbosity ({named}): choose one with `--verbosity`.")
+        if not named:
+            return None, f"`--verbosity auto`: no objective among {objectives} names verbosity, T = I"
+        return named[0], f"`--verbosity auto`: the one objective named *verbosity*, `{named[0]}`"
+    if verbosity not in objectives:
+        raise ValueError(
+            f"`--verbosity {verbosity}` is not an objective of the regression; its objectives: {objectives}. "
+            "Pass one of them, `auto` or `none`."
+        )
+    return verbosity, f"`--verbosity {verbosity}`"
 
 
 class _SpearmanToFixed:
@@ -221,72 +266,67 @@ def reference_embeddings(features: dict[str, torch.Tensor], meta: dict) -> torch
     )
 
 
-def compute_rewards(embeddings: torch.Tensor, weight: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
-    """r = W h for every row, in float64 chunks (the embeddings may be bfloat16 and large)."""
-    weight = weight.double()
-    return torch.cat(
-        [embeddings[i : i + batch_size].double() @ weight.T for i in range(0, len(embeddings), batch_size)]
-    )
-
-
-def main(
-    regression: str,
-    reference: str | list[str],
-    verbosity: str,
-    out: str,
-    threshold: float = 0.03,
-    tolerance: float = 1e-3,
-    max_penalty: float = 1e3,
-) -> DecorrelationResult:
-    # load
-    weight, _, objectives = load_regression(regression)
-    if verbosity not in objectives:
-        raise ValueError(
-            f"`--verbosity {verbosity}` is not an objective of {regression}; its objectives: {objectives}."
-        )
-    features, metas = load_pair_features(reference)
-    meta = metas[0]
-    embeddings = reference_embeddings(features, meta)
-    if embeddings.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
-            f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
-        )
-    # compute
-    v = objectives.index(verbosity)
-    rewards = compute_rewards(embeddings, weight)
-    logger.info(
-        "Decorrelating %d objectives from `%s` over %d reference responses.", len(objectives), verbosity, len(rewards)
-    )
-    result = decorrelate(rewards, v, threshold, tolerance, max_penalty, objectives=objectives)
-    # save
+def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
+    """Load → compute → save `config.out` (T, λ) and its report `decorrelate.json`, which it returns. Pass a
+    `DecorrelateConfig`, or its fields as keywords."""
+    config = config or DecorrelateConfig(**kwargs)
+    weight, _, objectives = load_regression(config.regression)
+    verbosity, reason = resolve_verbosity(config.verbosity, objectives)
+    result, n_reference = _decorrelation(config, weight, objectives, verbosity, reason)
     unreachable = [objectives[i] for i in result.unreachable]
-    report = {
-        "objectives": objectives,
+    metrics = {
         "verbosity": verbosity,
-        "threshold": threshold,
-        "tolerance": tolerance,
-        "max_penalty": max_penalty,
-        "reference": [os.path.abspath(f) for f in ([reference] if isinstance(reference, str) else reference)],
-        "reference_responses": len(rewards),
+        "verbosity_reason": reason,
+        "reference_responses": n_reference,
         "penalties": dict(zip(objectives, result.penalties.tolist())),
         "spearman_before": dict(zip(objectives, result.correlations_before)),
         "spearman_after": dict(zip(objectives, result.correlations_after)),
         "unreachable": unreachable,
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    extra = {key: metrics[key] for key in ("spearman_after", "unreachable", "reference_responses", "verbosity_reason")}
     save_transform(
-        out,
-        result.matrix,
-        result.penalties,
-        objectives,
-        verbosity=verbosity,
-        extra_metadata={
-            "threshold": threshold,
-            "spearman_after": report["spearman_after"],
-            "unreachable": unreachable,
-            "reference_responses": len(rewards),
-        },
+        config.out, result.matrix, result.penalties, objectives, verbosity=verbosity,
+        extra_metadata={"threshold": config.threshold, **extra},
+    )  # fmt: skip
+    inputs = {"regression": head_fingerprint(config.regression)}
+    if config.reference:
+        inputs["reference"] = [folder_fingerprint(folder) for folder in config.reference]
+    return write_report(
+        report_path("decorrelate", config.out),
+        "decorrelate",
+        config,
+        inputs=inputs,
+        outputs={"transform": head_fingerprint(config.out)},
+        metrics=metrics,
     )
-    Path(out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return result
+
+
+def _decorrelation(
+    config: DecorrelateConfig, weight: torch.Tensor, objectives: list[str], verbosity: str | None, reason: str
+) -> tuple[DecorrelationResult, int]:
+    """The penalties and T for `verbosity` over the reference responses (T = I for none), and their number."""
+    k = len(objectives)
+    if verbosity is None:
+        logger.warning("No decorrelation (%s).", reason)
+        return DecorrelationResult(torch.zeros(k), torch.eye(k), [None] * k, [None] * k), 0
+    if not config.reference:
+        raise ValueError(f"Decorrelating from `{verbosity}` needs reference features: pass `--reference`.")
+    rewards = _reference_rewards(config.reference, weight, config.regression)
+    logger.info("Decorrelating %d objectives from `%s` over %d reference responses.", k, verbosity, len(rewards))
+    result = decorrelate(
+        rewards, objectives.index(verbosity), config.threshold, config.tolerance, config.max_penalty,
+        objectives=objectives,
+    )  # fmt: skip
+    return result, len(rewards)
+
+
+def _reference_rewards(reference: list[str], weight: torch.Tensor, regression: str) -> torch.Tensor:
+    """r = W h of every reference response, in float64 (the bisection compares correlations at λ's 1e-3 apart)."""
+    features, metas = load_pair_features(reference)
+    embeddings = reference_embeddings(features, metas[0])
+    if embeddings.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
+            f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
+        )
+    return compute_rewards(embeddings, weight, dtype=torch.float64)

@@ -1,52 +1,60 @@
-"""Extract backbone features for both stages: one forward per response, shards written as they fill (SPEC §3).
+"""Extract backbone features for both stages: one forward per response, shards written as they fill.
 
     armorm extract --backbone HuggingFaceTB/SmolLM2-135M-Instruct --data ratings.jsonl --kind ratings --out feats/
     torchrun --nproc_per_node 8 -m conversion.cli extract --backbone ... --kind pairs --out pair_feats/
 
 A feature is the backbone's final hidden state (after the final norm, `AutoModel`'s `last_hidden_state`) of the
-chat-templated conversation:
+chat-templated conversation (arXiv 2406.12845 §3.1: the last token's hidden state of x ⊕ y):
 
     h   = f(x ⊕ y)[last real token]         response feature, every row
     h_x = f(x ⊕ y)[gating position]         prompt feature, pairs only: read from the chosen side's pass
+
+Conversations are encoded by `modeling_armorm.scoring.ChatEncoder`, the path every scorer shares: the gating
+position comes from the rendering, and markup in an answer is never read as the template's special tokens.
 
 The rows are cut into chunks of `shard_rows` rows in data order; chunk c is shard `shard-{rank}-{c}` and belongs to
 rank c % world_size, so the shard boundaries never depend on the number of ranks or on where a run stopped. Inside a
 chunk the responses are sorted by length (little padding) and written back in data order. A rerun in the same
 folder skips every chunk whose shard and progress record exist, so an interrupted run resumes and ends with the same
-files. Under `torchrun` / `accelerate launch` each rank writes its own shards; rank 0 writes `meta.json` last.
+files; a folder written from other data, another backbone or other settings is refused (`--overwrite` starts it
+again). Under `torchrun` / `accelerate launch` each rank writes its own shards; rank 0 writes `meta.json` last.
 """
 
-import argparse
 import json
+import logging
 import math
 import os
-import time
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import jinja2
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from modeling_armorm import gating_pattern_from_tokenizer
-from modeling_armorm.modeling_armorm import last_pattern_positions, right_pad
+from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer
+from conversion.cli import Location, normalize_locations
+from conversion.data import PairRows, RatingRows, data_fingerprint, load_pairs, load_ratings
+from conversion.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
+from conversion.files import atomic_write_json
+from conversion.reports import Fingerprint, write_report
+from modeling_armorm.scoring import ChatEncoder, EncodedConversation, Progress, pad_token_id, run_in_batches
 
-from .backbone import DTYPES, load_backbone, load_tokenizer
-from .data import PairRows, RatingRows, load_pairs, load_ratings
-from .features import META_NAME, SHARD_NAME, read_meta, save_meta, save_shard
 
+logger = logging.getLogger(__name__)
 
-KINDS = ("ratings", "pairs")
 PROGRESS_NAME = "progress-{rank:03d}.json"
-# The settings that decide the files' contents: a resumed run must use the same ones (batch size and device only
-# change the speed, so a run may resume with other values).
+# The settings that decide the files' contents, with the content hashes of the data and the backbone (not their
+# paths: a moved file is the same data, an edited one is not): a resumed run must match them all. Batch size and
+# device only change the speed, so a run may resume with other values.
 RESUME_KEYS = (
     "kind",
-    "backbone",
-    "data",
+    "backbone_sha256",
+    "data_sha256",
     "split",
+    "name",
     "objectives",
     "max_length",
     "truncate_prompt",
@@ -55,104 +63,149 @@ RESUME_KEYS = (
 )
 
 __all__ = [
+    "ARGUMENTS",
     "ConversationEncoder",
     "EncodedRow",
-    "add_arguments",
+    "ExtractConfig",
+    "ExtractSettings",
     "extract",
     "forward_features",
-    "length_sorted_batches",
     "main",
-    "pad_batch",
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="Hub id, local model folder, or a .gguf file.")
-    parser.add_argument("--data", required=True, help="Hub dataset id or local json/jsonl/parquet/csv file.")
-    parser.add_argument("--split", help="Dataset split; slices such as `train[:1000]` work (default: train).")
-    parser.add_argument("--kind", required=True, choices=KINDS, help="`ratings` (stage 1) or `pairs` (stage 2).")
-    parser.add_argument("--out", required=True, help="Features folder to write (or to resume).")
-    parser.add_argument(
-        "--objectives", type=lambda text: text.split(","), help="Ratings: comma-separated label columns, in order."
+@dataclass(kw_only=True)
+class ExtractSettings:
+    """The knobs of `armorm extract` (the ones `armorm build` passes on as `--extract-<name>`)."""
+
+    split: str = field(default="train", metadata={"help": "Dataset split; slices such as `train[:1000]` work."})
+    name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    objectives: list[str] | None = field(
+        default=None,
+        metadata={"help": "Ratings: the label columns, in order (space- or comma-separated; default: every numeric)."},
     )
-    parser.add_argument("--max-length", type=int, help="Longest conversation in tokens; longer ones are skipped.")
-    parser.add_argument("--batch-size", type=int, help="Responses per forward pass.")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="Backbone dtype; features are stored as float32.")
-    parser.add_argument(
-        "--truncate-prompt",
-        action="store_true",
-        help="Drop earlier prompt turns (never the system turn, the last user turn or the response) to fit.",
+    max_length: int = field(
+        default=4096, metadata={"help": "Longest conversation in tokens; longer ones are skipped."}
     )
-    parser.add_argument("--shard-rows", type=int, help="Rows per shard (memory and resume granularity).")
-    parser.add_argument("--device", help="`cpu`, `cuda`, `cuda:1`, ... (default: the rank's GPU, else CPU).")
+    batch_size: int = field(default=8, metadata={"help": "Responses per forward pass."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Backbone dtype (`auto`: as saved); features are stored as float32."}
+    )
+    truncate_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop earlier prompt turns (never the system turn, the last user turn or the answer) to fit."
+        },
+    )
+    shard_rows: int = field(default=4096, metadata={"help": "Rows per shard (memory and resume granularity)."})
+    device: str | None = field(
+        default=None, metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: the rank's GPU, else the CPU)."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start again in an `--out` folder that holds another extraction."}
+    )
+
+    def __post_init__(self):
+        if self.objectives is not None:
+            self.objectives = [name for item in self.objectives for name in item.split(",") if name]
 
 
-def main(
-    backbone: str,
-    data: str,
-    out: str,
-    kind: str,
-    split: str = "train",
-    objectives: list[str] | None = None,
-    max_length: int = 4096,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    truncate_prompt: bool = False,
-    shard_rows: int = 4096,
-    device: str | None = None,
-) -> dict:
-    """Load the backbone and the data, extract every row's features into `out`; returns the folder's meta.
+@dataclass(kw_only=True)
+class ExtractConfig(ExtractSettings):
+    """`armorm extract`: what it reads and writes, and its settings."""
 
-    Args:
-        backbone: an `AutoModel` + `AutoTokenizer` Hub id or local folder, or a `.gguf` file.
-        data: ratings or pairs data (see `conversion.data`).
-        out: the features folder; an interrupted extraction in it is resumed.
-        kind: `ratings` (labels, response features) or `pairs` (chosen/rejected and prompt features).
-        split: the dataset split (slices such as `train[:1000]` work).
-        objectives: ratings only, the label columns in order (default: every numeric column).
-        max_length: a conversation over this many tokens is skipped (see `truncate_prompt`) and recorded.
-        batch_size: responses per forward pass (4096-token Llama-3-8B rows in bf16: about 8 per 80 GB).
-        dtype: `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`.
-        truncate_prompt: fit a too long conversation by dropping earlier prompt turns, keeping the system turn, the
-            last user turn and the response; if that still does not fit, the row is skipped.
-        shard_rows: rows per shard: bounds the memory and the work lost to an interruption.
-        device: where the backbone runs; default `cuda:{LOCAL_RANK}` when a GPU is present, else `cpu`.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
-    if kind == "pairs" and objectives:
-        raise ValueError("`objectives` only applies to `--kind ratings`; pairs have no label columns.")
-    rank, world_size, created_group, device = _init_distributed(device)
+    backbone: Location = field(metadata={"help": "Hub id, local model folder, or a `.gguf` file."})
+    data: Location = field(metadata={"help": "Hub dataset id or a local json/jsonl/parquet/csv file."})
+    kind: Literal["ratings", "pairs"] = field(metadata={"help": "`ratings` (stage 1) or `pairs` (stage 2)."})
+    out: Location = field(metadata={"help": "The features folder to write (or to resume)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        normalize_locations(self)
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        if self.kind == "pairs" and self.objectives:
+            raise ValueError("`objectives` only applies to `--kind ratings`; pairs have no label columns.")
+
+
+ARGUMENTS = (ExtractConfig,)
+
+
+def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
+    """Load the backbone and the data, extract every row's features into `config.out`; returns the folder's meta
+    (and writes the stage report `extract.json` beside it). Pass an `ExtractConfig`, or its fields as keywords."""
+    config = config or ExtractConfig(**kwargs)
+    rank, world_size, created_group, device = _init_distributed(config.device)
     try:
-        rows = load_ratings(data, split, objectives) if kind == "ratings" else load_pairs(data, split)
-        model, tokenizer = load_backbone(backbone, dtype).to(device), load_tokenizer(backbone)
-        settings = {
-            "kind": kind,
-            "backbone": backbone,
-            "data": data,
-            "split": split,
-            "objectives": objectives,
-            "max_length": max_length,
-            "truncate_prompt": truncate_prompt,
-            "shard_rows": shard_rows,
-            "dtype": dtype,
-        }
-        return extract(
+        data, backbone = data_fingerprint(config.data), backbone_fingerprint(config.backbone)
+        settings = _resume_settings(config, data, backbone)
+        out = Path(config.out)
+        if config.overwrite and rank == 0:
+            _clear(out)
+        if world_size > 1:
+            dist.barrier()
+        _check_resumable(out, settings)  # before the slow loads: a stale folder fails at once
+        if config.kind == "ratings":
+            rows = load_ratings(config.data, config.split, config.objectives, name=config.name)
+        else:
+            rows = load_pairs(config.data, config.split, name=config.name)
+        model = load_backbone(config.backbone, config.dtype).to(device)
+        tokenizer = load_tokenizer(config.backbone)
+        meta = extract(
             model,
             tokenizer,
             rows,
             out,
-            max_length=max_length,
-            truncate_prompt=truncate_prompt,
-            batch_size=batch_size,
-            shard_rows=shard_rows,
+            max_length=config.max_length,
+            truncate_prompt=config.truncate_prompt,
+            batch_size=config.batch_size,
+            shard_rows=config.shard_rows,
             settings=settings,
         )
+        if rank == 0:
+            write_report(
+                out / "extract.json",
+                "extract",
+                config,
+                inputs={"backbone": backbone, "data": data},
+                outputs={"features": folder_fingerprint(out)},
+                metrics={"counts": meta["counts"]},
+            )
+        return meta
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _resume_settings(config: ExtractConfig, data: Fingerprint, backbone: Fingerprint) -> dict:
+    """What identifies an extraction's files: the content hashes of the data and the backbone (a Hub id by its name
+    when it cannot be hashed here) and every setting that changes the features."""
+    settings = {key: getattr(config, key) for key in RESUME_KEYS if hasattr(config, key)}
+    settings.update(
+        backbone=config.backbone,
+        data=config.data,
+        backbone_sha256=backbone.sha256 or f"hub id {config.backbone}",
+        data_sha256=data.sha256 or f"hub id {config.data}",
+    )
+    return settings
+
+
+def _clear(out: Path) -> None:
+    """`--overwrite`: remove what an earlier extraction left in `out` (its shards, progress records and meta)."""
+    if not out.is_dir():
+        return
+    for path in [
+        *out.glob("shard-*.safetensors"),
+        *out.glob("progress-*.json"),
+        out / META_NAME,
+        out / "extract.json",
+    ]:
+        if path.is_file():
+            path.unlink()
+    for stale in out.glob(".*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,9 +240,12 @@ def _init_distributed(device: str | None) -> tuple[int, int, bool, torch.device]
 class EncodedRow:
     """One data row as token ids: one sequence per side (ratings: 1, pairs: chosen then rejected)."""
 
-    input_ids: list[list[int]]
-    gating_positions: list[int]  # per side; -1 where no prompt feature is needed
+    sides: list[EncodedConversation]
     dropped_turns: int = 0  # prompt messages dropped by `truncate_prompt`
+
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return [side.input_ids for side in self.sides]
 
 
 def _truncation_starts(messages: list[dict]) -> list[int]:
@@ -210,142 +266,79 @@ def _drop_turns(messages: list[dict], start: int) -> list[dict]:
 
 
 class ConversationEncoder:
-    """Render conversations with the tokenizer's chat template, apply the length policy, find the gating position.
+    """`ChatEncoder` plus the length policy: `encode(rows)` takes rows as lists of sides (each side a full
+    conversation ending with the answer) and returns, per row, an `EncodedRow` or the reason it is skipped."""
 
-    `encode(rows)` takes rows as lists of sides (each side a full conversation ending with the answer) and returns,
-    per row, an `EncodedRow` or the reason it is skipped (a string).
-    """
-
-    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool, need_gating: bool):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool):
+        self.encoder = ChatEncoder(tokenizer)
+        self.pattern = self.encoder.pattern
         self.max_length = max_length
         self.truncate_prompt = truncate_prompt
-        self.need_gating = need_gating
-        self.pattern = gating_pattern_from_tokenizer(tokenizer)
-
-    def _render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        # The rendered template already holds its special tokens (BOS included), as in `gating_pattern_from_tokenizer`.
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def encode(self, rows: list[list[list[dict]]]) -> list["EncodedRow | str"]:
-        texts, failures = [], {}
-        for i, sides in enumerate(rows):
-            try:
-                rendered = [self._render(side) for side in sides]
-            except (jinja2.TemplateError, ValueError, TypeError) as error:
-                failures[i] = f"the chat template cannot render this conversation: {error}"
-                rendered = [""] * len(sides)  # keeps one text per side, so the ids below stay aligned
-            texts.extend(rendered)
-        all_ids = iter(self._tokenize(texts))
-        results = []
-        for i, sides in enumerate(rows):
-            ids = [next(all_ids) for _ in sides]
-            results.append(failures[i] if i in failures else self._fit(sides, ids))
-        return results
+        return [self._fit(sides) for sides in rows]
 
-    def _fit(self, sides: list[list[dict]], ids: list[list[int]]) -> "EncodedRow | str":
-        longest, dropped = max(map(len, ids)), 0
-        if longest > self.max_length:
-            if not self.truncate_prompt:
-                return (
-                    f"too long: {longest} tokens > max_length {self.max_length} (raise `--max-length` or pass "
-                    "`--truncate-prompt` to drop earlier prompt turns)"
-                )
-            # Both sides share the prompt, so both drop the same turns: the prompt feature stays one feature.
-            for start in _truncation_starts(sides[0]):
-                shorter = [_drop_turns(side, start) for side in sides]
-                ids = self._tokenize([self._render(side) for side in shorter])
-                longest = max(map(len, ids))
-                if longest <= self.max_length:
-                    dropped = len(sides[0]) - len(shorter[0])
-                    break
-            else:
-                return (
-                    f"too long: {longest} tokens > max_length {self.max_length} even with only the system turn, the "
-                    "last user turn and the response kept (responses are never cut; raise `--max-length`)"
-                )
-        positions = [-1] * len(sides)
-        if self.need_gating:
-            positions = [
-                int(last_pattern_positions(torch.tensor([row]), torch.ones(1, len(row)), self.pattern.token_ids)[0])
-                for row in ids
-            ]
-            if min(positions) < 0:
-                return (
-                    f"no gating pattern {self.pattern.text!r} in the rendered conversation, so its prompt feature "
-                    "cannot be located (does the conversation end with the assistant's answer?)"
-                )
-            positions = [position + self.pattern.offset for position in positions]
-        return EncodedRow(ids, positions, dropped)
+    def _encode_sides(self, sides: list[list[dict]]) -> list[EncodedConversation]:
+        return [self.encoder.encode(side) for side in sides]
+
+    def _fit(self, sides: list[list[dict]]) -> "EncodedRow | str":
+        try:
+            encoded = self._encode_sides(sides)
+        except (jinja2.TemplateError, ValueError, TypeError) as error:
+            return f"the chat template cannot render this conversation: {error}"
+        longest = max(map(len, encoded))
+        if longest <= self.max_length:
+            return EncodedRow(encoded)
+        if not self.truncate_prompt:
+            return (
+                f"too long: {longest} tokens > max_length {self.max_length} (raise `--max-length` or pass "
+                "`--truncate-prompt` to drop earlier prompt turns)"
+            )
+        # Both sides share the prompt, so both drop the same turns: the prompt feature stays one feature.
+        for start in _truncation_starts(sides[0]):
+            shorter = [_drop_turns(side, start) for side in sides]
+            encoded = self._encode_sides(shorter)
+            longest = max(map(len, encoded))
+            if longest <= self.max_length:
+                return EncodedRow(encoded, dropped_turns=len(sides[0]) - len(shorter[0]))
+        return (
+            f"too long: {longest} tokens > max_length {self.max_length} even with only the system turn, the "
+            "last user turn and the response kept (responses are never cut; raise `--max-length`)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The forward pass
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of sequence indices sorted by length, longest first (little padding; an OOM shows at once)."""
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, and `position_ids` counted over the real tokens."""
-    input_ids, attention_mask = right_pad(sequences, pad_token_id)
-    # Positions from the mask, as ArmoRMForRewardModeling.forward does, so any padding sees the unpadded positions.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-
-
-class Progress:
-    """A tqdm bar over responses that also shows the real (unpadded) tokens per second."""
-
-    def __init__(self, total: int, desc: str, disable: bool):
-        self.bar = tqdm(total=total, unit=" responses", desc=desc, disable=disable)
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def update(self, responses: int, tokens: int) -> None:
-        self.tokens += tokens
-        self.bar.update(responses)
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s", False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 @torch.inference_mode()
 def forward_features(
     model: torch.nn.Module,
-    sequences: list[list[int]],
-    gating_positions: list[int] | None,
+    sequences: list[EncodedConversation],
+    with_prompt: bool,
     batch_size: int,
-    pad_token_id: int,
-    progress: "Progress | None" = None,
+    pad_id: int,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h (last real token) and, with `gating_positions`, h_x of every sequence, float32 on CPU, in input order."""
-    device = next(model.parameters()).device
-    n, d = len(sequences), model.config.hidden_size
-    last = torch.empty(n, d, dtype=torch.float32)
-    prompt = torch.empty(n, d, dtype=torch.float32) if gating_positions is not None else None
-    for batch in length_sorted_batches([len(ids) for ids in sequences], batch_size):
-        inputs = {
-            key: value.to(device) for key, value in pad_batch([sequences[i] for i in batch], pad_token_id).items()
-        }
+    """h (last real token) and, with `with_prompt`, h_x (gating position) of every sequence, float32 on the CPU, in
+    input order."""
+    d = model.config.hidden_size
+    if not sequences:
+        return torch.empty(0, d), torch.empty(0, d) if with_prompt else None
+
+    def forward(inputs):
+        gating_positions = inputs.pop("gating_positions")
         hidden = model(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
-        rows = torch.arange(len(batch), device=device)
-        lengths = inputs["attention_mask"].sum(-1)  # (batch,) real tokens; right padding: the last is at length - 1
-        last[batch] = hidden[rows, lengths - 1].float().cpu()
-        if prompt is not None:
-            positions = torch.tensor([gating_positions[i] for i in batch], device=device)
-            prompt[batch] = hidden[rows, positions].float().cpu()
-        if progress is not None:
-            progress.update(len(batch), int(lengths.sum()))
-    return last, prompt
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = inputs["attention_mask"].sum(-1) - 1  # right padding: the last real token is at length - 1
+        features = {"h": hidden[rows, last].float()}
+        if with_prompt:
+            features["h_x"] = hidden[rows, gating_positions].float()
+        return features
+
+    device = next(model.parameters()).device
+    features = run_in_batches(forward, sequences, batch_size, pad_id, device, progress)
+    return features["h"], features.get("h_x")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,9 +360,8 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
         if isinstance(row, str)
     ]
     n_sides = 2 if pairs else 1
-    sequences = [ids for _, row in kept for ids in row.input_ids]  # row-major: row j side s at j * n_sides + s
-    gating = [position for _, row in kept for position in row.gating_positions] if pairs else None
-    last, prompt = forward_features(model, sequences, gating, batch_size, pad_id, bar)
+    sequences = [side for _, row in kept for side in row.sides]  # row-major: row j side s at j * n_sides + s
+    last, prompt = forward_features(model, sequences, pairs, batch_size, pad_id, bar)
     if bar is not None:
         bar.update(len(skipped) * n_sides, 0)  # skipped responses are done too, so the bar reaches its total
 
@@ -393,39 +385,39 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
     return tensors, record
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_progress(out: Path, settings: dict) -> dict[int, dict]:
     """Every finished chunk recorded in `out` (by any rank of any earlier run), after checking the settings match."""
+    _check_resumable(out, settings)
     records: dict[int, dict] = {}
     for path in sorted(out.glob(PROGRESS_NAME.replace("{rank:03d}", "*"))):
-        progress = json.loads(path.read_text(encoding="utf-8"))
-        _check_settings(out, progress.get("settings", {}), settings)
-        for chunk, record in progress.get("chunks", {}).items():
+        for chunk, record in _read_json(path).get("chunks", {}).items():
             if (out / record["shard"]).is_file():
                 records[int(chunk)] = record
-    if not records and (out / META_NAME).is_file():
-        _check_settings(out, read_meta(out).get("settings", {}), settings)
-    if not records and any(out.glob("*.safetensors")) and not (out / META_NAME).is_file():
-        raise FileExistsError(
-            f"`{out}` holds shards but no progress record of `armorm extract`, so it cannot be resumed safely. "
-            "Give an empty or new `--out` folder."
-        )
     return records
 
 
-def _check_settings(out: Path, found: dict, settings: dict) -> None:
-    differ = {key: (found.get(key), settings[key]) for key in RESUME_KEYS if found.get(key) != settings[key]}
-    if found and differ:
-        details = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
-        raise ValueError(
-            f"`{out}` holds an extraction with other settings ({details}), so it cannot be resumed. Rerun with the "
-            "same settings, or give a new `--out` folder."
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_resumable(out: Path, settings: dict) -> None:
+    """Refuse a folder that holds another extraction: other data (by content), backbone or settings."""
+    found = [_read_json(path).get("settings", {}) for path in sorted(out.glob("progress-*.json"))]
+    if not found and (out / META_NAME).is_file():
+        found = [read_meta(out).get("settings", {})]
+    if not found and any(out.glob("*.safetensors")):
+        raise FileExistsError(
+            f"`{out}` holds shards but no progress record of `armorm extract`, so it cannot be resumed safely. "
+            "Give an empty or new `--out` folder, or pass `--overwrite`."
         )
+    for previous in found:
+        differ = {key: (previous.get(key), settings[key]) for key in RESUME_KEYS if previous.get(key) != settings[key]}
+        if differ:
+            details = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
+            raise ValueError(
+                f"`{out}` holds an extraction made from other data, another backbone or other settings ({details}), "
+                "so it cannot be resumed or reused. Pass `--overwrite` to extract again there, or give a new `--out`."
+            )
 
 
 def extract(
@@ -452,14 +444,14 @@ def extract(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt, need_gating=pairs)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt)
+    pad_id = pad_token_id(tokenizer)
 
     n_rows = len(rows.index)
     n_chunks = max(1, math.ceil(n_rows / shard_rows))  # one (maybe empty) shard even for empty data
     done = _read_progress(out, settings)
     progress_path = out / PROGRESS_NAME.format(rank=rank)
-    own = json.loads(progress_path.read_text(encoding="utf-8"))["chunks"] if progress_path.is_file() else {}
+    own = _read_json(progress_path)["chunks"] if progress_path.is_file() else {}
     todo = [c for c in range(rank, n_chunks, world_size) if c not in done]
     n_sides = 2 if pairs else 1
     total = sum(min(shard_rows, n_rows - c * shard_rows) for c in todo) * n_sides
@@ -474,7 +466,7 @@ def extract(
         tensors, record = _extract_chunk(model, encoder, rows, start, stop, batch_size, pad_id, bar)
         record = {"shard": name, "sha256": save_shard(out, name, tensors), **record}
         own[str(chunk)] = record
-        _write_json(
+        atomic_write_json(
             progress_path, {"settings": settings, "chunks": dict(sorted(own.items(), key=lambda kv: int(kv[0])))}
         )
     bar.close()
@@ -484,9 +476,13 @@ def extract(
     if rank == 0:
         meta = _build_meta(out, model, encoder, rows, settings, n_chunks)
         save_meta(out, meta)
-        print(
-            f"armorm extract: {meta['counts']['rows']} rows, {meta['counts']['skipped']} skipped, "
-            f"{meta['counts']['tokens']:,} tokens -> {out}"
+        counts = meta["counts"]
+        logger.info(
+            "armorm extract: %d rows, %d skipped, %s tokens -> %s",
+            counts["rows"],
+            counts["skipped"],
+            f"{counts['tokens']:,}",
+            out,
         )
     if distributed:
         dist.barrier()
@@ -511,7 +507,7 @@ def _build_meta(out: Path, model, encoder: ConversationEncoder, rows, settings: 
         "objectives": list(rows.objectives) if isinstance(rows, RatingRows) else [],
         "shards": [record["shard"] for record in chunks],
         "checksums": {record["shard"]: record["sha256"] for record in chunks},
-        "backbone": settings["backbone"],
+        "backbone": settings.get("backbone"),
         "backbone_dtype": str(model.dtype).removeprefix("torch."),
         "pattern": {"token_ids": list(pattern.token_ids), "offset": pattern.offset, "text": pattern.text},
         "counts": {
@@ -524,5 +520,5 @@ def _build_meta(out: Path, model, encoder: ConversationEncoder, rows, settings: 
         "skipped": skipped,
         "truncated": sorted((t for record in chunks for t in record["truncated"]), key=lambda t: t["index"]),
         "settings": settings,
-        **{key: settings[key] for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")},
+        **{key: settings.get(key) for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")},
     }

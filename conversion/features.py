@@ -1,4 +1,4 @@
-"""Features folders (SPEC §3): safetensors shards plus one `meta.json`, written by `extract`, read by every later stage.
+"""Features folders: safetensors shards plus one `meta.json`, written by `extract`, read by every later stage.
 
 A folder holds `*.safetensors` shards and a `meta.json` with at least `kind` ("ratings" | "pairs"), `hidden_size`,
 `objectives` and `shards` (the shard names in row order). Optional `checksums` maps a shard name to the sha256 of its
@@ -12,7 +12,6 @@ Pairs shards: `embeddings` (N, 2, d) (0 chosen, 1 rejected), `prompt_embeddings`
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,18 +19,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conversion.files import atomic_write, atomic_write_json, file_sha256
+from conversion.reports import Fingerprint
+
 
 SHARD_NAME = "shard-{rank:03d}-{index:05d}.safetensors"
 META_NAME = "meta.json"
 KINDS = ("ratings", "pairs")
 # Rows per shard for `write_features`: 50k rows of d = 4096 float32 are 800 MB, a size that still loads in one go.
 DEFAULT_SHARD_ROWS = 50_000
-_HASH_CHUNK = 1 << 24
 
 __all__ = [
+    "KINDS",
     "META_NAME",
     "SHARD_NAME",
     "file_sha256",
+    "folder_fingerprint",
     "iter_shards",
     "load_features",
     "read_meta",
@@ -42,33 +45,12 @@ __all__ = [
 ]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_shard(folder: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor]) -> str:
     """Atomically write one shard; returns its sha256 (which `save_meta` would otherwise compute from the file)."""
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return file_sha256(path)
 
 
@@ -83,8 +65,7 @@ def save_meta(folder: str | os.PathLike, meta: dict) -> None:
             if name not in checksums and (folder / name).exists():
                 checksums[name] = file_sha256(folder / name)
         meta["checksums"] = checksums
-    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(folder / META_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_json(folder / META_NAME, meta)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -94,6 +75,15 @@ def read_meta(folder: str | os.PathLike) -> dict:
             f"{path} is missing: `{folder}` is not a features folder (run `armorm extract` first)."
         )
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> Fingerprint:
+    """A features folder's `Fingerprint`: the sha256 of its shard names and checksums, in row order (the checksums
+    recorded in meta.json, computed for the shards that lack one)."""
+    folder = Path(folder)
+    checksums = (read_meta(folder) if (folder / META_NAME).is_file() else {}).get("checksums") or {}
+    listing = [[name, checksums.get(name) or file_sha256(folder / name)] for name in shard_names(folder)]
+    return Fingerprint(str(folder), hashlib.sha256(json.dumps(listing).encode()).hexdigest())
 
 
 def shard_names(folder: str | os.PathLike) -> list[str]:

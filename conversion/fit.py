@@ -4,7 +4,7 @@
 
 Each objective is a ridge regression without intercept on the rows where its label exists; its α is the one of
 `--alphas` with the lowest MSE on a seeded held-out split, and the final weight is refitted on all its labelled rows.
-Writes `weight` (k, d), `alpha` (k,) and, next to it, `<out stem>.metrics.json` (rows, validation MSE, Pearson,
+Writes `weight` (k, d), `alpha` (k,) and, next to it, the stage report `fit.json` (rows, validation MSE, Pearson,
 Spearman per objective, at the chosen α).
 
 The features are streamed: only the Gram statistics XᵀX, Xᵀy, yᵀy (float64) of each group of objectives that
@@ -13,10 +13,9 @@ a group's training Gram matrix gives the validation MSE of every α at once. The
 `Ridge(alpha, fit_intercept=False)` fitted on the same rows.
 """
 
-import json
+import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,9 +23,13 @@ from scipy import linalg, stats
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from conversion.artifacts import save_regression
-from conversion.features import iter_shards, read_meta, shard_names
+from conversion.artifacts import head_fingerprint, save_regression
+from conversion.cli import Location, normalize_locations
+from conversion.features import folder_fingerprint, iter_shards, read_meta, shard_names
+from conversion.reports import report_path, write_report
 
+
+logger = logging.getLogger(__name__)
 
 # The paper's grid: decades from 1e-4 to 1e4.
 ALPHAS = tuple(10.0**e for e in range(-4, 5))
@@ -337,42 +340,50 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def metrics_path_for(out: str | os.PathLike) -> Path:
-    """`regression.safetensors` -> `regression.metrics.json`, next to it."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".safetensors") + ".metrics.json")
+@dataclass(kw_only=True)
+class FitSettings:
+    """The knobs of `armorm fit` (the ones `armorm build` passes on as `--fit-<name>`)."""
 
-
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--features", required=True, nargs="+", help="one or more ratings features folders (`armorm extract`)"
+    alphas: list[float] = field(
+        default_factory=lambda: list(ALPHAS),
+        metadata={"help": "Ridge penalties α to choose from (the paper's decades)."},
     )
-    parser.add_argument("--out", required=True, help="the regression file to write, e.g. regression.safetensors")
-    parser.add_argument(
-        "--alphas", type=float, nargs="+", help="ridge penalties to choose from (default 1e-4 ... 1e4)"
+    val_fraction: float = field(default=0.2, metadata={"help": "Share of the rated rows held out to choose α."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out split (a hash of each row's source index)."})
+
+
+@dataclass(kw_only=True)
+class FitConfig(FitSettings):
+    """`armorm fit`: what it reads and writes, and its settings."""
+
+    features: list[Location] = field(metadata={"help": "One or more ratings features folders (`armorm extract`)."})
+    out: Location = field(metadata={"help": "The regression file to write, e.g. `regression.safetensors`."})
+
+    def __post_init__(self):
+        normalize_locations(self)
+
+
+ARGUMENTS = (FitConfig,)
+
+
+def main(config: FitConfig | None = None, /, **kwargs) -> dict:
+    """Load → compute → save: `config.out` (W, α, objective names) and its report `fit.json`, which it returns
+    (`report["metrics"]["objectives"]`: rows and validation metrics per objective). Pass a `FitConfig`, or its
+    fields as keywords."""
+    config = config or FitConfig(**kwargs)
+    alphas = [float(a) for a in config.alphas]
+    result = fit_regression(config.features, alphas=alphas, val_fraction=config.val_fraction, seed=config.seed)
+    backbone = read_meta(config.features[0]).get("backbone")
+    save_regression(
+        config.out, result.weight, result.alpha, result.objectives, extra_metadata={"backbone": backbone or ""}
     )
-    parser.add_argument("--val-fraction", type=float, help="share of rows held out to choose alpha (default 0.2)")
-    parser.add_argument("--seed", type=int, help="seed of the held-out split (default 0)")
-
-
-def main(
-    features: str | list[str],
-    out: str,
-    alphas: list[float] = ALPHAS,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-) -> dict:
-    """Load → compute → save: `out` (weight, alpha, objectives) and its metrics JSON; returns the metrics."""
-    alphas = [float(a) for a in alphas]
-    result = fit_regression(features, alphas=alphas, val_fraction=val_fraction, seed=seed)
-    folders = [str(f) for f in _as_folders(features)]
-    settings = {"features": folders, "alphas": alphas, "val_fraction": val_fraction, "seed": seed}
-    backbone = read_meta(folders[0]).get("backbone")
-    made_by = {**settings, **({"backbone": backbone} if backbone is not None else {}), "stage": "armorm fit"}
-    save_regression(out, result.weight, result.alpha, result.objectives, extra_metadata=made_by)
-    report = {**settings, "objectives": result.metrics}
-    metrics_file = metrics_path_for(out)
-    metrics_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_metrics(result.metrics))
-    print(f"wrote {out} and {metrics_file}")
+    report = write_report(
+        report_path("fit", config.out),
+        "fit",
+        config,
+        inputs={"features": [folder_fingerprint(folder) for folder in config.features]},
+        outputs={"regression": head_fingerprint(config.out)},
+        metrics={"objectives": result.metrics},
+    )
+    logger.info("%s\nwrote %s and %s", format_metrics(result.metrics), config.out, report_path("fit", config.out))
     return report

@@ -3,13 +3,22 @@
 Made with huggingface_hub's `ModelCard` / `ModelCardData`, so the YAML header is the one the Hub validates.
 """
 
+import json
 import math
 from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard, ModelCardData
 
 
-__all__ = ["METRIC_LABELS", "CardInfo", "build_model_card", "evaluation_table", "objective_table", "usage_snippet"]
+__all__ = [
+    "METRIC_LABELS",
+    "CardInfo",
+    "build_model_card",
+    "build_section",
+    "evaluation_table",
+    "objective_table",
+    "usage_snippet",
+]
 
 PAPER = "https://arxiv.org/abs/2406.12845"
 TAGS = ["reward-model", "armorm", "multi-objective", "mixture-of-experts", "rlhf", "trl"]
@@ -39,7 +48,6 @@ class CardInfo:
     logit_scale: float
     gating_pattern_text: str | None
     model_id: str
-    command: str
     base_model: str | None = None
     datasets: list[str] = field(default_factory=list)
     # objective -> {metric name: value}, from the reports of `armorm fit` / `armorm decorrelate`.
@@ -48,7 +56,8 @@ class CardInfo:
     gating_metrics: dict[str, float] = field(default_factory=dict)
     # the JSON of `armorm evaluate`, rendered as a flat table.
     eval_results: dict | None = None
-    sources: dict[str, str] = field(default_factory=dict)
+    # every stage of the build in order: {"stage", "command", "settings"}, local paths reduced to file names.
+    build: list[dict] = field(default_factory=list)
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -130,6 +139,23 @@ for i in contributions.abs().argsort(descending=True).tolist():
 '''
 
 
+def build_section(build: list[dict]) -> list[str]:
+    """The commands of every stage in the order they ran (local paths as file names), then each one's settings."""
+    if not build:
+        return ["No stage reports were found beside the head files (they were written by other tools)."]
+    lines = [
+        "```bash",
+        *(stage["command"] for stage in build),
+        "```",
+        "",
+        "<details><summary>Settings of each stage</summary>",
+        "",
+    ]
+    for stage in build:
+        lines += [f"`{stage['stage']}`:", "", "```json", json.dumps(stage["settings"], indent=2), "```", ""]
+    return [*lines, "</details>"]
+
+
 def _card_data(info: CardInfo) -> ModelCardData:
     return ModelCardData(
         library_name="transformers",
@@ -198,13 +224,7 @@ def _body(info: CardInfo) -> str:
         "",
         "## How it was made",
         "",
-        "```bash",
-        info.command,
-        "```",
-        "",
-    ]
-    parts += [f"* {name}: `{source}`" for name, source in info.sources.items()]
-    parts += [
+        *build_section(info.build),
         "",
         "Method: Wang et al., *Interpretable Preferences via Multi-Objective Reward Modeling and Mixture-of-Experts* "
         f"({PAPER}).",

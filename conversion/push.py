@@ -1,6 +1,6 @@
 """Push an assembled ArmoRM checkpoint to the Hub, or list what would go there (`--dry-run`).
 
-    armorm push CKPT --repo-id USER/NAME [--private] [--dry-run] [--token TOKEN] [--commit-message MESSAGE]
+    armorm push --checkpoint CKPT --repo-id USER/NAME [--private] [--dry-run] [--token TOKEN] [--commit-message M]
 
 The folder must be what `armorm assemble` writes: `config.json` with `model_type: armorm` and `auto_map`, safetensors
 weights, the remote-code files and a README.md model card; anything else is refused before a request is made. The
@@ -11,29 +11,41 @@ checks the card's metadata offline, lists the files with their sizes, and sends 
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
+from conversion.cli import Location, normalize_locations
+
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REMOTE_CODE_FILES", "add_arguments", "check_card", "check_checkpoint", "list_files", "main"]
+__all__ = ["ARGUMENTS", "REMOTE_CODE_FILES", "PushConfig", "check_card", "check_checkpoint", "list_files", "main"]
 
 REMOTE_CODE_FILES = ("configuration_armorm.py", "modeling_armorm.py")
 _ASSEMBLE = "Write the checkpoint with `armorm assemble`."
 
 
-def add_arguments(parser):
-    parser.add_argument("checkpoint", help="Checkpoint folder written by `armorm assemble`.")
-    parser.add_argument(
-        "--repo-id", required=True, help="Hub repository to create or update, `USER/NAME` or `ORG/NAME`."
+@dataclass(kw_only=True)
+class PushConfig:
+    """`armorm push`: the checkpoint, where it goes, and how."""
+
+    checkpoint: Location = field(metadata={"help": "Checkpoint folder written by `armorm assemble`."})
+    repo_id: str = field(metadata={"help": "Hub repository to create or update, `USER/NAME` or `ORG/NAME`."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    dry_run: bool = field(default=False, metadata={"help": "Check and list the files; push nothing."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: `HF_TOKEN` or `hf auth login`)."})
+    commit_message: str = field(
+        default="Upload ArmoRM reward model", metadata={"help": "The upload commit's message."}
     )
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--dry-run", action="store_true", help="Check and list the files; push nothing.")
-    parser.add_argument("--token", help="Hub token (default: `HF_TOKEN` or the cached `hf auth login`).")
-    parser.add_argument("--commit-message", help="Message of the upload commit.")
+
+    def __post_init__(self):
+        normalize_locations(self)
+
+
+ARGUMENTS = (PushConfig,)
 
 
 def check_checkpoint(folder: str | os.PathLike) -> dict:
@@ -114,28 +126,24 @@ def _size(num_bytes: int) -> str:
     return ""
 
 
-def main(
-    checkpoint: str,
-    repo_id: str,
-    private: bool = False,
-    dry_run: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload ArmoRM reward model",
-):
+def main(config: PushConfig | None = None, /, **kwargs):
     """Create `repo_id` (if needed) and upload the checkpoint folder in one commit; with `dry_run`, only list it.
 
-    Returns the files as (path, size) for a dry run, else the `CommitInfo` of the upload."""
+    Returns the files as (path, size) for a dry run, else the `CommitInfo` of the upload. Pass a `PushConfig`, or
+    its fields as keywords."""
+    config = config or PushConfig(**kwargs)
+    checkpoint, repo_id, private, token = config.checkpoint, config.repo_id, config.private, config.token
     validate_repo_id(repo_id)
     check_checkpoint(checkpoint)
     check_card(checkpoint, repo_id)
     files = list_files(checkpoint)
-    if dry_run:
+    if config.dry_run:
         width = max(len(path) for path, _ in files)
-        for path, size in files:
-            print(f"{path:<{width}}  {_size(size):>10}")
-        print(f"{'total':<{width}}  {_size(sum(size for _, size in files)):>10}")
+        lines = [f"{path:<{width}}  {_size(size):>10}" for path, size in files]
+        lines.append(f"{'total':<{width}}  {_size(sum(size for _, size in files)):>10}")
         visibility = "private" if private else "public"
-        print(f"Dry run: {len(files)} files would go to the {visibility} repo {repo_id}; nothing was pushed.")
+        lines.append(f"Dry run: {len(files)} files would go to the {visibility} repo {repo_id}; nothing was pushed.")
+        print("\n".join(lines))  # the command's output (a listing), not a log line: stdout, so it can be piped
         return files
 
     token = token or get_token()
@@ -143,6 +151,6 @@ def main(
         raise ValueError("No Hub token: pass `--token`, set `HF_TOKEN`, or log in with `hf auth login`.")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=checkpoint, commit_message=commit_message)
+    info = api.upload_folder(repo_id=repo_id, folder_path=checkpoint, commit_message=config.commit_message)
     print(f"Pushed {len(files)} files to {info.commit_url}")
     return info

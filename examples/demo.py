@@ -8,6 +8,7 @@ a few minutes on 2 cores; a rerun reuses the finished stages.
 
 import argparse
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -50,13 +51,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(HERE.parent / "runs" / "demo"), help="where the demo writes its files")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stages log their progress and results
     checkpoint = os.path.join(args.work, "armorm-smollm2-demo")
     armorm([
         "build", "--backbone", smollm2_gguf(),
         "--ratings", str(HERE / "data" / "ratings.jsonl"), "--pairs", str(HERE / "data" / "pairs.jsonl"),
         "--out", checkpoint, "--work", os.path.join(args.work, "work"),
-        "--batch-size", "16", "--steps", "1500", "--gate-batch-size", "128", "--hidden-dim", "256",
-        "--eval-every", "250", "--model-id", "armorm-smollm2-demo",
+        "--extract-batch-size", "16", "--gate-steps", "1500", "--gate-batch-size", "128",
+        "--gate-gating-hidden-dim", "256", "--gate-eval-every", "250", "--assemble-model-id", "armorm-smollm2-demo",
     ])  # fmt: skip
 
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()

@@ -34,10 +34,11 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegressionCV
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conversion.artifacts import load_gating, load_regression, load_transform, save_transform
+from conversion.artifacts import load_gating, load_regression, load_transform
 from conversion.cli import main as armorm
 from conversion.data import load_pairs
 from conversion.features import load_features
+from conversion.heads import pair_scores, rewards, transformed_rewards
 from modeling_armorm import ArmoRMGatingNetwork
 
 
@@ -146,12 +147,9 @@ def armorm_scores(features: dict, regression: str, transform: str, gating_file: 
     )
     gating.load_state_dict(state_dict)  # strict: every tensor name and shape must match
     with torch.no_grad():
-        h, h_x = features["embeddings"].float(), features["prompt_embeddings"].float()  # (N, 2, d), (N, d)
-        # r = W h, r' = r T, g = β softmax(MLP(h_x) / temperature), s = g · r'
-        rewards = h @ weight.T  # (N, 2, k)
-        g = gating.eval()(h_x)  # (N, k)
-        scores = (g.unsqueeze(1) * (rewards @ matrix)).sum(-1)  # (N, 2)
-    return scores, rewards, g, objectives
+        h, h_x = features["embeddings"], features["prompt_embeddings"].float()  # (N, 2, d), (N, d)
+        scores = pair_scores(gating.eval(), h_x, transformed_rewards(h, weight, matrix))  # (N, 2)
+        return scores, rewards(h, weight), gating(h_x), objectives
 
 
 def bradley_terry_probe(train: dict) -> LogisticRegressionCV:
@@ -197,30 +195,33 @@ def spot_check(checkpoint: str, rows: list[dict], scores: torch.Tensor) -> list[
 
 
 def record_stage_times(build_work: Path, started: float, path: Path) -> None:
-    """Minutes of each `armorm build` stage that this run executed, from its stamp files' times; a stage reused from
-    an earlier run keeps the time recorded then."""
+    """Minutes of each `armorm build` stage that this run executed, from its reports' times; a stage reused from an
+    earlier run keeps the time recorded then."""
     times = json.loads(path.read_text()) if path.is_file() else {}
     previous = started
-    for stamp in sorted(build_work.glob("*.done.json"), key=lambda f: f.stat().st_mtime):
-        finished = stamp.stat().st_mtime
+    reports = [*build_work.glob("*.json"), *build_work.glob("features/*/extract.json")]
+    for report in sorted(reports, key=lambda f: f.stat().st_mtime):
+        finished = report.stat().st_mtime
         if finished > started:
-            times[stamp.name.removesuffix(".done.json")] = (finished - previous) / 60
+            name = f"extract-{report.parent.name}" if report.name == "extract.json" else report.stem
+            times[name] = (finished - previous) / 60
             previous = finished
     path.write_text(json.dumps(times, indent=2) + "\n")
 
 
 def train_identity_gating(build_work: Path, ablation: Path, args: argparse.Namespace) -> None:
     """The ablation: `armorm gate` with the build's settings on the same features and W, but T = I."""
-    _, _, objectives = load_regression(build_work / "regression.safetensors")
-    k = len(objectives)
     transform = ablation / "transform-identity.safetensors"
-    save_transform(transform, torch.eye(k), torch.zeros(k), objectives, extra_metadata={"note": "ablation: T = I"})
+    armorm([
+        "decorrelate", "--regression", str(build_work / "regression.safetensors"), "--verbosity", "none",
+        "--out", str(transform),
+    ])  # fmt: skip
     armorm([
         "gate", "--features", str(build_work / "features" / "pairs-0"),
         "--regression", str(build_work / "regression.safetensors"), "--transform", str(transform),
         "--out", str(ablation / "gating.safetensors"), "--steps", str(args.steps),
-        "--batch-size", str(args.gate_batch_size), "--hidden-dim", str(args.hidden_dim), "--eval-every", "250",
-        "--seed", str(args.seed),
+        "--batch-size", str(args.gate_batch_size), "--gating-hidden-dim", str(args.hidden_dim),
+        "--eval-every", "250", "--seed", str(args.seed),
     ])  # fmt: skip
 
 
@@ -274,11 +275,11 @@ def evaluate(
     checks = spot_check(str(checkpoint), [rows[i] for i in shortest], scores[shortest])
 
     gate_reports = {
-        ARMORM: json.loads((build_work / "gating.json").read_text()),
-        ARMORM_IDENTITY: json.loads((ablation / "gating.json").read_text()),
+        ARMORM: json.loads((build_work / "gate.json").read_text()),
+        ARMORM_IDENTITY: json.loads((ablation / "gate.json").read_text()),
     }
-    fit_report = json.loads((build_work / "regression.metrics.json").read_text())["objectives"]
-    transform_report = json.loads((build_work / "transform.json").read_text())
+    fit_report = json.loads((build_work / "fit.json").read_text())["metrics"]["objectives"]
+    transform_report = json.loads((build_work / "decorrelate.json").read_text())["metrics"]
     train_sources = [train_rows[i]["source"] for i in train["index"].tolist()]
     count = {"all": len(rows), **{src: int((sources == src).sum()) for src in PAIR_SOURCES}}
     return {
@@ -296,12 +297,12 @@ def evaluate(
         },
         "gating": {
             method: {
-                "beta": report["final"]["beta"],
-                "hyper_parameters": report["hyper_parameters"],
-                "val_pairs": report["val_pairs"],
-                "val_accuracy": report["final"].get("val_accuracy"),
-                "train_accuracy": report["final"]["train_accuracy"],
-                "history": report["history"],
+                "beta": report["metrics"]["final"]["beta"],
+                "hyper_parameters": report["settings"],
+                "val_pairs": report["metrics"]["val_pairs"],
+                "val_accuracy": report["metrics"]["final"].get("val_accuracy"),
+                "train_accuracy": report["metrics"]["final"]["train_accuracy"],
+                "history": report["metrics"]["history"],
             }
             for method, report in gate_reports.items()
         },
@@ -510,8 +511,9 @@ def markdown_report(results: dict) -> str:
         f"* Extraction: `--dtype bfloat16 --max-length {s['max_length']} --truncate-prompt --batch-size "
         f"{s['batch_size']}`, `torch.set_num_threads({s['threads']})`.",
         f"* Verbosity decorrelation against `{VERBOSITY}` (τ = 0.03) over both answers of the training pairs.",
-        f"* Gating (both models): {hp['n_hidden']} hidden layers of {hp['hidden_dim']}, temperature "
-        f"{hp['temperature']:g}, β₀ = {hp['beta_init']:g}, AdamW lr {hp['lr']:g} (cosine), {hp['steps']} steps of "
+        f"* Gating (both models): {hp['gating_n_hidden']} hidden layers of {hp['gating_hidden_dim']}, temperature "
+        f"{hp['gating_temperature']:g}, β₀ = {hp['gating_logit_scale_init']:g}, AdamW lr {hp['lr']:g} (cosine), "
+        f"{hp['steps']} steps of "
         f"{hp['batch_size']} pairs, seed {hp['seed']}. Accuracy on the gate's own 10 % validation split "
         f"({g[ARMORM]['val_pairs']} training pairs): {ARMORM} {_percent(g[ARMORM]['val_accuracy'])} % (train "
         f"{_percent(g[ARMORM]['train_accuracy'])} %, final Bradley-Terry loss "
@@ -650,11 +652,11 @@ def main():
     ):
         armorm([
             "build", "--backbone", backbone, "--ratings", *data["ratings_files"],
-            "--pairs", str(work / "data" / "train.jsonl"), "--verbosity", VERBOSITY,
-            "--out", str(checkpoint), "--work", str(build_work), *extract_options,
-            "--steps", str(args.steps), "--gate-batch-size", str(args.gate_batch_size),
-            "--hidden-dim", str(args.hidden_dim), "--eval-every", "250", "--seed", str(args.seed),
-            "--model-id", "armorm-smollm2-real-data",
+            "--pairs", str(work / "data" / "train.jsonl"), "--decorrelate-verbosity", VERBOSITY,
+            "--out", str(checkpoint), "--work", str(build_work), *(f"--extract-{o[2:]}" if o.startswith("--") else o for o in extract_options),
+            "--gate-steps", str(args.steps), "--gate-batch-size", str(args.gate_batch_size),
+            "--gate-gating-hidden-dim", str(args.hidden_dim), "--gate-eval-every", "250", "--gate-seed", str(args.seed),
+            "--assemble-model-id", "armorm-smollm2-real-data",
         ])  # fmt: skip
     record_stage_times(build_work, build_started, work / "build-stages.json")
     ablation = work / "ablation-identity-transform"

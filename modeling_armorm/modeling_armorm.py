@@ -17,12 +17,10 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_armorm import ArmoRMConfig
 
-
-logger = logging.get_logger(__name__)
 
 # Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here.
 _IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "labels", "return_dict", "num_items_in_batch")
@@ -78,15 +76,9 @@ class ArmoRMGatingNetwork(nn.Module):
         return self.logit_scale * torch.softmax(logits / self.temperature, dim=-1)  # (batch, k)
 
 
-def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Token rows padded on the right to one width: `input_ids` and `attention_mask`, each (batch, width)."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions counted over the real tokens only, so a padded row (left or right) sees the unpadded row's positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_pattern_positions(
@@ -191,8 +183,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=reference.device)
         if position_ids is None:
-            # Count positions over real tokens only, so a left-padded row sees the positions of the unpadded one.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids_from_mask(attention_mask)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -257,5 +248,5 @@ __all__ = [
     "ArmoRMPreTrainedModel",
     "ArmoRMRewardOutput",
     "last_pattern_positions",
-    "right_pad",
+    "position_ids_from_mask",
 ]

@@ -3,8 +3,12 @@
 
 The model itself is already a TRL reward model: `reward_funcs=[model]` or `reward_funcs=["path"]` works because
 the score is `.logits[:, 0]`, the last real token comes from the attention mask and the gating position is found
-in the tokens. That path has two limits that this callable lifts:
+in the tokens. That path has three limits that this callable lifts:
 
+* The gating position of raw tokens is the last occurrence of the template's assistant header, which a completion
+  can write itself (`…<|im_end|>\n<|im_start|>assistant\n…`) to move h_x into its own text and choose its own
+  gating weights. `ArmoRMReward` scores through `modeling_armorm.scoring`: the position comes from the rendering and
+  markup in a completion is never read as special tokens. Under RL, where the policy writes the completions, use it.
 * TRL scores plain-text (non-conversational) prompts as `prompt + completion` without any chat template, so the
   gating pattern is absent and the model raises. `ArmoRMReward` renders them as a user turn + assistant answer.
 * TRL logs one number per reward model. `ArmoRMReward` also logs each objective's mean reward r_i and the mean
@@ -19,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .chat_template import _ANSWER_PROBE, _PROMPT_PROBE
 from .configuration_armorm import ArmoRMConfig
-from .modeling_armorm import ArmoRMForRewardModeling, right_pad
+from .modeling_armorm import ArmoRMForRewardModeling
+from .scoring import ChatEncoder, ScoreOutput, model_gating_pattern, pad_token_id, score_encoded
 
 
 Message = dict[str, str]
@@ -85,6 +89,7 @@ class ArmoRMReward:
         self._lock = threading.Lock()
         self._model = None
         self._tokenizer = None
+        self._encoder = None
 
     @staticmethod
     def _resolve_objectives(objectives: list[str | int] | None, names: list[str]) -> list[int] | None:
@@ -105,7 +110,7 @@ class ArmoRMReward:
     # Pickling: drop the loaded model and tokenizer (and the lock); `_load` rebuilds them on the next call.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_lock=None, _model=None, _tokenizer=None)
+        state.update(_lock=None, _model=None, _tokenizer=None, _encoder=None)
         return state
 
     def __setstate__(self, state: dict):
@@ -125,65 +130,32 @@ class ArmoRMReward:
             tokenizer = self.tokenizer
             if tokenizer is None or isinstance(tokenizer, str):
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
-                    f"The reward tokenizer ({type(tokenizer).__name__}) has no `chat_template`, so conversations "
-                    "cannot be rendered with the gating pattern. Pass the reward model's tokenizer as `tokenizer=`."
-                )
+            self._encoder = ChatEncoder(tokenizer, model_gating_pattern(model, tokenizer))
             self._model, self._tokenizer = model, tokenizer
             return model, tokenizer
 
-    def _end_of_turn(self, tokenizer) -> str:
-        """The text the template writes after an assistant answer (ChatML: `<|im_end|>\\n`)."""
-        probe = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-        return text[text.rfind(_ANSWER_PROBE) + len(_ANSWER_PROBE) :]
-
-    def render(self, prompt: str | list[Message], completion: str | list[Message]) -> str:
-        """The text the reward model scores: the conversation rendered with its chat template."""
-        model, tokenizer = self._load()
-        if isinstance(prompt, str) and isinstance(completion, str):
-            pattern_text = model.config.gating_token_pattern_text or tokenizer.decode(
-                model.config.gating_token_pattern
-            )
-            if pattern_text in prompt:  # already rendered with the template (generation prompt included)
-                end = self._end_of_turn(tokenizer)
-                return prompt + completion + ("" if completion.endswith(end) else end)
+    def encode(self, prompt: str | list[Message], completion: str | list[Message], where: str = "the completion"):
+        """The tokens the reward model scores and their gating position (`modeling_armorm.scoring.ChatEncoder`)."""
+        self._load()
+        encoder = self._encoder
+        if isinstance(prompt, str) and isinstance(completion, str) and encoder.pattern.text in prompt:
+            # Already rendered with the template (generation prompt included): the completion is the answer.
+            return encoder.encode_rendered(prompt, completion.removesuffix(encoder.end_of_turn), where)
         messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return encoder.encode(messages, where)
 
-    @torch.inference_mode()
-    def score(self, prompts: list, completions: list) -> dict[str, torch.Tensor]:
-        """Score each (prompt, completion): `score` (n,), `rewards` (n, k), `gating_output` (n, k), on the CPU."""
+    def score(self, prompts: list, completions: list) -> ScoreOutput:
+        """Score each (prompt, completion): `score` (n,), `rewards`, `gating_output`, `coefficients` (n, k), on the
+        CPU, in the callers' order."""
         if len(prompts) != len(completions):
             raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one of each.")
         model, tokenizer = self._load()
-        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
-        # The rendered template already holds its special tokens, exactly as TRL tokenizes it for a reward model.
-        input_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: -len(input_ids[i]))
-        device = next(model.parameters()).device
-        # The model reads the last real token from the mask, so any id pads (the tokenizer may have no pad token).
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        outputs = {"score": [], "rewards": [], "gating_output": []}
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                ids, mask = right_pad([input_ids[i] for i in order[start : start + self.batch_size]], pad_id)
-                output = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-                for key in outputs:
-                    outputs[key].append(getattr(output, key).float().cpu())
-        finally:
-            model.train(was_training)
-        # Back to the callers' order.
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        return {key: torch.cat(values)[inverse] for key, values in outputs.items()}
+        encoded = [self.encode(p, c, where=f"completion {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
+        return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer))
 
     def __call__(self, prompts: list, completions: list, log_metric=None, log_extra=None, **kwargs) -> list[float]:
         out = self.score(prompts, completions)
-        rewards, gating = out["rewards"], out["gating_output"]  # (n, k), (n, k)
+        rewards, gating = out.rewards, out.gating_output  # (n, k), (n, k)
         if log_metric is not None:
             # g / Σ g: the softmax share of each objective in the mixture (β divided out).
             shares = gating / gating.sum(-1, keepdim=True)
@@ -192,13 +164,10 @@ class ArmoRMReward:
                 log_metric(f"{self.__name__}/gating/{name}", shares[:, i].mean().item())
         if log_extra is not None:
             # The objective that moved each score most: the largest |c_i r_i|, with c = g Tᵀ.
-            model, _ = self._load()
-            transform = model.reward_transform_matrix.detach().float().cpu()
-            contributions = (gating @ transform.T) * rewards  # (n, k)
-            top = contributions.abs().argmax(-1).tolist()
+            top = (out.coefficients * rewards).abs().argmax(-1).tolist()
             log_extra(f"{self.__name__}/top_objective", [self.objective_names_[i] for i in top])
         if self.objective_indices_ is None:
-            return out["score"].tolist()
+            return out.score.tolist()
         return rewards[:, self.objective_indices_].sum(-1).tolist()
 
     def __repr__(self) -> str:

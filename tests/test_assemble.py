@@ -23,7 +23,9 @@ from scipy.special import softmax
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
 from conversion import assemble, cli
-from conversion.artifacts import save_gating, save_regression, save_transform
+from conversion.artifacts import head_fingerprint, save_gating, save_regression, save_transform
+from conversion.fit import FitConfig
+from conversion.reports import report_path, write_report
 from tests.utils import SMOLLM2_GGUF, requires_smollm2, smollm2_dir, tiny_llama_config
 
 
@@ -63,13 +65,16 @@ def write_heads(folder, weight=None, gating_in=HIDDEN, transform_objectives=OBJE
     gating["logit_scale"] = torch.tensor([BETA])
     save_regression(folder / "regression.safetensors", weight, torch.tensor(ALPHAS), OBJECTIVES)
     metrics = {name: {"rows": 10 + i, "val_mse": VAL_MSE[i]} for i, name in enumerate(OBJECTIVES)}
-    (folder / "regression.metrics.json").write_text(json.dumps({"objectives": metrics}))
+    regression = folder / "regression.safetensors"
+    fit_config = FitConfig(features=[str(folder)], out=str(regression))
+    outputs = {"regression": head_fingerprint(regression)}
+    write_report(report_path("fit", regression), "fit", fit_config, {}, outputs, {"objectives": metrics})
     save_transform(
         folder / "transform.safetensors",
         matrix,
         torch.tensor(PENALTIES),
         transform_objectives,
-        verbosity=OBJECTIVES[VERBOSITY],
+        verbosity=transform_objectives[VERBOSITY],
     )
     save_gating(
         folder / "gating.safetensors",
@@ -303,9 +308,13 @@ def test_model_card_metadata_and_tables(built):
     }
     assert evaluation["pairs"] == "836"
     assert float(dict(table_rows(card.text, "gating metric")[2:])["val_accuracy"]) == 0.625
-    command = re.search(r"```bash\n(.*?)\n```", card.text, re.DOTALL).group(1)
-    assert command.startswith(f"armorm assemble --backbone {built['backbone']} --regression")
-    assert f"--out {built['checkpoint']}" in command and "trust_remote_code=True" in card.text
+    # The whole build, stage by stage (the fit report the heads came with, then assemble), local paths as names.
+    commands = re.search(r"```bash\n(.*?)\n```", card.text, re.DOTALL).group(1).splitlines()
+    assert commands[0] == f"armorm fit --features {built['root'].name} --out regression.safetensors"
+    assert commands[-1].startswith("armorm assemble --backbone backbone --regression regression.safetensors")
+    assert "--out ckpt" in commands[-1] and "trust_remote_code=True" in card.text
+    made = card.text.split("## How it was made")[1]
+    assert str(built["backbone"]) not in made and str(built["root"] / "regression.safetensors") not in made
 
 
 @pytest.mark.parametrize(

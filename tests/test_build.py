@@ -1,5 +1,6 @@
 """`armorm build`: every stage in one command, the checkpoint made of the work folder's files, reruns reuse stages."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -26,16 +27,18 @@ def backbone(tmp_path, smollm2_tokenizer):
     return str(tmp_path / "backbone")
 
 
-def run_build(backbone, tmp_path):
+def run_build(backbone, tmp_path, *extra):
     return cli([
         "build", "--backbone", backbone,
         "--ratings", str(EXAMPLES / "ratings.jsonl"), "--pairs", str(EXAMPLES / "pairs.jsonl"),
-        "--split", "train[:48]", "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
-        "--steps", "30", "--gate-batch-size", "16", "--hidden-dim", "16", "--eval-every", "10", "--device", "cpu",
+        "--extract-split", "train[:48]", "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+        "--gate-steps", "30", "--gate-batch-size", "16", "--gate-gating-hidden-dim", "16", "--gate-eval-every", "10",
+        "--extract-device", "cpu", "--gate-device", "cpu", *extra,
     ])  # fmt: skip
 
 
-def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_path, capsys):
+def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="conversion.build")
     run_build(backbone, tmp_path)
     work = tmp_path / "work"
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
@@ -57,23 +60,31 @@ def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_
     # A rerun reuses every finished stage: nothing is rewritten.
     files = sorted(p for p in work.rglob("*") if p.is_file())
     stamps = {p: p.stat().st_mtime_ns for p in files}
-    capsys.readouterr()
+    caplog.clear()
     run_build(backbone, tmp_path)
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert printed.count("done earlier, reused") == 6, printed
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
-    # A stage whose stamp is gone (interrupted there) runs again, with the stages after it, and gives the same result.
-    (work / "gate.done.json").unlink()
+    # A stage whose report is gone (interrupted there) runs again and gives the same result; reuse follows content,
+    # so the stage after it, whose inputs did not change, is reused.
+    (work / "gate.json").unlink()
+    caplog.clear()
     run_build(backbone, tmp_path)
-    printed = capsys.readouterr().out
-    assert "[build] gate ..." in printed and "[build] assemble ..." in printed
-    assert printed.count("done earlier, reused") == 4
+    printed = caplog.text
+    assert "[build] gate ..." in printed and printed.count("done earlier, reused") == 5
     again, _ = load_gating(work / "gating.safetensors")
     for name, tensor in gating.items():
         torch.testing.assert_close(again[name], tensor, rtol=0, atol=0)
 
+    # Another gating seed: a new gating file, so assemble runs again too; the stages before it are reused.
+    caplog.clear()
+    run_build(backbone, tmp_path, "--gate-seed", "1")
+    printed = caplog.text
+    assert "[build] gate ..." in printed and "[build] assemble ..." in printed
+    assert printed.count("done earlier, reused") == 4
+
 
 def test_build_rejects_an_unknown_option():
-    with pytest.raises(TypeError, match="has no option \\['stepz'\\]"):
-        build("b", ["r"], ["p"], "out", stepz=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        build(backbone="b", ratings=["r"], pairs=["p"], out="out", stepz=3)

@@ -62,7 +62,7 @@ def token_rows(tokenizer):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_converted_checkpoint_scores_like_per_row_math(tmp_path, shards):
     original = released_layout(tmp_path / "released", shards=shards)
-    cli(["convert-rlhflow", str(tmp_path / "released"), str(tmp_path / "converted")])
+    cli(["convert-rlhflow", "--src-dir", str(tmp_path / "released"), "--out-dir", str(tmp_path / "converted")])
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "converted").eval()
     assert model.config.gating_token_pattern == LLAMA3_GATING_PATTERN
@@ -91,32 +91,32 @@ def test_refuses_what_is_not_the_released_layout(tmp_path):
     config = json.loads((tmp_path / "src" / "config.json").read_text())
 
     with pytest.raises(ValueError, match="No config.json"):
-        cli(["convert-rlhflow", str(tmp_path / "nowhere"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out")])
 
     (tmp_path / "src" / "config.json").write_text(
         json.dumps({k: v for k, v in config.items() if k != "num_objectives"})
     )
     with pytest.raises(ValueError, match=r"lacks \['num_objectives'\].*gating_temperature"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
 
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "model_type": "armorm"}))
     with pytest.raises(ValueError, match="already an ArmoRM checkpoint"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
 
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "gating_hidden_dim": 13}))
-    with pytest.raises(ValueError, match=r"shape mismatches \['gating.layers.0.bias"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"`gating.layers.0.bias` has shape"):
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
 
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
     save_file({"score.weight": torch.zeros(1, 16)}, tmp_path / "src" / "extra.safetensors")
     with pytest.raises(ValueError, match=r"unexpected \['score.weight'\]"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
 
     for path in (tmp_path / "src").glob("*.safetensors"):
         path.unlink()
     torch.save({}, tmp_path / "src" / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pickled weights \['pytorch_model.bin'\]"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -126,4 +126,4 @@ def test_refuses_a_tokenizer_whose_template_is_not_llama3(tmp_path, smollm2_toke
         (tmp_path / "src" / name).unlink(missing_ok=True)
     smollm2_tokenizer.save_pretrained(tmp_path / "src")
     with pytest.raises(ValueError, match="Convert with the checkpoint's own Llama-3 tokenizer"):
-        cli(["convert-rlhflow", str(tmp_path / "src"), str(tmp_path / "out")])
+        cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])

@@ -119,7 +119,15 @@ def mixed_ratings(tmp_path_factory) -> tuple[str, list[dict]]:
 
 def test_ratings_equal_per_row_forward_with_labels_in_data_order(backbone, reference, mixed_ratings, tmp_path):
     data, rows = mixed_ratings
-    meta = extract(backbone, data, str(tmp_path), "ratings", objectives=OBJECTIVES, batch_size=5, shard_rows=8)
+    meta = extract(
+        backbone=backbone,
+        data=data,
+        out=str(tmp_path),
+        kind="ratings",
+        objectives=OBJECTIVES,
+        batch_size=5,
+        shard_rows=8,
+    )
     tensors, read_back = load_features(tmp_path)
 
     assert meta == read_back
@@ -144,7 +152,9 @@ def test_ratings_equal_per_row_forward_with_labels_in_data_order(backbone, refer
 )
 def test_pairs_equal_per_row_forward(backbone, reference, path, split, tmp_path):
     data = str(SHARED_DATA / path)
-    meta = extract(backbone, data, str(tmp_path), "pairs", split=split, batch_size=3, shard_rows=5)
+    meta = extract(
+        backbone=backbone, data=data, out=str(tmp_path), kind="pairs", split=split, batch_size=3, shard_rows=5
+    )
     tensors, _ = load_features(tmp_path)
     pairs = load_pairs(data, split)
 
@@ -165,7 +175,7 @@ def test_pairs_equal_per_row_forward(backbone, reference, path, split, tmp_path)
 def test_resume_gives_identical_files(backbone, mixed_ratings, tmp_path, monkeypatch, interruption):
     data, _ = mixed_ratings
     kwargs = dict(objectives=OBJECTIVES, batch_size=4, shard_rows=6)
-    extract(backbone, data, str(tmp_path / "whole"), "ratings", **kwargs)
+    extract(backbone=backbone, data=data, out=str(tmp_path / "whole"), kind="ratings", **kwargs)
     expected = folder_bytes(tmp_path / "whole")
     n_shards = len(read_meta(tmp_path / "whole")["shards"])
 
@@ -183,21 +193,21 @@ def test_resume_gives_identical_files(backbone, mixed_ratings, tmp_path, monkeyp
     monkeypatch.setattr(extract_module, "forward_features", spy)
     if interruption == "raise mid-run":
         with pytest.raises(RuntimeError, match="simulated"):
-            extract(backbone, data, str(out), "ratings", **kwargs)
+            extract(backbone=backbone, data=data, out=str(out), kind="ratings", **kwargs)
         assert not (out / "meta.json").exists()
         calls.clear()
-        extract(backbone, data, str(out), "ratings", **kwargs)
+        extract(backbone=backbone, data=data, out=str(out), kind="ratings", **kwargs)
         assert len(calls) == n_shards - 2, "only the chunks without a shard run again"
     else:
-        extract(backbone, data, str(out), "ratings", **kwargs)
+        extract(backbone=backbone, data=data, out=str(out), kind="ratings", **kwargs)
         (out / read_meta(out)["shards"][-1]).unlink()
         calls.clear()
-        extract(backbone, data, str(out), "ratings", **kwargs)
+        extract(backbone=backbone, data=data, out=str(out), kind="ratings", **kwargs)
         assert len(calls) == 1
     assert folder_bytes(out) == expected
 
     with pytest.raises(ValueError, match="max_length"):
-        extract(backbone, data, str(out), "ratings", **{**kwargs, "max_length": 100})
+        extract(backbone=backbone, data=data, out=str(out), kind="ratings", **{**kwargs, "max_length": 100})
 
 
 def test_bad_rows_are_skipped_and_recorded(backbone, reference, tmp_path):
@@ -208,7 +218,9 @@ def test_bad_rows_are_skipped_and_recorded(backbone, reference, tmp_path):
     too_long = lengths.index(max(lengths))
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
 
-    meta = extract(backbone, data, str(tmp_path / "out"), "ratings", max_length=max_length, shard_rows=4)
+    meta = extract(
+        backbone=backbone, data=data, out=str(tmp_path / "out"), kind="ratings", max_length=max_length, shard_rows=4
+    )
     tensors, _ = load_features(tmp_path / "out")
 
     skipped = {record["index"]: record["reason"] for record in meta["skipped"]}
@@ -242,10 +254,17 @@ def test_truncate_prompt_drops_earlier_turns_only(backbone, reference, tmp_path)
     assert max_length < len(reference.ids(pairs[0]["chosen"]))
     data = write_jsonl(tmp_path / "long.jsonl", pairs)
 
-    meta = extract(backbone, data, str(tmp_path / "skip"), "pairs", max_length=max_length)
+    meta = extract(backbone=backbone, data=data, out=str(tmp_path / "skip"), kind="pairs", max_length=max_length)
     assert [record["index"] for record in meta["skipped"]] == [0, 1]
 
-    meta = extract(backbone, data, str(tmp_path / "cut"), "pairs", max_length=max_length, truncate_prompt=True)
+    meta = extract(
+        backbone=backbone,
+        data=data,
+        out=str(tmp_path / "cut"),
+        kind="pairs",
+        max_length=max_length,
+        truncate_prompt=True,
+    )
     tensors, _ = load_features(tmp_path / "cut")
     assert meta["truncated"] == [{"index": 0, "dropped_turns": 2}]
     assert [record["index"] for record in meta["skipped"]] == [1]  # a response is never cut
@@ -279,7 +298,7 @@ def test_two_processes_equal_one(backbone, tmp_path):
 
 def test_bfloat16_backbone_stores_float32_features(backbone, reference, tmp_path):
     data = str(SHARED_DATA / "ratings" / "helpsteer2_sample.jsonl")
-    meta = extract(backbone, data, str(tmp_path), "ratings", dtype="bfloat16", max_length=8192)
+    meta = extract(backbone=backbone, data=data, out=str(tmp_path), kind="ratings", dtype="bfloat16", max_length=8192)
     tensors, _ = load_features(tmp_path)
     assert meta["backbone_dtype"] == "bfloat16" and meta["dtype"] == "bfloat16"
     assert tensors["embeddings"].dtype == torch.float32

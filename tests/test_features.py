@@ -176,12 +176,12 @@ def test_transform_file_round_trip(tmp_path):
     matrix[verbosity, :] -= penalties
     matrix[verbosity, verbosity] = 0
     save_transform(
-        tmp_path / "t.safetensors", matrix, penalties, list("abcd"), verbosity=verbosity, extra_metadata={"tau": 0.03}
+        tmp_path / "t.safetensors", matrix, penalties, list("abcd"), verbosity="c", extra_metadata={"tau": 0.03}
     )
     loaded, loaded_penalties, metadata = load_transform(tmp_path / "t.safetensors")
     torch.testing.assert_close(loaded, matrix)
     torch.testing.assert_close(loaded_penalties, penalties)
-    assert metadata == {"objectives": list("abcd"), "verbosity": 2, "tau": 0.03}
+    assert metadata == {"objectives": list("abcd"), "verbosity": "c", "tau": 0.03}  # the objective's name
 
 
 def test_gating_file_round_trip_loads_strictly_into_the_network(tmp_path):

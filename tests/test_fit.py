@@ -1,6 +1,7 @@
 """Stage 1 (`armorm fit`): per-objective ridge equal to scikit-learn's, α chosen on a seeded held-out split."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_held_out_ridge_from_gram_statistics_matches_closed_form():
         HeldOutRidge([0.0, 1.0]).fit(train, val)
 
 
-def test_cli_writes_regression_and_metrics(tmp_path, capsys):
+def test_cli_writes_regression_and_metrics(tmp_path, caplog):
     x, y = make_ratings(seed=2)
     write_features(
         tmp_path / "features", "ratings", {"embeddings": x, "labels": y}, objectives=OBJECTIVES, backbone="tiny"
@@ -148,7 +149,8 @@ def test_cli_writes_regression_and_metrics(tmp_path, capsys):
     out = tmp_path / "heads" / "regression.safetensors"
     alphas = [0.01, 1.0, 100.0]
     argv = ["fit", "--features", str(tmp_path / "features"), "--out", str(out), "--alphas", *map(str, alphas)]
-    cli.main([*argv, "--val-fraction", "0.3", "--seed", "4"])
+    with caplog.at_level(logging.INFO, logger="conversion.fit"):
+        cli.main([*argv, "--val-fraction", "0.3", "--seed", "4"])
 
     weight, alpha, objectives = load_regression(out)
     assert objectives == OBJECTIVES and weight.shape == (5, 20)
@@ -156,10 +158,11 @@ def test_cli_writes_regression_and_metrics(tmp_path, capsys):
     reference_alpha, reference_weight, _ = sklearn_reference(x, y, held_out, alphas)
     assert alpha.tolist() == reference_alpha.tolist()
     np.testing.assert_allclose(weight.numpy(), reference_weight, rtol=1e-5, atol=1e-6)
-    report = json.loads((tmp_path / "heads" / "regression.metrics.json").read_text())
-    assert report["val_fraction"] == 0.3 and report["seed"] == 4 and report["alphas"] == alphas
-    assert list(report["objectives"]) == OBJECTIVES
-    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "heads" / "fit.json").read_text())
+    settings = report["settings"]
+    assert settings["val_fraction"] == 0.3 and settings["seed"] == 4 and settings["alphas"] == alphas
+    assert list(report["metrics"]["objectives"]) == OBJECTIVES
+    printed = caplog.text
     assert all(name in printed for name in OBJECTIVES) and "Spearman" in printed
 
 
@@ -167,7 +170,8 @@ def test_defaults_are_the_papers_grid_and_split(tmp_path):
     x, y = make_ratings(seed=3)
     write_features(tmp_path, "ratings", {"embeddings": x, "labels": y}, objectives=OBJECTIVES)
     report = main(features=str(tmp_path), out=str(tmp_path / "r.safetensors"))
-    assert report["alphas"] == [10.0**e for e in range(-4, 5)] and report["val_fraction"] == 0.2
+    settings = report["settings"]
+    assert settings["alphas"] == [10.0**e for e in range(-4, 5)] and settings["val_fraction"] == 0.2
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -202,13 +206,11 @@ def test_several_folders_fit_the_union_of_their_objectives(tmp_path):
         tmp_path / "b", "ratings", {"embeddings": x[second], "labels": y[second][:, order]},
         objectives=[OBJECTIVES[j] for j in order], shard_rows=70,
     )  # fmt: skip
-    fit = main([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "regression.safetensors"))
+    fit = main(features=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "regression.safetensors"))
     weight, alpha, names = load_regression(tmp_path / "regression.safetensors")
     union = [0, 1, 2, 4, 3]  # objectives in order of first appearance across the folders
-    assert names == [OBJECTIVES[j] for j in union] and json.loads(json.dumps(fit))["features"] == [
-        str(tmp_path / "a"),
-        str(tmp_path / "b"),
-    ]
+    # The report names its inputs relative to its own folder (tmp_path, beside the regression file).
+    assert names == [OBJECTIVES[j] for j in union] and fit["settings"]["features"] == ["a", "b"]
 
     stacked = y.clone()
     stacked[first, 3:] = float("nan")

@@ -10,13 +10,16 @@ from sklearn.linear_model import LogisticRegression
 from conversion.artifacts import load_gating, save_regression, save_transform
 from conversion.cli import main as cli_main
 from conversion.features import write_features
-from conversion.gate import bradley_terry_loss, main, train_gating, transformed_rewards
+from conversion.gate import GateSettings, bradley_terry_loss, main, train_gating
+from conversion.heads import transformed_rewards
 from modeling_armorm import ArmoRMGatingNetwork
 
 
 D = 16
 # Small and quick on two CPU cores; the defaults of `main` (the paper's) are for 10⁵+ pairs.
-FAST = dict(steps=200, batch_size=128, lr=3e-3, hidden_dim=32, n_hidden=2, val_fraction=0.25, eval_every=50)
+FAST = dict(
+    steps=200, batch_size=128, lr=3e-3, gating_hidden_dim=32, gating_n_hidden=2, val_fraction=0.25, eval_every=50
+)
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +85,10 @@ def test_prompt_dependent_preference_is_learned(tmp_path):
     prompts, rewards = prompt_dependent_pairs()
     assert best_fixed_weighting_accuracy(rewards, 900) < 0.65  # a fixed weighting cannot express it
     paths = write_pipeline(tmp_path, rewards, prompts, np.eye(3, dtype=np.float32))
-    report = main(out=str(tmp_path / "gating.safetensors"), device="cpu", **paths, **FAST)
+    report = main(out=str(tmp_path / "gating.safetensors"), device="cpu", **paths, **FAST)["metrics"]
     assert report["final"]["val_accuracy"] >= 0.9
     assert report["val_pairs"] == 300 and len(report["history"]) == 4
-    assert json.loads((tmp_path / "gating.json").read_text())["final"] == report["final"]
+    assert json.loads((tmp_path / "gate.json").read_text())["metrics"]["final"] == report["final"]
 
     # The gating favours objective 0 on type-A prompts and objective 1 on type-B ones.
     state_dict, metadata = load_gating(tmp_path / "gating.safetensors")
@@ -101,7 +104,13 @@ def test_prompt_dependent_preference_is_learned(tmp_path):
 def test_softmax_is_over_objectives_and_beta_is_learned(tmp_path):
     prompts, rewards = prompt_dependent_pairs(n=400)
     paths = write_pipeline(tmp_path, rewards, prompts, np.eye(3, dtype=np.float32))
-    main(out=str(tmp_path / "gating.safetensors"), device="cpu", **paths, **{**FAST, "steps": 20}, beta_init=50.0)
+    main(
+        out=str(tmp_path / "gating.safetensors"),
+        device="cpu",
+        **paths,
+        **{**FAST, "steps": 20},
+        gating_logit_scale_init=50.0,
+    )
     state_dict, metadata = load_gating(tmp_path / "gating.safetensors")
     assert metadata["temperature"] == 10.0 and metadata["hidden_dim"] == 32 and metadata["n_hidden"] == 2
     assert metadata["steps"] == 20 and metadata["seed"] == 0 and 0 <= metadata["val_accuracy"] <= 1
@@ -175,16 +184,16 @@ def test_transform_is_applied_in_training(tmp_path):
     identity = np.eye(2, dtype=np.float32)
     paths = write_pipeline(tmp_path / "i", raw, prompts, identity)
     without_t = main(out=str(tmp_path / "i" / "gating.safetensors"), device="cpu", **fast, **paths)
-    assert with_t["final"]["val_accuracy"] >= 0.95
-    assert without_t["final"]["val_accuracy"] <= 0.7
+    assert with_t["metrics"]["final"]["val_accuracy"] >= 0.95
+    assert without_t["metrics"]["final"]["val_accuracy"] <= 0.7
 
 
 def test_same_seed_same_files_and_cli(tmp_path):
     prompts, rewards = prompt_dependent_pairs(n=300)
     paths = write_pipeline(tmp_path, rewards, prompts, np.eye(3, dtype=np.float32))
     args = ["gate", "--features", paths["features"], "--regression", paths["regression"]]
-    args += ["--transform", paths["transform"], "--steps", "30", "--batch-size", "64", "--hidden-dim", "16"]
-    args += ["--n-hidden", "2", "--eval-every", "10", "--device", "cpu", "--seed", "7"]
+    args += ["--transform", paths["transform"], "--steps", "30", "--batch-size", "64", "--gating-hidden-dim", "16"]
+    args += ["--gating-n-hidden", "2", "--eval-every", "10", "--device", "cpu", "--seed", "7"]
     for name in ("a", "b"):
         cli_main([*args, "--out", str(tmp_path / name / "gating.safetensors")])
     first, second = (tmp_path / name / "gating.safetensors" for name in ("a", "b"))
@@ -192,10 +201,10 @@ def test_same_seed_same_files_and_cli(tmp_path):
     (tensors_1, metadata_1), (tensors_2, metadata_2) = load_gating(first), load_gating(second)
     assert metadata_1 == metadata_2 and tensors_1.keys() == tensors_2.keys()
     assert all(torch.equal(tensors_1[key], tensors_2[key]) for key in tensors_1)
-    assert first.with_suffix(".json").read_text() == second.with_suffix(".json").read_text()
-    report = json.loads(first.with_suffix(".json").read_text())
-    assert [entry["step"] for entry in report["history"]] == [10, 20, 30]
-    assert report["hyper_parameters"]["seed"] == 7 and report["val_pairs"] == 30  # default val_fraction 0.1
+    assert (first.parent / "gate.json").read_text() == (second.parent / "gate.json").read_text()
+    report = json.loads((first.parent / "gate.json").read_text())
+    assert [entry["step"] for entry in report["metrics"]["history"]] == [10, 20, 30]
+    assert report["settings"]["seed"] == 7 and report["metrics"]["val_pairs"] == 30  # default val_fraction 0.1
     cli_main([*args[:-2], "--seed", "8", "--out", str(tmp_path / "c" / "gating.safetensors")])
     other, _ = load_gating(tmp_path / "c" / "gating.safetensors")
     assert not torch.equal(other["layers.0.weight"], tensors_1["layers.0.weight"])
@@ -210,12 +219,12 @@ def test_gating_state_dict_loads_into_the_model(tmp_path):
     gating, _ = train_gating(
         torch.tensor(prompts, dtype=torch.float32),
         torch.tensor(rewards, dtype=torch.float32),
-        **{**FAST, "steps": 5, "hidden_dim": hidden_dim, "n_hidden": n_hidden},
-        weight_decay=0.0,
-        temperature=model.config.gating_temperature,
-        beta_init=100.0,
-        seed=0,
-        device="cpu",
+        GateSettings(
+            **{**FAST, "steps": 5, "gating_hidden_dim": hidden_dim, "gating_n_hidden": n_hidden},
+            gating_temperature=model.config.gating_temperature,
+            gating_logit_scale_init=100.0,
+            device="cpu",
+        ),
     )
     model.gating.load_state_dict(gating.state_dict())  # strict: the same names and shapes as the model's `gating.*`
 
@@ -237,12 +246,12 @@ def test_weight_on_the_null_objective_is_reported(tmp_path, caplog):
     matrix[2, 2] = 0.0  # T = I, T[v, :] -= λ, T[v, v] = 0 with v = 2
     noise = rng.normal(size=(400, 2, 3)) * 5
     paths = write_pipeline(tmp_path / "noise", noise, rng.normal(size=(400, D)), matrix)
-    report = main(out=str(tmp_path / "noise.safetensors"), device="cpu", **paths, **FAST)
+    report = main(out=str(tmp_path / "noise.safetensors"), device="cpu", **paths, **FAST)["metrics"]
     assert report["mean_gating_share"]["objective-2"] > 0.9
     assert report["warnings"] and "objective-2" in report["warnings"][0]
     assert any("switched off" in record.message for record in caplog.records)
 
     prompts, rewards = prompt_dependent_pairs()
     paths = write_pipeline(tmp_path / "signal", rewards, prompts, matrix)
-    report = main(out=str(tmp_path / "signal.safetensors"), device="cpu", **paths, **FAST)
+    report = main(out=str(tmp_path / "signal.safetensors"), device="cpu", **paths, **FAST)["metrics"]
     assert report["warnings"] == [] and report["final"]["val_accuracy"] > 0.8

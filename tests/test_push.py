@@ -82,7 +82,7 @@ def write_checkpoint(folder, model_id: str = REPO_ID) -> None:
         logit_scale=3.0,
         gating_pattern_text=None,
         model_id=model_id,
-        command="armorm assemble ...",
+        build=[{"stage": "assemble", "command": "armorm assemble ...", "settings": {}}],
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
     build_model_card(info).save(os.path.join(folder, "README.md"))
@@ -104,7 +104,9 @@ def local_files(folder) -> dict[str, bytes]:
 
 
 def test_push_creates_the_repo_and_commits_every_file(checkpoint, hub, capsys):
-    info = push.main(str(checkpoint), repo_id=REPO_ID, private=True, token=TOKEN, commit_message="First upload")
+    info = push.main(
+        checkpoint=str(checkpoint), repo_id=REPO_ID, private=True, token=TOKEN, commit_message="First upload"
+    )
     hub = api_calls(hub)
     assert info.oid == "0123456789abcdef0123456789abcdef01234567"
     assert all(request.headers["authorization"] == f"Bearer {TOKEN}" for request in hub)
@@ -132,23 +134,23 @@ def test_push_creates_the_repo_and_commits_every_file(checkpoint, hub, capsys):
 
 def test_token_comes_from_hf_token(checkpoint, hub, no_login, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_from_environment")
-    push.main(str(checkpoint), repo_id=REPO_ID)
+    push.main(checkpoint=str(checkpoint), repo_id=REPO_ID)
     hub = api_calls(hub)
     assert hub and all(request.headers["authorization"] == "Bearer hf_from_environment" for request in hub)
 
 
 def test_no_token_is_refused_before_any_request(checkpoint, hub, no_login):
     with pytest.raises(ValueError, match="No Hub token: pass `--token`, set `HF_TOKEN`"):
-        push.main(str(checkpoint), repo_id=REPO_ID)
+        push.main(checkpoint=str(checkpoint), repo_id=REPO_ID)
     assert hub == []
 
 
 def test_dry_run_lists_files_and_sizes_and_sends_nothing(checkpoint, hub, capsys):
-    cli.main(["push", str(checkpoint), "--repo-id", REPO_ID, "--dry-run", "--token", TOKEN])
+    cli.main(["push", "--checkpoint", str(checkpoint), "--repo-id", REPO_ID, "--dry-run", "--token", TOKEN])
     assert hub == []
     out = capsys.readouterr().out
     expected = {path: len(data) for path, data in local_files(checkpoint).items()}
-    assert dict(push.main(str(checkpoint), repo_id=REPO_ID, dry_run=True, token=TOKEN)) == expected
+    assert dict(push.main(checkpoint=str(checkpoint), repo_id=REPO_ID, dry_run=True, token=TOKEN)) == expected
     assert hub == []
     for path in expected:
         assert path in out
@@ -158,7 +160,7 @@ def test_dry_run_lists_files_and_sizes_and_sends_nothing(checkpoint, hub, capsys
 def test_dry_run_skips_git_folders(checkpoint, hub):
     (checkpoint / ".git").mkdir()
     (checkpoint / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    files = push.main(str(checkpoint), repo_id=REPO_ID, dry_run=True)
+    files = push.main(checkpoint=str(checkpoint), repo_id=REPO_ID, dry_run=True)
     assert all(not path.startswith(".git") for path, _ in files) and hub == []
 
 
@@ -195,11 +197,11 @@ def _bad_card(folder):
 def test_a_folder_that_is_not_an_armorm_checkpoint_is_refused(checkpoint, hub, edit, message, dry_run):
     edit(checkpoint)
     with pytest.raises(ValueError, match=message):
-        push.main(str(checkpoint), repo_id=REPO_ID, dry_run=dry_run, token=TOKEN)
+        push.main(checkpoint=str(checkpoint), repo_id=REPO_ID, dry_run=dry_run, token=TOKEN)
     assert hub == []
 
 
 def test_a_card_that_loads_another_model_is_flagged(tmp_path, hub, caplog):
     write_checkpoint(tmp_path / "ckpt", model_id="somebody-else/model")
-    push.main(str(tmp_path / "ckpt"), repo_id=REPO_ID, dry_run=True)
+    push.main(checkpoint=str(tmp_path / "ckpt"), repo_id=REPO_ID, dry_run=True)
     assert f"does not load '{REPO_ID}'" in caplog.text and hub == []

@@ -1,0 +1,147 @@
+"""One report per stage, `<stage>.json`, in one shape, beside what the stage wrote.
+
+    {
+      "stage": "fit",
+      "command": "armorm fit --features ratings --out regression.safetensors",
+      "settings": {"features": ["ratings"], "out": "regression.safetensors", "alphas": [...], ...},
+      "inputs": {"features": [{"path": "ratings", "sha256": "…"}]},
+      "outputs": {"regression": {"path": "regression.safetensors", "sha256": "…"}},
+      "metrics": {...},
+      "versions": {"armorm": "0.1.0", "torch": "…", "transformers": "…"}
+    }
+
+Local paths are written relative to the report's folder, so a work folder can be moved and its reports still name
+their files; the command reruns the stage from that folder. `sha256` is a content hash (see `conversion.files`):
+a later stage, `armorm build` or `armorm assemble` compares it with the file it is given, so a report is never read
+for a file it was not written for.
+"""
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+from conversion.files import atomic_write_json
+
+
+__all__ = ["Fingerprint", "REPORT_KEYS", "read_report", "report_path", "write_report"]
+
+REPORT_KEYS = ("stage", "command", "settings", "inputs", "outputs", "metrics", "versions")
+_PACKAGES = ("armorm", "torch", "transformers", "safetensors", "datasets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """A file or folder a stage read or wrote, and the content hash that identifies it (None: not hashable here,
+    e.g. a Hub id that cannot be resolved offline)."""
+
+    path: str
+    sha256: str | None
+
+    def as_dict(self, paths) -> dict:
+        return {"path": paths(self.path), "sha256": self.sha256}
+
+
+def report_path(stage: str, out: str | os.PathLike) -> Path:
+    """Where `stage` writes its report: inside `out` when it is a folder (extract, assemble), else beside it."""
+    out = Path(out)
+    return (out if out.is_dir() else out.parent) / f"{stage}.json"
+
+
+def relative_path(value: str, folder: Path) -> str:
+    """`value` relative to `folder` when it is an existing local path, else unchanged (a Hub id, a name)."""
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        return value
+    return os.path.relpath(os.path.abspath(value), os.path.abspath(folder))
+
+
+def file_name(value: str) -> str:
+    """An existing local path reduced to its file or folder name (what may leave the machine), else unchanged."""
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        return value
+    return Path(os.path.abspath(value)).name
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in _PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _fingerprints(entries: dict, paths) -> dict:
+    def one(entry):
+        if isinstance(entry, (list, tuple)):
+            return [one(item) for item in entry]
+        return entry.as_dict(paths) if isinstance(entry, Fingerprint) else entry
+
+    return {name: one(entry) for name, entry in entries.items()}
+
+
+def write_report(
+    path: str | os.PathLike,
+    stage: str,
+    config,
+    inputs: dict,
+    outputs: dict,
+    metrics: dict,
+    public: bool = False,
+) -> dict:
+    """Write `<stage>.json` at `path` (see `report_path`) for a stage run with `config` (its settings dataclass);
+    `inputs` / `outputs` map a name to a `Fingerprint` (or a list of them). Returns the report as written.
+
+    Local paths are written relative to the report's folder; with `public` (a report that is published, inside a
+    checkpoint) as their file names only, so no local folder layout leaves the machine.
+    """
+    from conversion.cli import command_line, settings_dict  # the CLI's own flag names; cli imports the stages
+
+    path = Path(path)
+    paths = file_name if public else (lambda value: relative_path(value, path.parent))
+    report = {
+        "stage": stage,
+        "command": command_line(stage, config, paths=paths),
+        "settings": settings_dict(config, paths),
+        "inputs": _fingerprints(inputs, paths),
+        "outputs": _fingerprints(outputs, paths),
+        "metrics": metrics,
+        "versions": versions(),
+    }
+    # JSON has no NaN: a metric that is undefined (a correlation over constant values) is written as null.
+    atomic_write_json(path, _finite(report))
+    return report
+
+
+def _finite(value):
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def read_report(path: str | os.PathLike) -> dict | None:
+    """A stage report, or None when there is none; a file that is not a report in this shape is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    missing = [key for key in REPORT_KEYS if key not in report]
+    if missing:
+        raise ValueError(
+            f"{path} is not a stage report of this package (it lacks {missing}); delete it and rerun the stage."
+        )
+    return report
+
+
+def output_sha256(report: dict | None, name: str) -> str | None:
+    """The content hash a report records for its output `name`."""
+    if report is None:
+        return None
+    entry = report["outputs"].get(name)
+    return entry.get("sha256") if isinstance(entry, dict) else None

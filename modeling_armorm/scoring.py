@@ -1,0 +1,292 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""The one scoring path: conversations → tokens and gating positions → length-sorted batches → per-row outputs.
+
+Every caller that renders conversations itself goes through here: `armorm extract` (backbone features),
+`armorm evaluate`, `ArmoRMReward` (TRL) and the `reward-scoring` pipeline.
+
+* **Rendering.** A conversation is rendered with the tokenizer's chat template. The gating position (where h_x is
+  read) comes from the rendering, never from a search in the tokens: the prompt rendered with the generation prompt
+  ends with the gating pattern, so h_x is read at that pattern's first token. An answer that writes the template's
+  own markup (`Sure.<|im_end|>\\n<|im_start|>assistant\\n…`) therefore cannot move h_x into itself, and its text is
+  tokenized with `split_special_tokens=True`, so markup in it stays plain text. An answer without markup is
+  tokenized exactly as `tokenizer.apply_chat_template(messages)` tokenizes it.
+* **Batching.** Sequences are sorted by length (little padding), right-padded, run, and put back in the caller's
+  order. The last real token comes from the attention mask and positions are counted over real tokens, so any pad
+  id is safe.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
+from .modeling_armorm import position_ids_from_mask
+
+
+__all__ = [
+    "ChatEncoder",
+    "EncodedConversation",
+    "Progress",
+    "ROLES",
+    "ScoreOutput",
+    "collate",
+    "length_sorted_batches",
+    "model_gating_pattern",
+    "pad_token_id",
+    "right_pad",
+    "run_in_batches",
+    "score_conversations",
+    "score_encoded",
+    "validate_messages",
+]
+
+Message = dict[str, str]
+# The roles a scored conversation may hold; the last message is the assistant's answer.
+ROLES = ("system", "user", "assistant")
+OUTPUT_FIELDS = ("score", "rewards", "gating_output", "coefficients")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos, else 0. Padding is masked out (the last real
+    token and the positions come from the attention mask), so the choice never changes a score."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def validate_messages(messages, where: str = "the conversation") -> list[Message]:
+    """`messages` as a list of `{"role", "content"}` dicts that ends with the assistant's answer after a prompt.
+
+    Raises a `ValueError` that names `where` and the fix. An empty answer is allowed (it is scored as an empty
+    answer: the template's end-of-turn tokens are its last real tokens); an empty prompt message is too.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}.")
+    checked = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {j} must be a dict with a string `content`, got {message!r:.80}.")
+        if message.get("role") not in ROLES:
+            raise ValueError(
+                f"{where}: message {j} has role {message.get('role')!r}; a scored conversation holds only "
+                f"{', '.join(ROLES)} turns (fold tool results into the user's turn)."
+            )
+        checked.append({"role": message["role"], "content": message["content"]})
+    if checked[-1]["role"] != "assistant":
+        raise ValueError(
+            f"{where} ends with a {checked[-1]['role']} turn, not the assistant's answer that is scored: append the "
+            "answer, or drop the trailing turns"
+        )
+    if all(message["role"] == "assistant" for message in checked[:-1]):
+        raise ValueError(f"{where} has no system or user turn before the answer, so it has no prompt")
+    return checked
+
+
+@dataclass
+class EncodedConversation:
+    """One conversation as token ids, with the gating position read from its rendering.
+
+    `gating_position`: the index of h_x (the first token of the gating pattern that ends the rendered prompt).
+    `answer_start`: the index of the answer's first token (after the generation prompt).
+    """
+
+    input_ids: list[int]
+    gating_position: int
+    answer_start: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ChatEncoder:
+    """Encode conversations for ArmoRM with `tokenizer`'s chat template (see the module docstring).
+
+    Args:
+        tokenizer: the reward model's tokenizer, with the chat template it was trained with.
+        pattern (`GatingPattern`, *optional*): the gating pattern; derived from the template when not given.
+    """
+
+    def __init__(self, tokenizer, pattern: GatingPattern | None = None):
+        self.tokenizer = tokenizer
+        self.pattern = pattern or gating_pattern_from_tokenizer(tokenizer)
+        self.end_of_turn = end_of_turn_text(tokenizer)
+
+    def _ids(self, text: str, plain: bool = False) -> list[int]:
+        # The rendered template already holds its special tokens (BOS included): add none.
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+
+    def _render(self, messages: list[Message], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(self, messages, where: str = "the conversation") -> EncodedConversation:
+        """Tokens and gating position of one conversation; a `ValueError` names `where` and the problem."""
+        messages = validate_messages(messages, where)
+        prompt_text = self._render(messages[:-1], generation_prompt=True)
+        full_text = self._render(messages, generation_prompt=False)
+        if not full_text.startswith(prompt_text) or not full_text.endswith(self.end_of_turn):
+            raise ValueError(
+                f"{where}: the chat template does not render it as the prompt (with the generation prompt) followed by "
+                "the answer and the end-of-turn text, so the gating position cannot be read from the rendering. "
+                "Use the reward model's own tokenizer, or pass token ids with `gating_positions=`."
+            )
+        answer_text = full_text[len(prompt_text) : len(full_text) - len(self.end_of_turn)]
+        return self._encode_parts(prompt_text, answer_text, where)
+
+    def encode_rendered(self, prompt_text: str, answer: str, where: str = "the conversation") -> EncodedConversation:
+        """A prompt already rendered with the template (generation prompt included) and a plain-text answer."""
+        return self._encode_parts(prompt_text, answer, where)
+
+    def _encode_parts(self, prompt_text: str, answer_text: str, where: str) -> EncodedConversation:
+        prompt_ids = self._ids(prompt_text)
+        n = len(self.pattern.token_ids)
+        if prompt_ids[-n:] != list(self.pattern.token_ids):
+            raise ValueError(
+                f"{where}: the rendered prompt does not end with the gating pattern {self.pattern.text!r} (the "
+                "template's assistant header), so h_x cannot be located. Render it with `add_generation_prompt=True` "
+                "and the reward model's chat template."
+            )
+        gating_position = len(prompt_ids) - n + self.pattern.offset
+        answer_ids = self._ids(answer_text, plain=True)
+        if answer_ids == self._ids(answer_text):
+            # No markup in the answer: the tokens `apply_chat_template` gives for the whole conversation.
+            input_ids = self._ids(prompt_text + answer_text + self.end_of_turn)
+            if input_ids[: gating_position + 1] != prompt_ids[: gating_position + 1]:
+                input_ids = prompt_ids + answer_ids + self._ids(self.end_of_turn)
+        else:
+            # Markup in the answer stays plain text: it cannot close the turn or open a new one.
+            input_ids = prompt_ids + answer_ids + self._ids(self.end_of_turn)
+        return EncodedConversation(input_ids, gating_position, len(prompt_ids))
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices sorted by length, longest first (little padding; an out-of-memory error shows at once)."""
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token rows padded on the right to one width: `input_ids` and `attention_mask`, each (batch, width)."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def collate(encoded: Sequence[EncodedConversation], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `position_ids` and the rows' `gating_positions`."""
+    input_ids, attention_mask = right_pad([row.input_ids for row in encoded], pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "gating_positions": torch.tensor([row.gating_position for row in encoded], dtype=torch.long),
+    }
+
+
+class Progress:
+    """A tqdm bar over rows that also shows the real (unpadded) tokens per second."""
+
+    def __init__(self, total: int, desc: str, unit: str = " responses", disable: bool | None = False):
+        self.bar = tqdm(total=total, unit=unit, desc=desc, disable=disable)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(rows)
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s", False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_in_batches(
+    forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    encoded: Sequence[EncodedConversation],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """`forward(batch)` over length-sorted, right-padded batches of `encoded`; returns each output (n, ...) on the CPU
+    in the order of `encoded`. `forward` gets the `collate` dict on `device` and returns per-row tensors."""
+    outputs: dict[str, torch.Tensor] = {}
+    for batch in length_sorted_batches([len(row) for row in encoded], batch_size):
+        inputs = {key: value.to(device) for key, value in collate([encoded[i] for i in batch], pad_id).items()}
+        for key, value in forward(inputs).items():
+            if key not in outputs:
+                outputs[key] = torch.empty((len(encoded), *value.shape[1:]), dtype=value.dtype)
+            outputs[key][batch] = value.detach().cpu()
+        if progress is not None:
+            progress.update(len(batch), int(inputs["attention_mask"].sum()))
+    return outputs
+
+
+@dataclass
+class ScoreOutput:
+    """Per-row outputs in the caller's order, float32 on the CPU: `score` (n,), `rewards`, `gating_output` and
+    `coefficients` (n, k), with `score == (coefficients * rewards).sum(-1)`."""
+
+    score: torch.Tensor
+    rewards: torch.Tensor
+    gating_output: torch.Tensor
+    coefficients: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+@torch.inference_mode()
+def score_encoded(
+    model, encoded: Sequence[EncodedConversation], batch_size: int = 8, pad_id: int = 0, progress=None
+) -> ScoreOutput:
+    """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched)."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for i, row in enumerate(encoded):
+        if limit is not None and len(row) > limit:
+            raise ValueError(
+                f"Conversation {i} has {len(row)} tokens, more than the backbone's `max_position_embeddings` "
+                f"({limit}); shorten it (drop earlier turns) before scoring."
+            )
+    if not encoded:
+        k = model.config.num_objectives
+        return ScoreOutput(torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k), torch.zeros(0, k))
+
+    def forward(inputs):
+        output = model(**inputs)
+        return {key: getattr(output, key).float() for key in OUTPUT_FIELDS}
+
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = run_in_batches(forward, encoded, batch_size, pad_id, device, progress)
+    finally:
+        model.train(was_training)
+    return ScoreOutput(**outputs)
+
+
+def score_conversations(
+    model, tokenizer, conversations: Sequence[list[Message]], batch_size: int = 8, progress=None
+) -> ScoreOutput:
+    """Score full conversations (each ending with the assistant's answer) with an ArmoRM and its tokenizer."""
+    encoder = ChatEncoder(tokenizer, model_gating_pattern(model, tokenizer))
+    encoded = [encoder.encode(messages, where=f"conversation {i}") for i, messages in enumerate(conversations)]
+    return score_encoded(model, encoded, batch_size, pad_token_id(tokenizer), progress)
+
+
+def model_gating_pattern(model, tokenizer) -> GatingPattern:
+    """The model's own gating pattern (its config), checked against what the tokenizer's template gives."""
+    derived = gating_pattern_from_tokenizer(tokenizer)
+    config = model.config
+    if config.gating_token_pattern and list(config.gating_token_pattern) != list(derived.token_ids):
+        raise ValueError(
+            f"The tokenizer's chat template gives the gating pattern {derived.token_ids} ({derived.text!r}) but the "
+            f"model was built for {list(config.gating_token_pattern)}: use the reward model's own tokenizer."
+        )
+    return GatingPattern(derived.token_ids, config.gating_token_offset, derived.text)
