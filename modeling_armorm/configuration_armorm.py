@@ -22,6 +22,16 @@ class ArmoRMConfig(PreTrainedConfig):
             A name for each objective, in the order of the regression layer's rows.
         verbosity_objective (`int`, *optional*):
             Index of the verbosity objective v whose reward the others were decorrelated from (4 in the release).
+        gated_objectives (`list[int]`, *optional*):
+            The objectives the gating softmax runs over; the others get gating weight 0 by construction (their logits
+            are masked out). None: all k (the released checkpoint's math). After decorrelation the verbosity column
+            of r T is identically zero, so weight on it could only shrink every score toward zero: models this
+            package trains leave it out (arXiv 2406.12845 §3.2 gates the decorrelated rewards r').
+        length_objective (`int`, *optional*):
+            An objective whose reward is the answer's length, log(1 + n) with n the number of tokens after the
+            gating position up to the last real token, computed in the forward from the two positions it reads,
+            instead of W h (its row of W is unused). It stands in for verbosity when no verbosity rating can be
+            trusted.
         gating_hidden_dim (`int`, defaults to 1024):
             Width of the gating MLP's hidden layers (the paper's value).
         gating_n_hidden (`int`, defaults to 3):
@@ -35,7 +45,8 @@ class ArmoRMConfig(PreTrainedConfig):
             last occurrence (plus `gating_token_offset`). Llama-3: `[128009, 128006, 78191, 128007, 271]`.
             `gating_pattern_from_tokenizer` derives it from any chat template.
         gating_token_offset (`int`, defaults to 0):
-            Position of the prompt feature relative to the pattern's first token.
+            Position of the prompt feature relative to the pattern's first token; it must stay inside the pattern or
+            before it (a larger offset would read the answer's tokens).
         gating_token_pattern_text (`str`, *optional*):
             The pattern decoded to text, quoted in error messages (the model holds no tokenizer).
 
@@ -51,6 +62,8 @@ class ArmoRMConfig(PreTrainedConfig):
     num_objectives: int = 19
     objective_names: list[str] | None = None
     verbosity_objective: int | None = None
+    gated_objectives: list[int] | None = None
+    length_objective: int | None = None
     gating_hidden_dim: int = 1024
     gating_n_hidden: int = 3
     gating_temperature: float = 10.0
@@ -60,19 +73,48 @@ class ArmoRMConfig(PreTrainedConfig):
     gating_token_pattern_text: str | None = None
 
     def __post_init__(self, **kwargs):
-        # A reward model has one output, the score: TRL loads reward models with `num_labels=1`.
+        # A reward model has one output, the score: TRL loads reward models with `num_labels=1`, and
+        # `problem_type="regression"` makes the text-classification pipeline return it raw (not a sigmoid).
         kwargs.setdefault("num_labels", 1)
+        kwargs.setdefault("problem_type", "regression")
         super().__post_init__(**kwargs)
-        if self.objective_names is not None and len(self.objective_names) != self.num_objectives:
+        self._validate_heads()
+
+    def _validate_heads(self) -> None:
+        k = self.num_objectives
+        if self.objective_names is not None and len(self.objective_names) != k:
             raise ValueError(
-                f"`objective_names` has {len(self.objective_names)} names but `num_objectives` is "
-                f"{self.num_objectives}; give one name per objective."
+                f"`objective_names` has {len(self.objective_names)} names but `num_objectives` is {k}; give one "
+                "name per objective."
             )
-        if self.verbosity_objective is not None and not 0 <= self.verbosity_objective < self.num_objectives:
+        for name in ("verbosity_objective", "length_objective"):
+            index = getattr(self, name)
+            if index is not None and not 0 <= index < k:
+                raise ValueError(f"`{name}` ({index}) must index one of the {k} objectives.")
+        if self.gated_objectives is not None:
+            gated = list(self.gated_objectives)
+            if not gated or len(set(gated)) != len(gated) or not all(0 <= i < k for i in gated):
+                raise ValueError(
+                    f"`gated_objectives` ({gated}) must list distinct indices of the {k} objectives, at least one."
+                )
+        if not self.gating_temperature > 0:
             raise ValueError(
-                f"`verbosity_objective` ({self.verbosity_objective}) must index one of the "
-                f"{self.num_objectives} objectives."
+                f"`gating_temperature` must be > 0, got {self.gating_temperature}: the softmax divides by it."
             )
+        pattern = self.gating_token_pattern
+        if pattern:
+            vocab_size = getattr(self.text_config, "vocab_size", None)
+            outside = [i for i in pattern if not 0 <= i < (vocab_size if vocab_size is not None else i + 1)]
+            if outside:
+                raise ValueError(
+                    f"`gating_token_pattern` holds ids {outside} outside the backbone's vocabulary ({vocab_size}); "
+                    "derive it from the model's own tokenizer (`gating_pattern_from_tokenizer`)."
+                )
+            if self.gating_token_offset >= len(pattern):
+                raise ValueError(
+                    f"`gating_token_offset` ({self.gating_token_offset}) reads past the prompt: the pattern has "
+                    f"{len(pattern)} tokens, so the offset must be below {len(pattern)}."
+                )
 
     @property
     def pad_token_id(self) -> int | None:

@@ -4,7 +4,7 @@
     h    = f(x ⊕ y)[last real token]                     response feature, (batch, d)
     h_x  = f(x ⊕ y)[gating position]                     prompt feature, same forward pass (attention is causal)
     r    = W h                                           k objective rewards
-    g    = β · softmax(MLP(h_x) / temperature)           gating weights over the k objectives
+    g    = β · softmax(MLP(h_x) / temperature)           gating weights over the gated objectives (0 elsewhere)
     s    = g · (r T)  =  (g Tᵀ) · r                      score; T removes the verbosity component
 
 This file is copied next to every saved checkpoint (remote code): it imports only torch, transformers and
@@ -59,11 +59,23 @@ class ArmoRMRewardOutput(ModelOutput):
 
 
 class ArmoRMGatingNetwork(nn.Module):
-    """g(h_x) = β · softmax(MLP(h_x) / temperature), the softmax over the k objectives (never over a batch axis)."""
+    """g(h_x) = β · softmax(MLP(h_x) / temperature), the softmax over the k objectives (never over a batch axis).
 
-    def __init__(self, in_features: int, num_objectives: int, hidden_dim: int, n_hidden: int, temperature: float):
+    With `gated_objectives`, the softmax runs over those objectives only and the others get weight exactly 0.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_objectives: int,
+        hidden_dim: int,
+        n_hidden: int,
+        temperature: float,
+        gated_objectives: list[int] | None = None,
+    ):
         super().__init__()
         self.temperature = temperature
+        self.gated_objectives = None if gated_objectives is None else tuple(gated_objectives)
         widths = [in_features] + [hidden_dim] * n_hidden + [num_objectives]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.logit_scale = nn.Parameter(torch.ones(1))  # β; set by `_init_weights` or loaded
@@ -72,8 +84,13 @@ class ArmoRMGatingNetwork(nn.Module):
         x = prompt_embedding  # (batch, d)
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))  # (batch, hidden_dim)
-        logits = self.layers[-1](x)  # (batch, k)
-        return self.logit_scale * torch.softmax(logits / self.temperature, dim=-1)  # (batch, k)
+        logits = self.layers[-1](x) / self.temperature  # (batch, k)
+        if self.gated_objectives is not None:
+            # Objectives outside the gate get a logit of −∞: softmax weight exactly 0, no gradient.
+            gated = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            gated[list(self.gated_objectives)] = True
+            logits = logits.masked_fill(~gated, float("-inf"))
+        return self.logit_scale * torch.softmax(logits, dim=-1)  # (batch, k)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -129,6 +146,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             hidden_dim=config.gating_hidden_dim,
             n_hidden=config.gating_n_hidden,
             temperature=config.gating_temperature,
+            gated_objectives=config.gated_objectives,
         )
         # T is fixed after decorrelation: a persistent buffer, so no optimizer or `requires_grad` reset can train it.
         self.register_buffer("reward_transform_matrix", torch.eye(config.num_objectives), persistent=True)
@@ -180,8 +198,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             kwargs.pop(key, None)
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         batch_size, seq_len = reference.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=reference.device)
+        attention_mask = self._checked_mask(input_ids, attention_mask, reference)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
 
@@ -203,6 +220,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
                 raise ValueError("`gating_positions` is required with `inputs_embeds`: no token ids to search.")
             gating_positions = self.find_gating_positions(input_ids, attention_mask)
         gating_positions = torch.as_tensor(gating_positions, dtype=torch.long, device=hidden.device)
+        self._check_gating_positions(gating_positions, last_positions)
         rows = torch.arange(batch_size, device=hidden.device)
 
         head_dtype = self.regression_layer.weight.dtype
@@ -213,6 +231,11 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
 
             # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ
             rewards = self.regression_layer(h)  # (batch, k)
+            if self.config.length_objective is not None:
+                # r_len = log(1 + n), n = the tokens after the gating position: the answer's length, not W h.
+                n = (last_positions - gating_positions).to(head_dtype)  # (batch,)
+                column = torch.arange(rewards.shape[-1], device=rewards.device) == self.config.length_objective
+                rewards = torch.where(column, torch.log1p(n)[:, None], rewards)
             gating_output = self.gating(h_x)  # (batch, k)
             transform = self.reward_transform_matrix.to(head_dtype)  # (k, k)
             score = (gating_output * (rewards @ transform)).sum(-1)  # (batch,)
@@ -229,6 +252,64 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _checked_mask(self, input_ids, attention_mask, reference) -> torch.Tensor:
+        """The attention mask, refusing inputs that would be scored at the wrong token: no tokens, a row with no real
+        token, a padded batch without a mask, or a row longer than the backbone's positions."""
+        batch_size, seq_len = reference.shape
+        if seq_len == 0 or batch_size == 0:
+            raise ValueError("The input is empty: give at least one conversation of at least one token.")
+        if attention_mask is None:
+            pad = self.config.pad_token_id
+            if input_ids is not None and pad is not None and batch_size > 1:
+                # A row that starts with the pad id, or ends with two of them, was padded: without the mask its last
+                # real token (the reward) and its positions would be read wrong.
+                padded = (input_ids[:, 0] == pad) | ((input_ids[:, -1] == pad) & (input_ids[:, -2:] == pad).all(-1))
+                if padded.any():
+                    raise ValueError(
+                        f"Row(s) {padded.nonzero().flatten().tolist()} of the batch look padded (pad id {pad}) but no "
+                        "`attention_mask` was given: pass the tokenizer's `attention_mask` with padded inputs."
+                    )
+            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=reference.device)
+        lengths = attention_mask.sum(-1)
+        if (lengths == 0).any():
+            raise ValueError(f"Row(s) {(lengths == 0).nonzero().flatten().tolist()} have no real token (mask all 0).")
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if limit is not None and (lengths > limit).any():
+            raise ValueError(
+                f"Row(s) {(lengths > limit).nonzero().flatten().tolist()} hold more tokens than the backbone's "
+                f"`max_position_embeddings` ({limit}): shorten the conversation (drop earlier turns) to fit."
+            )
+        return attention_mask
+
+    @staticmethod
+    def _check_gating_positions(gating_positions: torch.Tensor, last_positions: torch.Tensor) -> None:
+        if gating_positions.shape != last_positions.shape:
+            raise ValueError(
+                f"`gating_positions` has shape {tuple(gating_positions.shape)}; give one position per row "
+                f"({tuple(last_positions.shape)})."
+            )
+        wrong = (gating_positions < 0) | (gating_positions > last_positions)
+        if wrong.any():
+            rows = wrong.nonzero().flatten().tolist()
+            raise ValueError(
+                f"`gating_positions` of row(s) {rows} ({gating_positions[rows].tolist()}) are outside the real tokens "
+                f"(0 to {last_positions[rows].tolist()}): the prompt feature must be read inside the prompt."
+            )
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks any tensor of the model (a missing head
+        tensor would otherwise be initialised, T = I or a random W, and score silently)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks the tensors {missing}, so the model would score with made-up values for them. "
+                "Assemble it again (`armorm assemble`) or convert it (`armorm convert-rlhflow`)."
+            )
+        return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Every Auto class this checkpoint answers to, so it loads as remote code wherever the package is absent.

@@ -5,6 +5,8 @@ r   = W h                              g   = β softmax(MLP(h_x) / τ)     (soft
 s   = Σ_i g_i (r T)_i                  c   = g Tᵀ, so s = c · r
 """
 
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
@@ -138,17 +140,22 @@ def test_save_load_same_outputs_and_T_stays_frozen(model, tmp_path):
     assert AutoModel.from_pretrained(tmp_path).__class__ is ArmoRMForRewardModeling
 
 
-def test_missing_head_tensors_are_initialised_not_garbage(tmp_path):
-    """transformers 5 leaves custom tensors absent from a checkpoint uninitialised unless `_init_weights` sets them."""
+@pytest.mark.parametrize(
+    "missing", ["reward_transform_matrix", "gating.logit_scale", "regression_layer.weight", "gating.layers.1.bias"]
+)
+def test_a_checkpoint_missing_a_head_tensor_fails_loudly(tmp_path, missing):
+    """A checkpoint without one of the head tensors must not load: transformers would initialise it (T = I, a random
+    W or gating layer, β = 100) and the model would score with made-up values. The error names the tensor."""
     from safetensors.torch import load_file, save_file
 
     tiny_armorm(tiny_llama_config(vocab_size=64), num_objectives=3).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    del weights["reward_transform_matrix"], weights["gating.logit_scale"]
+    del weights[missing]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = ArmoRMForRewardModeling.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded.reward_transform_matrix, torch.eye(3))
-    assert loaded.gating.logit_scale.item() == 100.0
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        ArmoRMForRewardModeling.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
 
 
 def test_pad_token_id_has_one_home():
@@ -229,3 +236,97 @@ def test_heads_stay_float32_under_bf16_autocast(model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, attention_mask=mask)
     assert out.rewards.dtype == out.score.dtype == out.gating_output.dtype == torch.float32
+
+
+# --- Gated objectives, the length objective, and inputs that must not be scored -----------------------------
+
+
+def masked_gating(model, prompt_embedding: torch.Tensor, gated: list[int]) -> torch.Tensor:
+    """β · softmax over the gated objectives only, 0 elsewhere, computed from the gating weights by hand."""
+    x = prompt_embedding
+    for layer in model.gating.layers[:-1]:
+        x = torch.clamp(x @ layer.weight.T + layer.bias, min=0)
+    logits = (x @ model.gating.layers[-1].weight.T + model.gating.layers[-1].bias) / model.config.gating_temperature
+    g = torch.zeros_like(logits)
+    e = torch.exp(logits[:, gated] - logits[:, gated].max(-1, keepdim=True).values)
+    g[:, gated] = model.gating.logit_scale * e / e.sum(-1, keepdim=True)
+    return g
+
+
+def test_gated_objectives_mask_the_softmax(model, tmp_path):
+    """Objectives outside `gated_objectives` get weight exactly 0; the others share β; the converted release (no
+    list) keeps the softmax over all k."""
+    torch.manual_seed(0)
+    gated = tiny_armorm(
+        tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN, gated_objectives=[0, 2, 3]
+    )
+    ids, mask = padded(conversations(), 0, "right")
+    with torch.no_grad():
+        out = gated(input_ids=ids, attention_mask=mask)
+        expected = masked_gating(gated, out.prompt_embedding, [0, 2, 3])
+    assert (out.gating_output[:, 1] == 0).all()
+    torch.testing.assert_close(out.gating_output, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((out.coefficients * out.rewards).sum(-1), out.score, atol=1e-5, rtol=1e-5)
+    gated.save_pretrained(tmp_path)
+    reloaded = ArmoRMForRewardModeling.from_pretrained(tmp_path).eval()
+    assert reloaded.config.gated_objectives == [0, 2, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).score, out.score)
+    assert model.config.gated_objectives is None and (model(input_ids=ids, attention_mask=mask).gating_output > 0).all()
+
+
+def test_length_objective_is_the_log_of_the_answer_tokens():
+    """r_len = log(1 + n), n = tokens after the gating position up to the last real token, under any padding."""
+    model = tiny_armorm(
+        tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN, length_objective=2
+    )
+    rows = conversations()
+    expected = reference_armorm_outputs(model, rows, PATTERN)["rewards"]
+    for i, row in enumerate(rows):
+        start = max(s for s in range(len(row) - 2) if row[s : s + 3] == PATTERN)
+        expected[i, 2] = torch.log1p(torch.tensor(float(len(row) - 1 - start)))
+    for side in ("right", "left"):
+        with torch.no_grad():
+            out = model(*padded(rows, EOT, side))
+        torch.testing.assert_close(out.rewards, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((out.coefficients * out.rewards).sum(-1), out.score, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gating_temperature": 0.0}, "`gating_temperature` must be > 0"),
+        ({"gating_temperature": -1.0}, "`gating_temperature` must be > 0"),
+        ({"gating_token_pattern": [7, 8, 9], "gating_token_offset": 3}, "reads past the prompt"),
+        ({"gating_token_pattern": [7, 800, 9]}, r"ids \[800\] outside the backbone's vocabulary"),
+        ({"gated_objectives": [0, 0]}, "`gated_objectives`"),
+        ({"gated_objectives": [5]}, "`gated_objectives`"),
+        ({"gated_objectives": []}, "`gated_objectives`"),
+        ({"length_objective": 4}, "`length_objective`"),
+    ],
+)
+def test_invalid_config_values_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ArmoRMConfig(text_config=tiny_llama_config(vocab_size=64), num_objectives=4, **kwargs)
+
+
+def test_inputs_that_would_be_mis_scored_are_refused(model):
+    rows = conversations()
+    ids, mask = padded(rows, EOT, "right")
+    with pytest.raises(ValueError, match=r"outside the real tokens"):
+        model(input_ids=ids, attention_mask=mask, gating_positions=torch.tensor([1, 1, 40, 1]))
+    with pytest.raises(ValueError, match=r"outside the real tokens"):
+        model(input_ids=ids, attention_mask=mask, gating_positions=torch.tensor([1, -1, 1, 1]))
+    with pytest.raises(ValueError, match="one position per row"):
+        model(input_ids=ids, attention_mask=mask, gating_positions=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="empty"):
+        model(input_ids=torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"Row\(s\) \[0, 1, 2\] of the batch look padded.*attention_mask"):
+        model(input_ids=ids)  # right padding with pad == eot, no mask
+    with pytest.raises(ValueError, match=r"look padded"):
+        model(input_ids=padded(rows, EOT, "left")[0])
+    with pytest.raises(ValueError, match=r"Row\(s\) \[1\] have no real token"):
+        model(input_ids=ids, attention_mask=mask * torch.tensor([[1], [0], [1], [1]]))
+    long_row = torch.tensor([[1] * 4095 + PATTERN + [5, EOT]])
+    with pytest.raises(ValueError, match=r"`max_position_embeddings` \(4096\)"):
+        model(input_ids=long_row)
