@@ -43,6 +43,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Numeric columns that number rows rather than rate them: never a default objective.
 ID_COLUMN = re.compile(r"(^|[_\-])(id|idx|index)$", re.IGNORECASE)
+# Columns that may hold a pair's own ratings (UltraFeedback): equal ratings make the pair a tie.
+SCORE_COLUMNS = ("score_chosen", "score_rejected", "metadata")
 # Columns that hold the conversation or the row's group, never an objective.
 TEXT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "subset", "source")
 RATING_LAYOUTS = (
@@ -222,6 +224,7 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
     explicit = "prompt" in columns
     group = "subset" if "subset" in columns else "source" if "source" in columns else None
     read = ["chosen", "rejected"] + (["prompt"] if explicit else []) + ([group] if group else [])
+    read += [column for column in SCORE_COLUMNS if column in columns]
 
     chosen_rows, rejected_rows, subset, index, skipped = [], [], [], [], []
     for i, row in _iter_rows(table, read, f"Reading pairs from {data}"):
@@ -243,6 +246,9 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
                 raise ValueError(
                     "`chosen` and `rejected` have different prompts (every turn but the last must be the same)"
                 )
+            if chosen[-1]["content"] == rejected[-1]["content"]:
+                raise ValueError("`chosen` and `rejected` are the same answer: the pair states no preference")
+            _check_not_a_tie(row)
         except ValueError as error:
             skipped.append({"index": i, "reason": str(error)})
             continue
@@ -253,6 +259,16 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
     _log_skipped(skipped, len(table), data)
     layout = "explicit prompt" if explicit else "implicit prompt"
     return PairRows(chosen_rows, rejected_rows, subset, index, skipped, layout)
+
+
+def _check_not_a_tie(row: dict) -> None:
+    """A pair whose own ratings are equal (UltraFeedback's `score_chosen == score_rejected`, at the top level or in
+    a `metadata` column) is a tie, not a preference: training or evaluating on it would read noise as a label."""
+    scores = dict(row.get("metadata") or {}) if isinstance(row.get("metadata"), dict) else {}
+    scores.update({key: row[key] for key in ("score_chosen", "score_rejected") if row.get(key) is not None})
+    chosen, rejected = scores.get("score_chosen"), scores.get("score_rejected")
+    if _is_number(chosen) and _is_number(rejected) and chosen == rejected:
+        raise ValueError(f"a tie: score_chosen == score_rejected ({chosen:g}), not a preference")
 
 
 def _iter_rows(table: datasets.Dataset, columns: list[str], desc: str) -> Iterator[tuple[int, dict]]:
@@ -381,4 +397,4 @@ def _layout_error(data: str, split: str, columns: list[str], kind: str, layouts:
 def _log_skipped(skipped: list[dict], total: int, data: str) -> None:
     if skipped:
         examples = "; ".join(f"row {entry['index']}: {entry['reason']}" for entry in skipped[:3])
-        logger.warning("%s: skipped %d of %d rows as malformed (%s ...).", data, len(skipped), total, examples)
+        logger.warning("%s: skipped %d of %d rows (%s ...).", data, len(skipped), total, examples)

@@ -8,6 +8,7 @@ chat-templated conversation (arXiv 2406.12845 §3.1: the last token's hidden sta
 
     h   = f(x ⊕ y)[last real token]         response feature, every row
     h_x = f(x ⊕ y)[gating position]         prompt feature, pairs only: read from the chosen side's pass
+    n   = last position − gating position  the answer's length in tokens (`answer_lengths`), every response
 
 Conversations are encoded by `modeling_armorm.scoring.ChatEncoder`, the path every scorer shares: the gating
 position comes from the rendering, and markup in an answer is never read as the template's special tokens.
@@ -367,6 +368,9 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
 
     d = model.config.hidden_size
     tensors = {"index": torch.tensor([rows.index[i] for i, _ in kept], dtype=torch.int64)}
+    # n = tokens after the gating position up to the last one: the answer's length, as the model's forward counts it.
+    lengths = torch.tensor([len(side) - 1 - side.gating_position for side in sequences], dtype=torch.int64)
+    tensors["answer_lengths"] = lengths.view(len(kept), n_sides) if pairs else lengths  # (rows, 2) or (rows,)
     if pairs:
         tensors["embeddings"] = last.view(len(kept), n_sides, d)  # (rows, 2, d): 0 chosen, 1 rejected
         tensors["prompt_embeddings"] = prompt.view(len(kept), n_sides, d)[:, 0].contiguous()  # the chosen side's pass
@@ -520,5 +524,7 @@ def _build_meta(out: Path, model, encoder: ConversationEncoder, rows, settings: 
         "skipped": skipped,
         "truncated": sorted((t for record in chunks for t in record["truncated"]), key=lambda t: t["index"]),
         "settings": settings,
-        **{key: settings.get(key) for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")},
+        **{
+            key: settings.get(key) for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")
+        },
     }
