@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from conversion.artifacts import head_fingerprint, load_gating, load_regression, load_transform
 from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
 from conversion.cli import Location, command_line, normalize_locations, settings_dict
+from conversion.files import make_readable
 from conversion.model_card import CardInfo, build_model_card
 from conversion.reports import Fingerprint, file_name, read_report, report_for, report_path, write_report
 from conversion.state_dict import check_state_dict, expected_shapes
@@ -200,8 +201,10 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
 def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | None = None) -> ArmoRMConfig:
     """`ArmoRMConfig`: the backbone's config nested, the heads' sizes, the tokenizer's gating pattern and pad id."""
     text_config = backbone_config.to_dict()
-    # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it.
+    # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it; and
+    # the backbone's local path (`_name_or_path`) is not published with the checkpoint.
     text_config.pop("quantization_config", None)
+    text_config.pop("_name_or_path", None)
     if dtype is not None:
         text_config["dtype"] = str(dtype).removeprefix("torch.")
     if len(tokenizer) > backbone_config.vocab_size:
@@ -403,5 +406,6 @@ def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardMo
         metrics={"build": build[:-1]},
         public=True,
     )
+    make_readable(out)
     logger.info("Wrote the ArmoRM checkpoint %s (%d objectives).", out, len(heads.objectives))
     return model

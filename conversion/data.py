@@ -31,7 +31,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from conversion.files import file_sha256
+from conversion.files import check_location, file_sha256, hub_unreachable
 from conversion.reports import Fingerprint
 from modeling_armorm.scoring import ROLES, validate_messages
 
@@ -115,14 +115,31 @@ def load_table(data: str | os.PathLike, split: str = "train", name: str | None =
                 f"Cannot read {data!r}: unknown file type. Give a {', '.join(BUILDERS)} file (optionally "
                 f"compressed: {', '.join(COMPRESSIONS)}), a data folder, or a Hub dataset id."
             )
+        if os.path.getsize(data) == 0:
+            raise ValueError(f"{data!r} is empty: no rows to read.")
         # A local file has one split; name it after the requested one so that slices such as `train[:100]` work.
         split_name = split.split("[", 1)[0]
-        return datasets.load_dataset(builder, data_files={split_name: data}, split=split)
+        try:
+            table = datasets.load_dataset(builder, data_files={split_name: data}, split=split)
+        except StopIteration as error:  # `datasets` finds no row to infer the schema from
+            raise ValueError(f"{data!r} holds no rows: nothing to read.") from error
+        return _non_empty(table, data)
     if os.path.isdir(data):
-        return datasets.load_dataset(data, name, split=split)
+        return _non_empty(datasets.load_dataset(data, name, split=split), data)
     if os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS) or data.startswith(("/", ".")):
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
-    return datasets.load_dataset(data, name, split=split)
+    check_location(data, "The data")
+    try:
+        table = datasets.load_dataset(data, name, split=split)
+    except (OSError, ConnectionError, ValueError) as error:  # offline, unknown id, no access
+        raise hub_unreachable(data, "The data", error) from error
+    return _non_empty(table, data)
+
+
+def _non_empty(table: datasets.Dataset, data: str) -> datasets.Dataset:
+    if len(table) == 0:
+        raise ValueError(f"{data!r} holds no rows: nothing to read. Check the file (or the split's slice).")
+    return table
 
 
 def data_fingerprint(data: str | os.PathLike) -> Fingerprint:
@@ -297,6 +314,12 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
         elif isinstance(feature, _JSON_FEATURE) and any(_is_number(value) for value in table[column]):
             # Mixed types (numbers and strings in one json column): an objective whose odd rows get skipped.
             objectives.append(column)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            # A csv column with one bad cell is read as strings: still an objective when most cells are numbers,
+            # so that one cell skips its row instead of dropping the whole objective.
+            cells = [value for value in table[column] if value not in (None, "")]
+            if cells and sum(_parses_as_number(value) for value in cells) * 2 >= len(cells):
+                objectives.append(column)
     # In the order the rows name them: a json file's column order comes from pyarrow's schema unification, which
     # depends on how the file was split into blocks (and on threads), not on the data.
     first_rated = {
@@ -305,17 +328,44 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
     return sorted(objectives, key=lambda column: first_rated[column])
 
 
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# Labels are stored as float32: a larger magnitude would become ±inf there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _label(value, column: str) -> float:
-    """A label as a float: null → NaN (missing), booleans → 0/1, anything else not a number → error."""
+    """A label as a float: null → NaN (missing), booleans → 0/1, a string holding a number (a csv cell) → that
+    number. Anything else is an error that skips the row: a string that is not a number, NaN or ±Infinity (JSON
+    `NaN` is not "missing": that is null), or a magnitude float32 cannot hold."""
     if value is None:
         return math.nan
-    if isinstance(value, numbers.Real) and not math.isinf(value):
-        return float(value)
-    raise ValueError(f"objective `{column}` is {value!r}, not a number (use null for a missing label)")
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"objective `{column}` is {value!r}, not a number (use null for a missing label)"
+            ) from None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise ValueError(f"objective `{column}` is {value!r}, not a number (use null for a missing label)")
+    if math.isnan(number):
+        raise ValueError(f"objective `{column}` is NaN, not a label (use null for a missing label)")
+    if math.isinf(number) or abs(number) > _FLOAT32_MAX:
+        raise ValueError(f"objective `{column}` is {value!r}, out of the range a float32 label can hold")
+    return number
 
 
 def _user_turn(text: str) -> list[dict]:
