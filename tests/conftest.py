@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.utils import SMOLLM2_GGUF, smollm2_dir
 
@@ -21,3 +22,13 @@ def smollm2_tokenizer(smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads on a busy 2-core machine stall (30 ms per matmul):
+    a test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

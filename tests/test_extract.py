@@ -33,19 +33,10 @@ from tests.utils import (
 )
 
 
-pytestmark = requires_shared_data
+pytestmark = [requires_shared_data, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 OBJECTIVES = ["helpsteer-helpfulness", "topicalchat-overall", "ultrafeedback-overall_score"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hidden size 16 gains nothing from threads, and OpenMP threads on a busy 2-core machine stall (30 ms per mm)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

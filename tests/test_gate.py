@@ -15,20 +15,14 @@ from conversion.heads import transformed_rewards
 from modeling_armorm import ArmoRMGatingNetwork
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 D = 16
 # Small and quick on two CPU cores; the defaults of `main` (the paper's) are for 10⁵+ pairs.
 FAST = dict(
     steps=200, batch_size=128, lr=3e-3, gating_hidden_dim=32, gating_n_hidden=2, val_fraction=0.25, eval_every=50
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The MLPs here are tiny: on a loaded two-core machine extra intra-op threads only add contention (30× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_pipeline(tmp_path, raw_rewards: np.ndarray, prompts: np.ndarray, matrix: np.ndarray) -> dict:

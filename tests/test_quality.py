@@ -20,16 +20,11 @@ from conversion.gate import GateSettings, initial_beta, train_gating
 from conversion.heads import LENGTH_OBJECTIVE, transformed_rewards
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 D = 12
 FAST = dict(steps=150, batch_size=128, lr=3e-3, gating_hidden_dim=16, gating_n_hidden=1, eval_every=25, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def thin_ratings(tmp_path, labelled_verbosity: int):
