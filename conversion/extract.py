@@ -269,8 +269,8 @@ class ConversationEncoder:
     """`ChatEncoder` plus the length policy: `encode(rows)` takes rows as lists of sides (each side a full
     conversation ending with the answer) and returns, per row, an `EncodedRow` or the reason it is skipped."""
 
-    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool):
-        self.encoder = ChatEncoder(tokenizer)
+    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool, pattern=None):
+        self.encoder = ChatEncoder(tokenizer, pattern)  # `pattern`: a model's own (`model_gating_pattern`)
         self.pattern = self.encoder.pattern
         self.max_length = max_length
         self.truncate_prompt = truncate_prompt
