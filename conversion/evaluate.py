@@ -52,10 +52,10 @@ from conversion.rewardbench import (
     PRIOR_SETS,
     TIES,
     V2_SUBSETS,
-    best_of_n_credit,
     rewardbench2_scores,
     rewardbench_scores,
-    ties_score,
+    row_credit,
+    subset_accuracy,
 )
 from modeling_armorm import ArmoRMForRewardModeling, ArmoRMGatingNetwork
 from modeling_armorm.scoring import (
@@ -373,10 +373,11 @@ def _score_distinct(model, conversations: list[EncodedConversation], batch_size:
         share = score_encoded(model, [conversations[i] for i in mine], batch_size, pad_id, progress)
     finally:
         progress.close()
-    if not distributed:
-        return share
-    parts = [None] * world_size
-    dist.all_gather_object(parts, (mine, {key: getattr(share, key) for key in vars(share)}))
+    parts = [(mine, {key: getattr(share, key) for key in vars(share)})]
+    if distributed:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (mine, {key: getattr(share, key) for key in vars(share)}))
+    # Back to the conversations' order: each share comes in its batches' order.
     k = model.config.num_objectives
     full = {
         "score": torch.zeros(len(conversations)),
@@ -392,29 +393,26 @@ def _score_distinct(model, conversations: list[EncodedConversation], batch_size:
 # The results
 
 
-def _credit(chosen: Sequence[float], rejected: Sequence[float], best_of_n: bool) -> float:
-    """1 when the (first) chosen answer wins: a pair's tie is wrong; best-of-n shares a tie at the top."""
-    if best_of_n:
-        return best_of_n_credit(chosen[0], rejected)
-    return float(chosen[0] > rejected[0])
+def _row_credit(row: ScoredRow, values, best_of_n: bool) -> float:
+    """A row's credit from `values(row) -> (chosen values, rejected values)`; a Ties row (its subset has a formula of
+    its own) counts 1 when every correct answer outscores every incorrect one."""
+    chosen, rejected = values(row)
+    if best_of_n and row.subset == TIES:
+        return float(min(chosen) > max(rejected))
+    return row_credit(chosen, rejected, best_of_n)
 
 
-def _all_above(chosen: Sequence[float], rejected: Sequence[float]) -> float:
-    return float(min(chosen) > max(rejected))
+def _scores(row: ScoredRow) -> tuple[list[float], list[float]]:
+    return row.chosen_scores, row.rejected_scores
+
+
+def _objective(j: int):
+    """The rows' values as objective j's reward r_j alone."""
+    return lambda row: (row.chosen_rewards[:, j].tolist(), row.rejected_rewards[:, j].tolist())
 
 
 def _subset_score(subset: str, rows: list[ScoredRow], values, best_of_n: bool) -> float:
-    """The subset's accuracy from `values(row) -> (chosen values, rejected values)`; RewardBench 2's Ties formula for
-    its Ties subset."""
-    if best_of_n and subset == TIES:
-        return ties_score([(row.id, *map(list, values(row))) for row in rows])
-    return float(np.mean([_credit(*values(row), best_of_n) for row in rows]))
-
-
-def _row_credit(row: ScoredRow, best_of_n: bool) -> float:
-    if best_of_n and row.subset == TIES:
-        return _all_above(row.chosen_scores, row.rejected_scores)
-    return _credit(row.chosen_scores, row.rejected_scores, best_of_n)
+    return subset_accuracy(subset, [(row.id, *values(row)) for row in rows], best_of_n)
 
 
 def _length_block(rows: list[ScoredRow], credits: list[float]) -> dict:
@@ -446,23 +444,17 @@ def summarize(
     for row in scored:
         by_subset.setdefault(row.subset, []).append(row)
 
-    def scores(row):
-        return row.chosen_scores, row.rejected_scores
-
-    def objective(j):
-        return lambda row: (row.chosen_rewards[:, j], row.rejected_rewards[:, j])
-
     subsets = {
-        name: {"accuracy": _subset_score(name, rows, scores, best_of_n), "count": len(rows)}
+        name: {"accuracy": _subset_score(name, rows, _scores, best_of_n), "count": len(rows)}
         for name, rows in by_subset.items()
     }
-    credits = [_row_credit(row, best_of_n) for row in scored]
+    credits = [_row_credit(row, _scores, best_of_n) for row in scored]
     results: dict = {"layout": "best-of-n" if best_of_n else "pairs", "objectives": list(objectives)}
     results["overall"] = {
         "accuracy": float(np.mean(credits)) if scored else None,
         "count": len(scored),
         "per_objective": {
-            name: float(np.mean([_credit(*objective(j)(row), best_of_n) for row in scored])) if scored else None
+            name: float(np.mean([_row_credit(row, _objective(j), best_of_n) for row in scored])) if scored else None
             for j, name in enumerate(objectives)
         },
         "gating": _mean_gating(scored, objectives),
@@ -474,7 +466,7 @@ def summarize(
     if not best_of_n and any(name in EXAMPLE_COUNTS or name in PRIOR_SETS for name in subsets):
         results["rewardbench"] = rewardbench_scores(accuracies)
     results["per_objective"] = {
-        name: {subset: _subset_score(subset, rows, objective(j), best_of_n) for subset, rows in by_subset.items()}
+        name: {subset: _subset_score(subset, rows, _objective(j), best_of_n) for subset, rows in by_subset.items()}
         for j, name in enumerate(objectives)
     }
     results["gating"] = {subset: _mean_gating(rows, objectives) for subset, rows in by_subset.items()}
@@ -483,7 +475,7 @@ def summarize(
             "measure": "answer tokens; the chosen answer is the longer one when it is longer than every rejected one",
             **_length_block(scored, credits),
             "subsets": {
-                subset: _length_block(rows, [_row_credit(row, best_of_n) for row in rows])
+                subset: _length_block(rows, [_row_credit(row, _scores, best_of_n) for row in rows])
                 for subset, rows in by_subset.items()
             },
         }

@@ -147,10 +147,17 @@ def evaluation_section(results: dict) -> list[str]:
     lines = []
     if "stage" in results:
         split = results.get("settings", {}).get("split")
+        where = [f"`{dataset_id}`"] if dataset_id != dataset_name else []
+        where += [f"split `{split}`"] if split else []
+        rule = (
+            "A prompt counts when its chosen answer outscores every rejected one (a tie at the top shares the credit)."
+            if results.get("layout") == "best-of-n"
+            else "A pair counts when the chosen answer scores strictly higher."
+        )
         lines.append(
-            f"`armorm evaluate` on {dataset_name} (`{dataset_id}`" + (f", split `{split}`" if split else "") + "): "
+            f"`armorm evaluate` on {dataset_name}" + (f" ({', '.join(where)})" if where else "") + ": "
             f"{counts.get('rows', '?')} rows scored, {counts.get('skipped', 0)} not scored (too long or malformed, "
-            "listed in the results file). A pair counts when the chosen answer scores strictly higher."
+            f"listed in the results file). {rule}"
         )
         lines.append("")
     for key, (_, name, kind) in BENCHMARKS.items():

@@ -68,8 +68,8 @@ def main(config: RewardBenchScoreConfig | None = None, /, **kwargs) -> dict:
         about = {**info, **about}
     if not accuracies:
         raise ValueError(
-            f"{', '.join(config.results)} hold(s) no RewardBench subset accuracy (keys such as `alpacaeval-easy`, "
-            "`xstest-should-refuse`, `hep-python`, `anthropic_hhh`)."
+            f"No RewardBench subset accuracy in {', '.join(config.results)}: give files with keys such as "
+            "`alpacaeval-easy`, `xstest-should-refuse`, `hep-python` or `anthropic_hhh` (fractions)."
         )
     scores = rewardbench_scores(accuracies)
     result = {key: about[key] for key in ("model", "model_type", "chat_template") if key in about}
