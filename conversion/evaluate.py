@@ -314,6 +314,7 @@ def score_rows(
         )
         max_length = limit
     encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt, model_gating_pattern(model, tokenizer))
+    encoder.encoder = _EncodeOnce(encoder.encoder)
     distinct: dict[tuple, int] = {}
     conversations: list[EncodedConversation] = []
     kept, skipped, truncated = [], [], []
@@ -358,6 +359,20 @@ def score_rows(
         "tokens": sum(len(c) for c in conversations),
     }
     return scored, skipped, truncated, counts
+
+
+class _EncodeOnce:
+    """A `ChatEncoder` that renders and tokenizes each distinct conversation once (the rows of a pairs file or of
+    RewardBench 2 share answers); the encodings it returns are never modified."""
+
+    def __init__(self, encoder):
+        self.encoder, self.done = encoder, {}
+
+    def encode(self, messages, where: str = "the conversation") -> EncodedConversation:
+        key = json.dumps(messages, ensure_ascii=False)
+        if key not in self.done:
+            self.done[key] = self.encoder.encode(messages, where)
+        return self.done[key]
 
 
 def _score_distinct(model, conversations: list[EncodedConversation], batch_size: int, pad_id: int) -> ScoreOutput:
