@@ -74,7 +74,7 @@ def main(config: RewardBenchScoreConfig | None = None, /, **kwargs) -> dict:
     scores = rewardbench_scores(accuracies)
     result = {key: about[key] for key in ("model", "model_type", "chat_template") if key in about}
     result.update(scores)
-    result["subsets_read"] = sorted(accuracies)
+    result["subsets_read"] = len(accuracies)
     print(json.dumps(result, indent=2))
     if "Score" not in scores:
         logger.warning("No overall score: subsets of the four main sections are missing (see `missing`).")
