@@ -228,6 +228,8 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
     inputs = {"backbone": backbone_fingerprint(config.backbone)}
     inputs.update({name: head_fingerprint(path) for name, path in heads.items()})
     if config.eval is None:
+        if config.evaluate != EvaluateSettings():
+            logger.warning("[build] `--evaluate-*` settings are given but no `--eval` data: nothing is evaluated.")
         checkpoint = {"checkpoint": lambda: checkpoint_fingerprint(config.out)}
         reusable = _reusable(report_path("assemble", config.out), assemble_config, inputs, checkpoint, public=True)
         _run("assemble", "assemble", reusable, lambda: assemble.main(assemble_config))

@@ -248,7 +248,7 @@ def _read_best_of_n(table: datasets.Dataset, about) -> tuple[list[EvalRow], list
                     raise ValueError(f"`num_correct` is {row['num_correct']} but `chosen` holds {len(chosen)} answers")
                 if where["subset"] == TIES and not str(where["id"]).startswith(("ref:", "tied:")):
                     raise ValueError(f"a Ties row's id must be `ref:<prompt>` or `tied:<prompt>`, got {where['id']!r}")
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 skipped.append({**where, "reason": str(error)})
             else:
                 rows.append(EvalRow(prompt=prompt, chosen=chosen, rejected=rejected, **where))

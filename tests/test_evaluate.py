@@ -345,7 +345,20 @@ def test_real_pairs_with_a_source_column(checkpoint, reference, tmp_path):
     """PandaLM's test pairs (message lists and a `source` column) as published; LLaMA-Factory's multi-turn pairs
     with a length limit: exactly the rows whose longest conversation is over it are skipped."""
     pandalm = str(SHARED_DATA / "pairs" / "pandalm_test.jsonl")
-    results = evaluate_stage.main(model=checkpoint, data=pandalm, split="train[:12]", out=str(tmp_path / "p.json"))
+    cli_main(
+        [
+            "evaluate",
+            "--model",
+            checkpoint,
+            "--data",
+            pandalm,
+            "--split",
+            "train[:12]",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    results = json.loads((tmp_path / "p.json").read_text())
     source = [json.loads(line) for line in open(pandalm, encoding="utf-8")][:12]
     assert set(results["subsets"]) == {row["source"] for row in source} and results["skipped"] == []
     for row, entry in zip(source, results["rows"]):
