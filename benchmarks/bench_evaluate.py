@@ -66,7 +66,10 @@ def build_model(tokenizer) -> ArmoRMForRewardModeling:
 
 def planned_batches(model, tokenizer, rows, max_length: int, batch_size: int) -> list[dict]:
     """The padded batches `evaluate` runs: every distinct conversation once, sorted by length."""
-    encoder = ConversationEncoder(tokenizer, max_length, False, model_gating_pattern(model, tokenizer))
+    limit = model.config.get_text_config().max_position_embeddings
+    encoder = ConversationEncoder(
+        tokenizer, max_length, False, position_limit=limit, pattern=model_gating_pattern(model, tokenizer)
+    )
     distinct = {}
     for encoded in encoder.encode([row.conversations() for row in rows]):
         if isinstance(encoded, EncodedRow):

@@ -29,9 +29,9 @@ from transformers import PreTrainedModel
 from conversion.artifacts import head_fingerprint, load_gating, load_regression, load_transform
 from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
 from conversion.cli import Location, command_line, normalize_locations, settings_dict
-from conversion.files import file_sha256
+from conversion.files import file_sha256, make_readable
 from conversion.model_card import CardInfo, build_model_card
-from conversion.reports import Fingerprint, file_name, output_sha256, read_report, report_path, write_report
+from conversion.reports import Fingerprint, file_name, read_report, report_for, report_path, write_report
 from conversion.rewardbench import rewardbench_scores
 from conversion.rewardbench_score import read_accuracies
 from conversion.state_dict import check_state_dict, expected_shapes
@@ -111,6 +111,8 @@ class Heads:
     matrix: torch.Tensor  # T (k, k)
     penalties: torch.Tensor  # λ (k,)
     verbosity_objective: int | None
+    gated_objectives: list[int] | None  # the objectives the gating softmax runs over (None: all)
+    length_objective: int | None  # the objective whose reward is the answer's length, computed in the forward
     gating_state: dict[str, torch.Tensor]
     gating_temperature: float
     gating_hidden_dim: int
@@ -118,22 +120,6 @@ class Heads:
     objective_metrics: dict[str, dict[str, float]]
     gating_metrics: dict[str, float]
     reports: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # stage → (its folder, its report)
-
-
-def stage_report(stage: str, path: str, output: str) -> dict | None:
-    """The report `stage` wrote beside `path`, if it was written for this very file (its output hash matches)."""
-    report = read_report(report_path(stage, path))
-    if report is None:
-        return None
-    if output_sha256(report, output) != head_fingerprint(path).sha256:
-        logger.warning(
-            "%s is not the report of %s (it was written for another %s file); its metrics are not used.",
-            report_path(stage, path),
-            path,
-            output,
-        )
-        return None
-    return report
 
 
 # Per-objective metrics each stage's report holds, as the card's table shows them.
@@ -167,8 +153,18 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
     weight, alpha, objectives = load_regression(regression)
     matrix, penalties, transform_meta = load_transform(transform)
     gating_state, gating_meta = load_gating(gating)
+    length_objective = transform_meta.get("length_objective")
+    if length_objective is not None:
+        # Decorrelated from the answer's length: the model computes that reward in its forward, W's row is unused.
+        objectives = [*objectives, length_objective]
+        weight = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+        alpha = torch.cat([alpha, alpha.new_zeros(1)])
     _same_objectives(transform, transform_meta.get("objectives"), objectives, "decorrelate")
     _same_objectives(gating, gating_meta.get("objectives"), objectives, "gate")
+    gated = gating_meta.get("gated_objectives")  # names; absent in a file of another tool: all objectives
+    unknown = [name for name in gated or [] if name not in objectives]
+    if unknown:
+        raise ValueError(f"{gating}: gated objectives {unknown} are not among {objectives}; re-run `armorm gate`.")
     verbosity = transform_meta.get("verbosity")  # the objective's name, written by `armorm decorrelate`
     if verbosity is not None and verbosity not in objectives:
         raise ValueError(f"{transform}: the verbosity objective `{verbosity}` is not one of {objectives}.")
@@ -180,7 +176,7 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
             ("decorrelate", transform, "transform"),
             ("gate", gating, "gating"),
         )
-        if (report := stage_report(stage, path, output)) is not None
+        if (report := report_for(stage, path, output)) is not None
     }
     final = reports["gate"][1]["metrics"]["final"] if "gate" in reports else gating_meta
     gating_metrics = {
@@ -193,6 +189,8 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
         matrix=matrix.float(),
         penalties=penalties.float(),
         verbosity_objective=objectives.index(verbosity) if verbosity is not None else None,
+        gated_objectives=[objectives.index(name) for name in gated] if gated is not None else None,
+        length_objective=objectives.index(length_objective) if length_objective is not None else None,
         gating_state={key: value.float() for key, value in gating_state.items()},
         gating_temperature=gating_meta["temperature"],
         gating_hidden_dim=gating_meta["hidden_dim"],
@@ -209,8 +207,10 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
 def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | None = None) -> ArmoRMConfig:
     """`ArmoRMConfig`: the backbone's config nested, the heads' sizes, the tokenizer's gating pattern and pad id."""
     text_config = backbone_config.to_dict()
-    # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it.
+    # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it; and
+    # the backbone's local path (`_name_or_path`) is not published with the checkpoint.
     text_config.pop("quantization_config", None)
+    text_config.pop("_name_or_path", None)
     if dtype is not None:
         text_config["dtype"] = str(dtype).removeprefix("torch.")
     if len(tokenizer) > backbone_config.vocab_size:
@@ -230,6 +230,8 @@ def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | 
         num_objectives=len(heads.objectives),
         objective_names=heads.objectives,
         verbosity_objective=heads.verbosity_objective,
+        gated_objectives=heads.gated_objectives,
+        length_objective=heads.length_objective,
         gating_hidden_dim=heads.gating_hidden_dim,
         gating_n_hidden=heads.gating_n_hidden,
         gating_temperature=heads.gating_temperature,
@@ -411,6 +413,7 @@ def write_card(config: AssembleConfig, heads: Heads, model_config: ArmoRMConfig)
         metrics={"build": [stage for stage in build if stage["stage"] not in ("assemble", "evaluate")]},
         public=True,
     )
+    make_readable(out)
 
 
 def update_card(config: AssembleConfig) -> None:

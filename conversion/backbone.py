@@ -6,11 +6,12 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from conversion.files import file_sha256
+from conversion.files import check_location, file_sha256, hub_unreachable
 from conversion.reports import Fingerprint
 
 
@@ -36,19 +37,42 @@ def load_backbone(backbone: str, dtype: str = "auto") -> PreTrainedModel:
     `armorm assemble` copies only its state dict into a checkpoint."""
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
+    check_backbone(backbone)
     source, gguf_file = split_gguf(backbone)
-    return AutoModel.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES[dtype]).eval()
+    return _from_local_or_hub(AutoModel, source, gguf_file=gguf_file, dtype=DTYPES[dtype]).eval()
 
 
 def load_tokenizer(source: str):
     source, gguf_file = split_gguf(source)
-    return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    return _from_local_or_hub(AutoTokenizer, source, gguf_file=gguf_file)
+
+
+def check_backbone(backbone: str) -> None:
+    """Fail at once, before any data is read or model loaded, on a backbone that cannot be loaded: a local path that
+    does not exist, or a Hub id while the Hub is offline and the model is not in the local cache."""
+    source, _ = split_gguf(backbone)
+    check_location(source, "The backbone")
+    if not os.path.exists(source) and huggingface_hub.constants.HF_HUB_OFFLINE:
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise hub_unreachable(source, "The backbone", OSError("not in the local cache"))
+
+
+def _from_local_or_hub(auto_class, source: str, **kwargs):
+    """`auto_class.from_pretrained(source)`, where a missing local path or an unreachable Hub id says so plainly."""
+    check_location(source, "The backbone")
+    if os.path.exists(source):
+        return auto_class.from_pretrained(source, **kwargs)
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as error:  # offline, unknown id, no access
+        raise hub_unreachable(source, "The backbone", error) from error
 
 
 def backbone_fingerprint(backbone: str) -> Fingerprint:
     """What identifies a backbone's content: the sha256 of a GGUF file, of every file of a local folder, or the
     revision of a Hub id's cached snapshot (None when it is not in the local cache)."""
     source, gguf_file = split_gguf(backbone)
+    check_backbone(backbone)
     if gguf_file is not None and os.path.isfile(os.path.join(source, gguf_file)):
         return Fingerprint(backbone, _cached_sha256(os.path.join(source, gguf_file)))
     if os.path.isdir(source):

@@ -172,6 +172,10 @@ def _extract_all(config: BuildConfig, work: Path) -> dict[str, list[str]]:
         reusable = _reusable(
             folder / "extract.json", stage, inputs, {"features": lambda f=folder: folder_fingerprint(f)}
         )
+        if not reusable and not extract.can_resume(stage):
+            # The folder is build's own: data edited in place or other settings mean extracting it again.
+            logger.info("[build] %s holds an extraction of other data or settings: extracting again.", folder)
+            extract.clear(folder)
         _run("extract", f"extract-{folder.name}", reusable, lambda s=stage: extract.main(s))
     return folders
 

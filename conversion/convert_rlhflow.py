@@ -22,6 +22,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from conversion.cli import Location, normalize_locations
+from conversion.files import make_readable
 from conversion.state_dict import check_state_dict, expected_shapes
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 
@@ -169,6 +170,7 @@ def convert_rlhflow(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
     for extra in ("generation_config.json", "LICENSE"):
         if (src / extra).is_file() and not (out / extra).exists():
             shutil.copy(src / extra, out / extra)
+    make_readable(out)
     logger.info(
         "Converted %s -> %s (%d objectives, gating pattern %s)", src, out, config.num_objectives,
         config.gating_token_pattern,

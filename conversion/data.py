@@ -31,7 +31,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from conversion.files import file_sha256
+from conversion.files import check_location, file_sha256, hub_unreachable
 from conversion.reports import Fingerprint
 from modeling_armorm.scoring import ROLES, validate_messages
 
@@ -43,6 +43,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Numeric columns that number rows rather than rate them: never a default objective.
 ID_COLUMN = re.compile(r"(^|[_\-])(id|idx|index)$", re.IGNORECASE)
+# Columns that may hold a pair's own ratings (UltraFeedback): equal ratings make the pair a tie.
+SCORE_COLUMNS = ("score_chosen", "score_rejected", "metadata")
 # Columns that hold the conversation or the row's group, never an objective.
 TEXT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "subset", "source")
 RATING_LAYOUTS = (
@@ -113,14 +115,31 @@ def load_table(data: str | os.PathLike, split: str = "train", name: str | None =
                 f"Cannot read {data!r}: unknown file type. Give a {', '.join(BUILDERS)} file (optionally "
                 f"compressed: {', '.join(COMPRESSIONS)}), a data folder, or a Hub dataset id."
             )
+        if os.path.getsize(data) == 0:
+            raise ValueError(f"{data!r} is empty: no rows to read.")
         # A local file has one split; name it after the requested one so that slices such as `train[:100]` work.
         split_name = split.split("[", 1)[0]
-        return datasets.load_dataset(builder, data_files={split_name: data}, split=split)
+        try:
+            table = datasets.load_dataset(builder, data_files={split_name: data}, split=split)
+        except StopIteration as error:  # `datasets` finds no row to infer the schema from
+            raise ValueError(f"{data!r} holds no rows: nothing to read.") from error
+        return _non_empty(table, data)
     if os.path.isdir(data):
-        return datasets.load_dataset(data, name, split=split)
+        return _non_empty(datasets.load_dataset(data, name, split=split), data)
     if os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS) or data.startswith(("/", ".")):
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
-    return datasets.load_dataset(data, name, split=split)
+    check_location(data, "The data")
+    try:
+        table = datasets.load_dataset(data, name, split=split)
+    except (OSError, ConnectionError, ValueError) as error:  # offline, unknown id, no access
+        raise hub_unreachable(data, "The data", error) from error
+    return _non_empty(table, data)
+
+
+def _non_empty(table: datasets.Dataset, data: str) -> datasets.Dataset:
+    if len(table) == 0:
+        raise ValueError(f"{data!r} holds no rows: nothing to read. Check the file (or the split's slice).")
+    return table
 
 
 def data_fingerprint(data: str | os.PathLike) -> Fingerprint:
@@ -222,6 +241,7 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
     explicit = "prompt" in columns
     group = "subset" if "subset" in columns else "source" if "source" in columns else None
     read = ["chosen", "rejected"] + (["prompt"] if explicit else []) + ([group] if group else [])
+    read += [column for column in SCORE_COLUMNS if column in columns]
 
     chosen_rows, rejected_rows, subset, index, skipped = [], [], [], [], []
     for i, row in _iter_rows(table, read, f"Reading pairs from {data}"):
@@ -243,6 +263,9 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
                 raise ValueError(
                     "`chosen` and `rejected` have different prompts (every turn but the last must be the same)"
                 )
+            if chosen[-1]["content"] == rejected[-1]["content"]:
+                raise ValueError("`chosen` and `rejected` are the same answer: the pair states no preference")
+            _check_not_a_tie(row)
         except ValueError as error:
             skipped.append({"index": i, "reason": str(error)})
             continue
@@ -253,6 +276,16 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
     _log_skipped(skipped, len(table), data)
     layout = "explicit prompt" if explicit else "implicit prompt"
     return PairRows(chosen_rows, rejected_rows, subset, index, skipped, layout)
+
+
+def _check_not_a_tie(row: dict) -> None:
+    """A pair whose own ratings are equal (UltraFeedback's `score_chosen == score_rejected`, at the top level or in
+    a `metadata` column) is a tie, not a preference: training or evaluating on it would read noise as a label."""
+    scores = dict(row.get("metadata") or {}) if isinstance(row.get("metadata"), dict) else {}
+    scores.update({key: row[key] for key in ("score_chosen", "score_rejected") if row.get(key) is not None})
+    chosen, rejected = scores.get("score_chosen"), scores.get("score_rejected")
+    if _is_number(chosen) and _is_number(rejected) and chosen == rejected:
+        raise ValueError(f"a tie: score_chosen == score_rejected ({chosen:g}), not a preference")
 
 
 def _iter_rows(table: datasets.Dataset, columns: list[str], desc: str) -> Iterator[tuple[int, dict]]:
@@ -281,6 +314,12 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
         elif isinstance(feature, _JSON_FEATURE) and any(_is_number(value) for value in table[column]):
             # Mixed types (numbers and strings in one json column): an objective whose odd rows get skipped.
             objectives.append(column)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            # A csv column with one bad cell is read as strings: still an objective when most cells are numbers,
+            # so that one cell skips its row instead of dropping the whole objective.
+            cells = [value for value in table[column] if value not in (None, "")]
+            if cells and sum(_parses_as_number(value) for value in cells) * 2 >= len(cells):
+                objectives.append(column)
     # In the order the rows name them: a json file's column order comes from pyarrow's schema unification, which
     # depends on how the file was split into blocks (and on threads), not on the data.
     first_rated = {
@@ -289,17 +328,44 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
     return sorted(objectives, key=lambda column: first_rated[column])
 
 
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# Labels are stored as float32: a larger magnitude would become ±inf there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _label(value, column: str) -> float:
-    """A label as a float: null → NaN (missing), booleans → 0/1, anything else not a number → error."""
+    """A label as a float: null → NaN (missing), booleans → 0/1, a string holding a number (a csv cell) → that
+    number. Anything else is an error that skips the row: a string that is not a number, NaN or ±Infinity (JSON
+    `NaN` is not "missing": that is null), or a magnitude float32 cannot hold."""
     if value is None:
         return math.nan
-    if isinstance(value, numbers.Real) and not math.isinf(value):
-        return float(value)
-    raise ValueError(f"objective `{column}` is {value!r}, not a number (use null for a missing label)")
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"objective `{column}` is {value!r}, not a number (use null for a missing label)"
+            ) from None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise ValueError(f"objective `{column}` is {value!r}, not a number (use null for a missing label)")
+    if math.isnan(number):
+        raise ValueError(f"objective `{column}` is NaN, not a label (use null for a missing label)")
+    if math.isinf(number) or abs(number) > _FLOAT32_MAX:
+        raise ValueError(f"objective `{column}` is {value!r}, out of the range a float32 label can hold")
+    return number
 
 
 def _user_turn(text: str) -> list[dict]:
@@ -381,4 +447,4 @@ def _layout_error(data: str, split: str, columns: list[str], kind: str, layouts:
 def _log_skipped(skipped: list[dict], total: int, data: str) -> None:
     if skipped:
         examples = "; ".join(f"row {entry['index']}: {entry['reason']}" for entry in skipped[:3])
-        logger.warning("%s: skipped %d of %d rows as malformed (%s ...).", data, len(skipped), total, examples)
+        logger.warning("%s: skipped %d of %d rows (%s ...).", data, len(skipped), total, examples)

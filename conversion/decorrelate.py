@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from conversion.artifacts import head_fingerprint, load_regression, save_transform
 from conversion.cli import Location, normalize_locations
 from conversion.features import folder_fingerprint, load_pair_features
+from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
+from conversion.heads import LENGTH_OBJECTIVE
 from conversion.heads import rewards as compute_rewards
 from conversion.reports import report_path, write_report
 
@@ -50,8 +52,20 @@ class DecorrelateSettings:
     verbosity: str = field(
         default="auto",
         metadata={
-            "help": "The verbosity objective v: its name, `auto` (the one objective whose name contains "
-            "`verbosity`; T = I when there is none) or `none` (T = I, no decorrelation)."
+            "help": "The verbosity objective v: an objective's name; `length` (the answer's length in tokens, "
+            "log(1 + n), added as the objective `answer-length`); `auto` (the one objective named *verbosity* if the "
+            "data supports it, else `length`); or `none` (T = I, no decorrelation)."
+        },
+    )
+    min_verbosity_rows: int = field(
+        default=MIN_SUPPORT_ROWS,
+        metadata={"help": "Refuse a verbosity objective fitted on fewer rated rows (see `conversion.fit`)."},
+    )
+    min_verbosity_z: float = field(
+        default=MIN_SUPPORT_Z,
+        metadata={
+            "help": "Refuse a verbosity objective whose held-out correlation with its labels is fewer standard "
+            "errors above zero (negative: no check)."
         },
     )
     threshold: float = field(default=0.03, metadata={"help": "τ: the Spearman correlation with r_v to reach."})
@@ -79,23 +93,43 @@ class DecorrelateConfig(DecorrelateSettings):
 ARGUMENTS = (DecorrelateConfig,)
 
 
-def resolve_verbosity(verbosity: str, objectives: list[str]) -> tuple[str | None, str]:
-    """The verbosity objective's name (None for T = I) and the reason for the choice, from `--verbosity`."""
-    if verbosity == "none":
+def resolve_verbosity(
+    config: DecorrelateSettings, objectives: list[str], metrics: dict | None, lengths: bool
+) -> tuple[str | None, str]:
+    """The verbosity objective (a name, `LENGTH_OBJECTIVE`, or None for T = I) and the reason for the choice.
+
+    `metrics` are the regression's `armorm fit` metrics (None: unknown, no floor applied); `lengths` says whether
+    the reference features hold the answers' lengths.
+    """
+    floors = (config.min_verbosity_rows, config.min_verbosity_z)
+    if config.verbosity == "none":
         return None, "`--verbosity none`: no decorrelation asked for, T = I"
-    if verbosity == "auto":
-        named = [name for name in objectives if "verbosity" in name.lower()]
-        if len(named) > 1:
-            raise ValueError(f"Several objectives name verbosity ({named}): choose one with `--verbosity`.")
-        if not named:
-            return None, f"`--verbosity auto`: no objective among {objectives} names verbosity, T = I"
+    if config.verbosity == "length":
+        return LENGTH_OBJECTIVE, "`--verbosity length`: the answer's length in tokens, log(1 + n)"
+    if config.verbosity != "auto":
+        if config.verbosity not in objectives:
+            raise ValueError(
+                f"`--verbosity {config.verbosity}` is not an objective of the regression; its objectives: "
+                f"{objectives}. Pass one of them, `length`, `auto` or `none`."
+            )
+        problem = unsupported_reason(config.verbosity, (metrics or {}).get(config.verbosity), *floors)
+        if metrics is not None and problem:
+            raise ValueError(
+                f"{problem}: too little to trust as the verbosity every other objective is decorrelated from. Pass "
+                "`--verbosity length` (the answer's length), `--verbosity none` (T = I), or lower the floor "
+                "explicitly (`--min-verbosity-rows 0 --min-verbosity-z -1`)."
+            )
+        return config.verbosity, f"`--verbosity {config.verbosity}`"
+    named = [name for name in objectives if "verbosity" in name.lower()]
+    if len(named) > 1:
+        raise ValueError(f"Several objectives name verbosity ({named}): choose one with `--verbosity`.")
+    problem = unsupported_reason(named[0], (metrics or {}).get(named[0]), *floors) if named else None
+    if named and not problem:
         return named[0], f"`--verbosity auto`: the one objective named *verbosity*, `{named[0]}`"
-    if verbosity not in objectives:
-        raise ValueError(
-            f"`--verbosity {verbosity}` is not an objective of the regression; its objectives: {objectives}. "
-            "Pass one of them, `auto` or `none`."
-        )
-    return verbosity, f"`--verbosity {verbosity}`"
+    why = f"{problem}, too little to trust" if problem else f"no objective among {objectives} names verbosity"
+    if lengths:
+        return LENGTH_OBJECTIVE, f"`--verbosity auto`: {why}; decorrelating from the answer's length instead"
+    return None, f"`--verbosity auto`: {why}, and the reference features hold no answer lengths: T = I"
 
 
 class _SpearmanToFixed:
@@ -271,8 +305,18 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
     `DecorrelateConfig`, or its fields as keywords."""
     config = config or DecorrelateConfig(**kwargs)
     weight, _, objectives = load_regression(config.regression)
-    verbosity, reason = resolve_verbosity(config.verbosity, objectives)
-    result, n_reference = _decorrelation(config, weight, objectives, verbosity, reason)
+    features = load_pair_features(config.reference)[0] if config.reference else {}
+    verbosity, reason = resolve_verbosity(
+        config, objectives, fit_metrics(config.regression), "answer_lengths" in features
+    )
+    if verbosity == LENGTH_OBJECTIVE:
+        if "answer_lengths" not in features:
+            raise ValueError(
+                f"`--verbosity length` needs the answers' lengths, which {config.reference} do not hold: extract the "
+                "reference features again with this package's `armorm extract`."
+            )
+        objectives = [*objectives, LENGTH_OBJECTIVE]
+    result, n_reference = _decorrelation(config, features, weight, objectives, verbosity, reason)
     unreachable = [objectives[i] for i in result.unreachable]
     metrics = {
         "verbosity": verbosity,
@@ -284,6 +328,8 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
         "unreachable": unreachable,
     }
     extra = {key: metrics[key] for key in ("spearman_after", "unreachable", "reference_responses", "verbosity_reason")}
+    if verbosity == LENGTH_OBJECTIVE:
+        extra["length_objective"] = LENGTH_OBJECTIVE
     save_transform(
         config.out, result.matrix, result.penalties, objectives, verbosity=verbosity,
         extra_metadata={"threshold": config.threshold, **extra},
@@ -302,17 +348,25 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
 
 
 def _decorrelation(
-    config: DecorrelateConfig, weight: torch.Tensor, objectives: list[str], verbosity: str | None, reason: str
+    config: DecorrelateConfig,
+    features: dict,
+    weight: torch.Tensor,
+    objectives: list[str],
+    verbosity: str | None,
+    reason: str,
 ) -> tuple[DecorrelationResult, int]:
     """The penalties and T for `verbosity` over the reference responses (T = I for none), and their number."""
     k = len(objectives)
     if verbosity is None:
         logger.warning("No decorrelation (%s).", reason)
         return DecorrelationResult(torch.zeros(k), torch.eye(k), [None] * k, [None] * k), 0
-    if not config.reference:
+    if not features:
         raise ValueError(f"Decorrelating from `{verbosity}` needs reference features: pass `--reference`.")
-    rewards = _reference_rewards(config.reference, weight, config.regression)
-    logger.info("Decorrelating %d objectives from `%s` over %d reference responses.", k, verbosity, len(rewards))
+    lengths = features["answer_lengths"].reshape(-1) if verbosity == LENGTH_OBJECTIVE else None
+    rewards = _reference_rewards(features, weight, config.regression, lengths)
+    logger.info(
+        "Decorrelating %d objectives from `%s` over %d reference responses (%s).", k, verbosity, len(rewards), reason
+    )
     result = decorrelate(
         rewards, objectives.index(verbosity), config.threshold, config.tolerance, config.max_penalty,
         objectives=objectives,
@@ -320,13 +374,13 @@ def _decorrelation(
     return result, len(rewards)
 
 
-def _reference_rewards(reference: list[str], weight: torch.Tensor, regression: str) -> torch.Tensor:
-    """r = W h of every reference response, in float64 (the bisection compares correlations at λ's 1e-3 apart)."""
-    features, metas = load_pair_features(reference)
-    embeddings = reference_embeddings(features, metas[0])
+def _reference_rewards(features: dict, weight: torch.Tensor, regression: str, lengths) -> torch.Tensor:
+    """r = W h of every reference response (and r_len with `lengths`), in float64: the bisection compares
+    correlations at λ's 1e-3 apart."""
+    embeddings = reference_embeddings(features, {})
     if embeddings.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
             f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
         )
-    return compute_rewards(embeddings, weight, dtype=torch.float64)
+    return compute_rewards(embeddings, weight, dtype=torch.float64, answer_lengths=lengths)

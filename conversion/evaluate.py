@@ -45,7 +45,7 @@ from conversion.cli import Location, normalize_locations
 from conversion.data import data_fingerprint, load_pairs, load_table
 from conversion.extract import ConversationEncoder, _init_distributed
 from conversion.files import file_sha256
-from conversion.heads import pair_scores, rewards, transformed_rewards
+from conversion.heads import LENGTH_OBJECTIVE, pair_scores, rewards, transformed_rewards
 from conversion.reports import Fingerprint, write_report
 from conversion.rewardbench import (
     EXAMPLE_COUNTS,
@@ -307,13 +307,10 @@ def score_rows(
     """Score every answer of `rows`, each distinct conversation once; returns the scored rows, the skipped ones
     (`{"id", "index", "subset", "reason"}`), the truncated ones and counts. Every rank of a process group calls it
     and gets the whole result."""
+    # The backbone's positions bind too (`extract`'s policy): a row past them is skipped, never scored out of range.
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and max_length > limit:
-        logger.info(
-            "`max_length` %d is above the backbone's %d positions: rows over %d are skipped.", max_length, limit, limit
-        )
-        max_length = limit
-    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt, model_gating_pattern(model, tokenizer))
+    pattern = model_gating_pattern(model, tokenizer)
+    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt, position_limit=limit, pattern=pattern)
     encoder.encoder = _EncodeOnce(encoder.encoder)
     distinct: dict[tuple, int] = {}
     conversations: list[EncodedConversation] = []
@@ -339,7 +336,8 @@ def score_rows(
     for row, positions in kept:
         n = len(row.chosen)
         g = outputs.gating_output[positions[0]].double().numpy()  # every answer shares the prompt, hence g
-        lengths = [len(conversations[i]) - conversations[i].answer_start for i in positions]
+        # n = the tokens after the gating position, as the model's length objective and `extract` count an answer
+        lengths = [len(conversations[i]) - 1 - conversations[i].gating_position for i in positions]
         scored.append(
             ScoredRow(
                 id=row.id,
@@ -552,32 +550,40 @@ def evaluate_features(
     gating: str | os.PathLike,
     subsets: Sequence[str] | None = None,
     ids: Sequence | None = None,
-    lengths: np.ndarray | None = None,
 ) -> dict:
     """The results dict from stored pair features (`conversion.features.load_features`) and head files, without a
-    forward pass: s = g(h_x) · (W h T) for both answers (`conversion.heads`), raw r = W h, g/β from the gating file.
+    forward pass: s = g(h_x) · (W h T) for both answers (`conversion.heads`), raw r = W h (and the length objective
+    r_len = log(1 + n) when the transform has it), g/β from the gating file.
 
-    `subsets` and `ids` (default: the features' `index`) align with the feature rows; `lengths` (N, 2), the
-    answers' lengths, adds the length-bias block.
+    `subsets` and `ids` (default: the features' `index`) align with the feature rows; the features' `answer_lengths`
+    (each answer's tokens, written by `armorm extract`) give the length-bias block.
     """
     weight, _, objectives = load_regression(regression)
-    matrix, _, _ = load_transform(transform)
+    matrix, _, transform_meta = load_transform(transform)
     state_dict, meta = load_gating(gating)
+    lengths = features.get("answer_lengths")  # (N, 2) tokens after the gating position
+    if transform_meta.get("length_objective"):
+        if lengths is None:
+            raise ValueError(f"{transform} decorrelates from the answer's length: the features need `answer_lengths`.")
+        objectives = [*objectives, LENGTH_OBJECTIVE]
+    gated = meta.get("gated_objectives")
     network = ArmoRMGatingNetwork(
         weight.shape[1], len(objectives), meta["hidden_dim"], meta["n_hidden"], meta["temperature"],
-        meta.get("gated_objectives"),
+        None if gated is None else [objectives.index(name) for name in gated],
     )  # fmt: skip
     network.load_state_dict(state_dict)  # strict: every tensor name and shape must match
+    with_length = lengths if LENGTH_OBJECTIVE in objectives else None
     with torch.no_grad():
         h, h_x = features["embeddings"], features["prompt_embeddings"].float()  # (N, 2, d), (N, d)
-        s = pair_scores(network.eval(), h_x, transformed_rewards(h, weight, matrix)).double()  # (N, 2)
-        r = rewards(h, weight).double()  # (N, 2, k)
+        r_t = transformed_rewards(h, weight, matrix, answer_lengths=with_length)  # (N, 2, k)
+        s = pair_scores(network.eval(), h_x, r_t).double()  # (N, 2)
+        r = rewards(h, weight, answer_lengths=with_length).double()  # (N, 2, k)
         g = network(h_x).double()  # (N, k)
     n = len(s)
     subsets = list(subsets) if subsets is not None else [DEFAULT_SUBSET] * n
     ids = list(ids) if ids is not None else features.get("index", torch.arange(n)).tolist()
-    if len(subsets) != n or len(ids) != n or (lengths is not None and len(lengths) != n):
-        raise ValueError(f"`subsets`, `ids` and `lengths` must have one entry per feature row ({n}).")
+    if len(subsets) != n or len(ids) != n:
+        raise ValueError(f"`subsets` and `ids` must have one entry per feature row ({n}).")
     scored = [
         ScoredRow(
             id=ids[i],
@@ -587,8 +593,8 @@ def evaluate_features(
             chosen_rewards=r[i, :1].numpy(),
             rejected_rewards=r[i, 1:].numpy(),
             gating=(g[i] / g[i].sum()).numpy(),
-            chosen_lengths=None if lengths is None else [int(lengths[i][0])],
-            rejected_lengths=None if lengths is None else [int(lengths[i][1])],
+            chosen_lengths=None if lengths is None else [int(lengths[i, 0])],
+            rejected_lengths=None if lengths is None else [int(lengths[i, 1])],
         )
         for i in range(n)
     ]

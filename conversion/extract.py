@@ -8,6 +8,7 @@ chat-templated conversation (arXiv 2406.12845 §3.1: the last token's hidden sta
 
     h   = f(x ⊕ y)[last real token]         response feature, every row
     h_x = f(x ⊕ y)[gating position]         prompt feature, pairs only: read from the chosen side's pass
+    n   = last position − gating position  the answer's length in tokens (`answer_lengths`), every response
 
 Conversations are encoded by `modeling_armorm.scoring.ChatEncoder`, the path every scorer shares: the gating
 position comes from the rendering, and markup in an answer is never read as the template's special tokens.
@@ -38,7 +39,7 @@ from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, loa
 from conversion.cli import Location, normalize_locations
 from conversion.data import PairRows, RatingRows, data_fingerprint, load_pairs, load_ratings
 from conversion.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
-from conversion.files import atomic_write_json
+from conversion.files import atomic_write_json, file_sha256
 from conversion.reports import Fingerprint, write_report
 from modeling_armorm.scoring import ChatEncoder, EncodedConversation, Progress, pad_token_id, run_in_batches
 
@@ -68,6 +69,8 @@ __all__ = [
     "EncodedRow",
     "ExtractConfig",
     "ExtractSettings",
+    "can_resume",
+    "clear",
     "extract",
     "forward_features",
     "main",
@@ -143,7 +146,7 @@ def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
         settings = _resume_settings(config, data, backbone)
         out = Path(config.out)
         if config.overwrite and rank == 0:
-            _clear(out)
+            clear(out)
         if world_size > 1:
             dist.barrier()
         _check_resumable(out, settings)  # before the slow loads: a stale folder fails at once
@@ -192,8 +195,8 @@ def _resume_settings(config: ExtractConfig, data: Fingerprint, backbone: Fingerp
     return settings
 
 
-def _clear(out: Path) -> None:
-    """`--overwrite`: remove what an earlier extraction left in `out` (its shards, progress records and meta)."""
+def clear(out: Path) -> None:
+    """Remove what an earlier extraction left in `out` (its shards, progress records, meta and report): `--overwrite`."""
     if not out.is_dir():
         return
     for path in [
@@ -269,10 +272,14 @@ class ConversationEncoder:
     """`ChatEncoder` plus the length policy: `encode(rows)` takes rows as lists of sides (each side a full
     conversation ending with the answer) and returns, per row, an `EncodedRow` or the reason it is skipped."""
 
-    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool, pattern=None):
+    def __init__(
+        self, tokenizer, max_length: int, truncate_prompt: bool, position_limit: int | None = None, pattern=None
+    ):
         self.encoder = ChatEncoder(tokenizer, pattern)  # `pattern`: a model's own (`model_gating_pattern`)
         self.pattern = self.encoder.pattern
-        self.max_length = max_length
+        # The backbone's own limit binds too: past `max_position_embeddings` it was never trained.
+        self.max_length = min(max_length, position_limit or max_length)
+        self.limit_name = "max_length" if self.max_length == max_length else "the backbone's max_position_embeddings"
         self.truncate_prompt = truncate_prompt
 
     def encode(self, rows: list[list[list[dict]]]) -> list["EncodedRow | str"]:
@@ -291,7 +298,7 @@ class ConversationEncoder:
             return EncodedRow(encoded)
         if not self.truncate_prompt:
             return (
-                f"too long: {longest} tokens > max_length {self.max_length} (raise `--max-length` or pass "
+                f"too long: {longest} tokens > {self.limit_name} {self.max_length} (raise `--max-length` or pass "
                 "`--truncate-prompt` to drop earlier prompt turns)"
             )
         # Both sides share the prompt, so both drop the same turns: the prompt feature stays one feature.
@@ -302,7 +309,7 @@ class ConversationEncoder:
             if longest <= self.max_length:
                 return EncodedRow(encoded, dropped_turns=len(sides[0]) - len(shorter[0]))
         return (
-            f"too long: {longest} tokens > max_length {self.max_length} even with only the system turn, the "
+            f"too long: {longest} tokens > {self.limit_name} {self.max_length} even with only the system turn, the "
             "last user turn and the response kept (responses are never cut; raise `--max-length`)"
         )
 
@@ -367,6 +374,9 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
 
     d = model.config.hidden_size
     tensors = {"index": torch.tensor([rows.index[i] for i, _ in kept], dtype=torch.int64)}
+    # n = tokens after the gating position up to the last one: the answer's length, as the model's forward counts it.
+    lengths = torch.tensor([len(side) - 1 - side.gating_position for side in sequences], dtype=torch.int64)
+    tensors["answer_lengths"] = lengths.view(len(kept), n_sides) if pairs else lengths  # (rows, 2) or (rows,)
     if pairs:
         tensors["embeddings"] = last.view(len(kept), n_sides, d)  # (rows, 2, d): 0 chosen, 1 rejected
         tensors["prompt_embeddings"] = prompt.view(len(kept), n_sides, d)[:, 0].contiguous()  # the chosen side's pass
@@ -385,15 +395,34 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
     return tensors, record
 
 
-def _read_progress(out: Path, settings: dict) -> dict[int, dict]:
-    """Every finished chunk recorded in `out` (by any rank of any earlier run), after checking the settings match."""
+def _read_progress(out: Path, settings: dict, verify: bool = True) -> dict[int, dict]:
+    """Every finished chunk recorded in `out` (by any rank of any earlier run), after checking the settings match.
+
+    With `verify`, a shard whose file no longer has the sha256 its record holds (flipped bytes, a truncated copy) is
+    left out, so that its chunk is extracted again rather than read back corrupt."""
     _check_resumable(out, settings)
     records: dict[int, dict] = {}
     for path in sorted(out.glob(PROGRESS_NAME.replace("{rank:03d}", "*"))):
         for chunk, record in _read_json(path).get("chunks", {}).items():
-            if (out / record["shard"]).is_file():
-                records[int(chunk)] = record
+            shard = out / record["shard"]
+            if not shard.is_file():
+                continue
+            if verify and file_sha256(shard) != record["sha256"]:
+                logger.warning("Shard %s is corrupt (its sha256 is not the one recorded): extracting it again.", shard)
+                continue
+            records[int(chunk)] = record
     return records
+
+
+def can_resume(config: ExtractConfig) -> bool:
+    """Whether `config.out` is empty or holds an extraction of this very data, backbone and settings (else
+    `--overwrite` is needed to extract there)."""
+    settings = _resume_settings(config, data_fingerprint(config.data), backbone_fingerprint(config.backbone))
+    try:
+        _check_resumable(Path(config.out), settings)
+    except (ValueError, FileExistsError):
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict:
@@ -444,7 +473,8 @@ def extract(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt)
+    position_limit = getattr(model.config, "max_position_embeddings", None)
+    encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt, position_limit)
     pad_id = pad_token_id(tokenizer)
 
     n_rows = len(rows.index)
@@ -490,7 +520,7 @@ def extract(
 
 
 def _build_meta(out: Path, model, encoder: ConversationEncoder, rows, settings: dict, n_chunks: int) -> dict:
-    records = _read_progress(out, settings)
+    records = _read_progress(out, settings, verify=False)  # verified when this run started, then written by it
     missing = [chunk for chunk in range(n_chunks) if chunk not in records]
     if missing:
         raise RuntimeError(

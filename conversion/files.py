@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "file_sha256", "tensors_sha256"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_location",
+    "file_sha256",
+    "hub_unreachable",
+    "make_readable",
+    "tensors_sha256",
+]
 
 _HASH_CHUNK = 1 << 24
 # Files the stages write are for every user of a shared machine to read (mkstemp creates them 0600).
@@ -49,6 +58,14 @@ def atomic_write_json(path: str | os.PathLike, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
+def make_readable(folder: str | os.PathLike) -> None:
+    """Give every file of `folder` the usual permissions (0644 under the umask): some writers (safetensors through
+    `save_pretrained`) create them 0600, unreadable to the other users of a shared machine."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            os.chmod(path, _FILE_MODE & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -72,3 +89,31 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(metadata or {}, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def check_location(value: str, what: str) -> None:
+    """Refuse a `what` (`--backbone`, `--data`, …) that names a local path that does not exist, with one message
+    that says so (not a Hub error about repo ids). Anything else is left for the loaders: a Hub id, or a path."""
+    if os.path.exists(value):
+        return
+    looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or value.endswith(os.sep)
+    if looks_local:
+        raise FileNotFoundError(f"{what} `{value}` does not exist. Check the path (an absolute path is safest).")
+
+
+def hub_unreachable(value: str, what: str, error: Exception) -> FileNotFoundError:
+    """The error for a Hub id that could not be loaded (offline, unknown, no access): it names the id and says how
+    to pass a local copy instead."""
+    offline = " the Hub is offline here (HF_HUB_OFFLINE=1) and" if _hub_offline() else ""
+    return FileNotFoundError(
+        f"{what} `{value}` is not a local path, and{offline} it could not be loaded from the Hub "
+        f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). Download it where the "
+        f"Hub is reachable (`hf download {value}`, with `--repo-type dataset` for data) and pass its local folder "
+        "or file (an absolute path is safest)."
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

@@ -14,6 +14,7 @@ a group's training Gram matrix gives the validation MSE of every α at once. The
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from conversion.artifacts import head_fingerprint, save_regression
 from conversion.cli import Location, normalize_locations
 from conversion.features import folder_fingerprint, iter_shards, read_meta, shard_names
-from conversion.reports import report_path, write_report
+from conversion.reports import report_for, report_path, write_report
 
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,48 @@ logger = logging.getLogger(__name__)
 ALPHAS = tuple(10.0**e for e in range(-4, 5))
 # Rows per Gram update: bounds the float64 copy of a block (4096 x 4096 float64 = 128 MB).
 BLOCK_ROWS = 4096
+
+# When the data supports an objective (the floor `armorm decorrelate` applies to the verbosity objective and
+# `armorm gate` to every objective it gates). A ridge fit on few rows of d-dimensional features can match its
+# training labels and still predict noise: only held-out rows tell, and only if there are enough of them and their
+# correlation with the labels is clearly above zero. So: at least 50 rated rows (the default 20 % split then holds
+# out about 10, the fewest on which a correlation can be told from zero at all), and a held-out correlation at least
+# 1.645 standard errors above zero (Fisher's z: se = 1 / sqrt(n_val − 3); a one-sided 5 % test; with 10 held-out rows
+# that is r ≥ 0.58, with 60 r ≥ 0.21). The correlation is the larger of Pearson's and Spearman's: Spearman is blind to
+# a binary objective (its labels are mostly ties), Pearson to a monotone but curved one.
+MIN_SUPPORT_ROWS = 50
+MIN_SUPPORT_Z = 1.645
+
+
+def heldout_correlation(metrics: dict) -> float | None:
+    values = [metrics.get(key) for key in ("pearson", "spearman") if metrics.get(key) is not None]
+    return max(values) if values else None
+
+
+def unsupported_reason(name: str, metrics: dict | None, min_rows: int, min_z: float) -> str | None:
+    """Why the data does not support objective `name` (from its `armorm fit` metrics), or None when it does."""
+    if metrics is None:
+        return None
+    rows, correlation, n_val = metrics.get("rows", 0), heldout_correlation(metrics), metrics.get("val_rows") or 0
+    if rows < min_rows:
+        return f"`{name}` is fitted on {rows} rated rows (fewer than {min_rows})"
+    if min_z < 0:  # the correlation check turned off
+        return None
+    if correlation is None or n_val <= 3:
+        return f"`{name}` has no held-out correlation with its labels ({n_val} held-out rows)"
+    floor = math.tanh(min_z / math.sqrt(n_val - 3))
+    if correlation < floor:
+        return (
+            f"`{name}` has a held-out correlation of {correlation:.3f} with its labels over {n_val} rows, below "
+            f"{floor:.3f} ({min_z:g} standard errors above zero)"
+        )
+    return None
+
+
+def fit_metrics(regression: str | os.PathLike) -> dict[str, dict] | None:
+    """The per-objective metrics of the `armorm fit` run that wrote `regression` (None: no report for this file)."""
+    report = report_for("fit", regression, "regression")
+    return None if report is None else report["metrics"]["objectives"]
 
 
 def validation_mask(index: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:

@@ -1,26 +1,38 @@
 """Train the gating network of ArmoRM on preference pairs (stage 2, arXiv 2406.12845 §3.2).
 
-    armorm gate --features PAIR_FEATURES --regression regression.safetensors --transform transform.safetensors \
+    armorm gate --features PAIR_FEATURES --regression regression.safetensors --transform transform.safetensors \\
         --out gating.safetensors [--steps 10000 --batch-size 1024 --lr 1e-3 --gating-hidden-dim 1024 ...]
 
 The backbone, W and T are frozen, so the transformed rewards r' = (W h) T of both answers of every pair are computed
 once; each step then runs only the MLP on the shared prompt feature h_x and minimises the Bradley-Terry loss
-−log σ(s_chosen − s_rejected) with s = g(h_x) · r', g = β · softmax(MLP(h_x) / temperature) over the k objectives.
-Writes `gating.safetensors` (the state dict of `ArmoRMGatingNetwork`, i.e. the model's `gating.*`) and the report
-`gate.json` (validation accuracy along the way and at the end).
+−log σ(s_chosen − s_rejected) with s = g(h_x) · r', g = β · softmax(MLP(h_x) / temperature).
+
+The softmax runs over the gated objectives only: an objective whose column of T is zero (the verbosity objective
+after decorrelation: r'_v ≡ 0) can only shrink every score toward zero, so it gets weight 0 by construction, and so
+does an objective the rating data cannot support (too few rated rows, or no held-out correlation: see
+`conversion.fit.unsupported_reason`). β starts where the Bradley-Terry loss is informative for the rewards actually
+fitted (from the spread of their differences over the training pairs) unless `--gating-logit-scale-init` gives it
+(100 is the paper's). The learning rate warms up, then decays with a cosine; the parameters of the best validation
+step are kept. Writes `gating.safetensors` (the model's `gating.*`), the report `gate.json` (curves, the best step,
+what was left out) and `gate.png` (the curves).
 """
 
+import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from conversion.artifacts import head_fingerprint, load_regression, load_transform, save_gating
 from conversion.cli import Location, normalize_locations
 from conversion.features import folder_fingerprint, load_pair_features
-from conversion.heads import pair_scores, transformed_rewards
+from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
+from conversion.heads import LENGTH_OBJECTIVE, pair_scores, transformed_rewards
 from conversion.reports import report_path, write_report
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
 
@@ -33,9 +45,15 @@ __all__ = [
     "GateSettings",
     "bradley_terry_loss",
     "evaluate",
+    "gated_objectives",
+    "initial_beta",
     "main",
     "train_gating",
 ]
+
+# The typical |s_chosen − s_rejected| at initialisation when β is chosen from the data: margins of about 1 are where
+# −log σ(margin) has a useful gradient (ln 2 at 0, 0.31 at 1, 0.05 at 3).
+INITIAL_MARGIN = 1.0
 
 
 @dataclass(kw_only=True)
@@ -45,7 +63,8 @@ class GateSettings:
 
     steps: int = field(default=10_000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=1024, metadata={"help": "Pairs per step."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, decayed with a cosine."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, then a cosine decay to 0."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps the learning rate warms up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     gating_hidden_dim: int = field(
         default=ArmoRMConfig.gating_hidden_dim, metadata={"help": "Width of the gating MLP's hidden layers."}
@@ -56,8 +75,22 @@ class GateSettings:
     gating_temperature: float = field(
         default=ArmoRMConfig.gating_temperature, metadata={"help": "Fixed softmax temperature of the gating."}
     )
-    gating_logit_scale_init: float = field(
-        default=ArmoRMConfig.gating_logit_scale_init, metadata={"help": "Initial value of the learnable scale β."}
+    gating_logit_scale_init: float | None = field(
+        default=None,
+        metadata={
+            "help": "Initial β. Default: from the rewards' scale, so the initial margins are about 1 (100 is the "
+            "paper's, for rewards whose differences are about 0.01)."
+        },
+    )
+    min_objective_rows: int = field(
+        default=MIN_SUPPORT_ROWS, metadata={"help": "Leave out of the gate an objective fitted on fewer rated rows."}
+    )
+    min_objective_z: float = field(
+        default=MIN_SUPPORT_Z,
+        metadata={
+            "help": "Leave out an objective whose held-out correlation with its labels is fewer standard errors "
+            "above zero (negative: no check)."
+        },
     )
     val_fraction: float = field(default=0.1, metadata={"help": "Share of the pairs held out for validation."})
     eval_every: int = field(default=500, metadata={"help": "Steps between two validation passes."})
@@ -81,6 +114,9 @@ class GateConfig(GateSettings):
 ARGUMENTS = (GateConfig,)
 
 
+# ---------------------------------------------------------------- the loss and its evaluation
+
+
 def bradley_terry_loss(gating: ArmoRMGatingNetwork, prompt_embeddings: torch.Tensor, rewards: torch.Tensor):
     """Mean of −log σ(s_chosen − s_rejected) over the pairs (index 0 chosen, 1 rejected)."""
     scores = pair_scores(gating, prompt_embeddings, rewards)
@@ -91,17 +127,64 @@ def bradley_terry_loss(gating: ArmoRMGatingNetwork, prompt_embeddings: torch.Ten
 def evaluate(
     gating: ArmoRMGatingNetwork, prompt_embeddings: torch.Tensor, rewards: torch.Tensor, batch_size: int = 8192
 ) -> dict[str, float]:
-    """Pairwise accuracy (a tie counts as wrong) and Bradley-Terry loss over every pair."""
-    correct, loss = 0, 0.0
+    """Pairwise accuracy (a tie counts as wrong), Bradley-Terry loss, and the share of exact ties."""
+    correct, loss, ties = 0, 0.0, 0
     for start in range(0, len(rewards), batch_size):
         scores = pair_scores(
             gating, prompt_embeddings[start : start + batch_size], rewards[start : start + batch_size]
         )
         margin = scores[:, 0] - scores[:, 1]
         correct += int((margin > 0).sum())
+        ties += int((margin == 0).sum())
         loss += float(-F.logsigmoid(margin).sum())
     n = len(rewards)
-    return {"accuracy": correct / n, "loss": loss / n} if n else {"accuracy": float("nan"), "loss": float("nan")}
+    if not n:
+        return {"accuracy": float("nan"), "loss": float("nan"), "ties": float("nan")}
+    return {"accuracy": correct / n, "loss": loss / n, "ties": ties / n}
+
+
+# ---------------------------------------------------------------- which objectives, which β
+
+
+def gated_objectives(
+    matrix: torch.Tensor, objectives: list[str], metrics: dict | None, settings: GateSettings
+) -> tuple[list[int], dict[str, str]]:
+    """The objectives the softmax runs over, and every objective left out with the reason.
+
+    Left out: a zero column of T (r'_j ≡ 0, e.g. the verbosity objective after decorrelation), and an objective the
+    rating data does not support (`metrics`: the `armorm fit` metrics; None = unknown, no floor applied).
+    """
+    left_out = {}
+    for j, name in enumerate(objectives):
+        if not (matrix[:, j] != 0).any():
+            left_out[name] = "its column of T is zero: r'_j = 0 for every answer (decorrelated away)"
+        elif name != LENGTH_OBJECTIVE and metrics is not None:
+            problem = unsupported_reason(
+                name, metrics.get(name), settings.min_objective_rows, settings.min_objective_z
+            )
+            if problem:
+                left_out[name] = problem
+    gated = [j for j, name in enumerate(objectives) if name not in left_out]
+    if not gated:
+        raise ValueError(
+            f"No objective is left to gate over: {left_out}. Lower the floor (`--min-objective-rows 0`, "
+            "`--min-objective-z -1`) or fit the objectives on more rated rows."
+        )
+    return gated, left_out
+
+
+def initial_beta(rewards: torch.Tensor, gated: list[int]) -> float:
+    """β₀ that puts the initial margins at about `INITIAL_MARGIN`: at initialisation the softmax is nearly uniform
+    over the gated objectives, and a pair's margin is β · Δr'_j for whichever objective the gating comes to favour,
+    so β₀ = 1 / RMS_j(std(Δr'_j)) over the gated objectives j. rewards: (N, 2, k)."""
+    delta = (rewards[:, 0] - rewards[:, 1])[:, gated].double()  # (N, gated)
+    spread = float(delta.std(0).pow(2).mean().sqrt()) if len(delta) > 1 else 0.0
+    if not math.isfinite(spread) or spread == 0.0:
+        return ArmoRMConfig.gating_logit_scale_init  # constant rewards: any β is as good
+    return INITIAL_MARGIN / spread
+
+
+# ---------------------------------------------------------------- training
 
 
 def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,26 +206,33 @@ def _check_shapes(prompt_embeddings: torch.Tensor, rewards: torch.Tensor, settin
             f"`steps`, `batch_size` and `eval_every` must be >= 1, got {settings.steps}, {settings.batch_size}, "
             f"{settings.eval_every}."
         )
+    if not 0 <= settings.warmup_ratio < 1:
+        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {settings.warmup_ratio}.")
 
 
-def new_gating(d: int, k: int, settings: GateSettings) -> ArmoRMGatingNetwork:
-    """An untrained gating network, seeded, with β = `gating_logit_scale_init`."""
+def new_gating(d: int, k: int, settings: GateSettings, gated: list[int] | None, beta: float) -> ArmoRMGatingNetwork:
+    """An untrained gating network, seeded, with β = `beta`."""
     torch.manual_seed(settings.seed)
     gating = ArmoRMGatingNetwork(
         d, k, hidden_dim=settings.gating_hidden_dim, n_hidden=settings.gating_n_hidden,
-        temperature=settings.gating_temperature,
+        temperature=settings.gating_temperature, gated_objectives=gated,
     )  # fmt: skip
     with torch.no_grad():
-        gating.logit_scale.fill_(settings.gating_logit_scale_init)  # β, learnable
+        gating.logit_scale.fill_(beta)  # β, learnable
     return gating
 
 
 def train_gating(
-    prompt_embeddings: torch.Tensor, rewards: torch.Tensor, settings: GateSettings
+    prompt_embeddings: torch.Tensor,
+    rewards: torch.Tensor,
+    settings: GateSettings,
+    gated: list[int] | None = None,
 ) -> tuple[ArmoRMGatingNetwork, dict]:
-    """Fit g on pairs: prompt_embeddings (N, d) = h_x, rewards (N, 2, k) = r' (0 chosen, 1 rejected).
+    """Fit g on pairs: prompt_embeddings (N, d) = h_x, rewards (N, 2, k) = r' (0 chosen, 1 rejected); `gated`: the
+    objectives the softmax runs over (None: all).
 
-    Returns the trained network (on CPU) and its metrics: the validation history and the final accuracies.
+    Returns the network of the best validation step (on CPU; the last step without a validation split) and its
+    metrics: the curves, the best step, β₀ and the final accuracies.
     """
     _check_shapes(prompt_embeddings, rewards, settings)
     n, d = prompt_embeddings.shape
@@ -151,27 +241,36 @@ def train_gating(
     # same split and batches on every device.
     generator = torch.Generator().manual_seed(settings.seed)
     train_rows, val_rows = _split(n, settings.val_fraction, generator)
-    gating = new_gating(d, rewards.shape[-1], settings).to(device)
+    k = rewards.shape[-1]
+    beta = settings.gating_logit_scale_init
+    beta = initial_beta(rewards[train_rows], gated or list(range(k))) if beta is None else beta
+    gating = new_gating(d, k, settings, gated, beta).to(device)
     train = (prompt_embeddings[train_rows].float().to(device), rewards[train_rows].float().to(device))
     val = (prompt_embeddings[val_rows].float().to(device), rewards[val_rows].float().to(device))
-    history = _optimize(gating, train, val, settings, generator)
+    history, best_step = _optimize(gating, train, val, settings, generator)
 
     gating.eval()
     final = {f"train_{key}": value for key, value in evaluate(gating, *train).items()}
     if len(val_rows):
         final.update({f"val_{key}": value for key, value in evaluate(gating, *val).items()})
     final["beta"] = float(gating.logit_scale.detach())
-    metrics = {"pairs": n, "train_pairs": len(train_rows), "val_pairs": len(val_rows), "history": history}
-    return gating.cpu(), {**metrics, "final": final}
+    metrics = {"pairs": n, "train_pairs": len(train_rows), "val_pairs": len(val_rows), "beta_init": beta}
+    metrics.update(history=history, best_step=best_step, final=final)
+    return gating.cpu(), metrics
 
 
-def _optimize(gating, train: tuple, val: tuple, settings: GateSettings, generator: torch.Generator) -> list[dict]:
-    """AdamW with a cosine decay on the Bradley-Terry loss; the validation history every `eval_every` steps."""
+def _optimize(gating, train: tuple, val: tuple, settings: GateSettings, generator: torch.Generator):
+    """AdamW, linear warm-up then cosine decay, on the Bradley-Terry loss; every `eval_every` steps a validation
+    pass, and the parameters of the step with the lowest validation loss are loaded back at the end.
+
+    Returns the history and that best step (the last one without validation pairs)."""
     (x_train, r_train), (x_val, r_val) = train, val
     optimizer = torch.optim.AdamW(gating.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    warmup = int(settings.warmup_ratio * settings.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
     batch = min(settings.batch_size, len(x_train))
     history, running, seen = [], 0.0, 0
+    best = {"step": settings.steps, "val_loss": math.inf, "state": None}
     progress = tqdm(range(1, settings.steps + 1), desc="gate", dynamic_ncols=True)
     for step in progress:
         gating.train()
@@ -188,24 +287,34 @@ def _optimize(gating, train: tuple, val: tuple, settings: GateSettings, generato
             if len(x_val):
                 val_metrics = evaluate(gating, x_val, r_val)
                 entry.update(val_accuracy=val_metrics["accuracy"], val_loss=val_metrics["loss"])
+                if val_metrics["loss"] < best["val_loss"]:
+                    best = {"step": step, "val_loss": val_metrics["loss"], "state": copy.deepcopy(gating.state_dict())}
             entry["beta"] = float(gating.logit_scale.detach())
             history.append(entry)
             progress.set_postfix({key: round(value, 4) for key, value in entry.items() if key != "step"})
             logger.debug("gate step %d: %s", step, entry)
             running, seen = 0.0, 0
-    return history
+    if best["state"] is not None:
+        gating.load_state_dict(best["state"])
+    return history, best["step"]
 
 
-def _check_objectives(regression_objectives: list[str], transform_metadata: dict, regression: str, transform: str):
-    names = transform_metadata.get("objectives")
-    if names is not None and list(names) != list(regression_objectives):
+# ---------------------------------------------------------------- the stage
+
+
+def _check_objectives(objectives: list[str], transform_metadata: dict, regression: str, transform: str) -> list[str]:
+    """The transform's objectives: the regression's, plus the length objective when it decorrelated from length."""
+    names = list(transform_metadata.get("objectives") or objectives)
+    expected = objectives + ([LENGTH_OBJECTIVE] if transform_metadata.get("length_objective") else [])
+    if names != expected:
         raise ValueError(
-            f"The objectives of {transform} ({names}) differ from those of {regression} ({regression_objectives}); "
+            f"The objectives of {transform} ({names}) differ from those of {regression} ({objectives}); "
             "re-run `armorm decorrelate` with this regression."
         )
+    return names
 
 
-def _load_pairs(config: GateConfig, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def _load_pairs(config: GateConfig, weight: torch.Tensor, lengths: bool) -> dict[str, torch.Tensor]:
     tensors, metas = load_pair_features(config.features)
     if metas[0].get("kind", "pairs") != "pairs" or "prompt_embeddings" not in tensors:
         raise ValueError(
@@ -217,56 +326,93 @@ def _load_pairs(config: GateConfig, weight: torch.Tensor) -> dict[str, torch.Ten
             f"The features of {config.features} have hidden size {tensors['embeddings'].shape[-1]} but W expects "
             f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
         )
+    if lengths and "answer_lengths" not in tensors:
+        raise ValueError(
+            f"The transform decorrelates from the answer's length, but {config.features} hold no `answer_lengths`: "
+            "extract the pairs again with this package's `armorm extract`."
+        )
     return tensors
 
 
-def null_column_shares(gating, prompt_embeddings: torch.Tensor, matrix: torch.Tensor, objectives: list[str]):
-    """Each objective's mean share g_i / β of the gating, and a warning when most of it sits on objectives whose
-    column of T is zero (r'_j = 0 for every answer: weight there switches the score off)."""
+def gating_summary(gating, prompt_embeddings: torch.Tensor, objectives: list[str]) -> dict:
+    """Each objective's mean share g_i / β over the pairs, and how many objectives carry weight (a mean share of
+    at least 1 %)."""
     with torch.no_grad():
         shares = (gating(prompt_embeddings.float()) / gating.logit_scale).mean(0)  # (k,)
-    null = (matrix == 0).all(0)
-    off = float(shares[null].sum())
-    warnings = []
-    # Some weight there is normal (it is also how the gating scales the score down); most of it means the other
-    # objectives' rewards do not separate the pairs, and the score is near a tie everywhere.
-    if off > 0.9:
-        names = [objectives[j] for j in null.nonzero().flatten().tolist()]
+    carrying = [name for name, share in zip(objectives, shares.tolist()) if share >= 0.01]
+    return {"mean_gating_share": dict(zip(objectives, shares.tolist())), "objectives_with_weight": carrying}
+
+
+def _warnings(metrics: dict, left_out: dict[str, str]) -> list[str]:
+    warnings = [f"`{name}` is left out of the gate: {reason}." for name, reason in left_out.items()]
+    ties = metrics["final"]["train_ties"]
+    if ties > 0.01:
         warnings.append(
-            f"The gating puts {off:.0%} of its weight on {names}, whose decorrelated reward r' is 0 by construction: "
-            "the score is nearly switched off. The other objectives' rewards barely separate these pairs; check "
-            "the stage-1 metrics and the features, or decorrelate less (`--threshold`)."
+            f"{ties:.0%} of the training pairs get the same score for both answers: the gate cannot separate them. "
+            "Check the stage-1 metrics (`fit.json`) and the features, or start β higher "
+            "(`--gating-logit-scale-init`)."
         )
-        logger.warning(warnings[-1])
-    return dict(zip(objectives, shares.tolist())), warnings
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings
+
+
+def plot_curves(history: list[dict], best_step: int, path: Path) -> None:
+    """The training and validation Bradley-Terry loss and the validation accuracy per evaluation step, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no display backend needed
+
+    steps = [entry["step"] for entry in history]
+    figure = Figure(figsize=(8, 3.2))
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    loss_axes.plot(steps, [entry["train_loss"] for entry in history], label="train")
+    if any("val_loss" in entry for entry in history):
+        loss_axes.plot(steps, [entry.get("val_loss") for entry in history], label="validation")
+        accuracy_axes.plot(steps, [entry.get("val_accuracy") for entry in history], color="tab:orange")
+    for axes in (loss_axes, accuracy_axes):
+        axes.axvline(best_step, color="gray", linestyle=":", label=f"kept: step {best_step}")
+        axes.set_xlabel("step")
+    loss_axes.set_ylabel("Bradley-Terry loss")
+    loss_axes.legend(fontsize=8)
+    accuracy_axes.set_ylabel("validation accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
 
 
 def main(config: GateConfig | None = None, /, **kwargs) -> dict:
-    """Load → compute → save `config.out` (the gating state dict) and its report `gate.json`, which it returns.
-    Pass a `GateConfig`, or its fields as keywords."""
+    """Load → compute → save `config.out` (the gating state dict), its report `gate.json` (which it returns) and the
+    curves `gate.png`. Pass a `GateConfig`, or its fields as keywords."""
     config = config or GateConfig(**kwargs)
     weight, _, objectives = load_regression(config.regression)
     matrix, _, transform_metadata = load_transform(config.transform)
-    _check_objectives(objectives, transform_metadata, config.regression, config.transform)
-    if matrix.shape != (weight.shape[0],) * 2:
-        raise ValueError(
-            f"T of {config.transform} is {tuple(matrix.shape)} but W of {config.regression} has {weight.shape[0]} rows."
-        )
-    tensors = _load_pairs(config, weight)
-    rewards = transformed_rewards(tensors["embeddings"], weight, matrix)  # (N, 2, k), frozen: computed once
-    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config)
-    shares, warnings = null_column_shares(gating, tensors["prompt_embeddings"], matrix, objectives)
-    metrics = {"warnings": warnings, "mean_gating_share": shares, "objectives": objectives, **metrics}
+    objectives = _check_objectives(objectives, transform_metadata, config.regression, config.transform)
+    if matrix.shape != (len(objectives),) * 2:
+        raise ValueError(f"T of {config.transform} is {tuple(matrix.shape)} for {len(objectives)} objectives.")
+    lengths = LENGTH_OBJECTIVE in objectives
+    tensors = _load_pairs(config, weight, lengths)
+    answer_lengths = tensors["answer_lengths"] if lengths else None
+    # (N, 2, k): W, T frozen, so computed once
+    rewards = transformed_rewards(tensors["embeddings"], weight, matrix, answer_lengths=answer_lengths)
+    gated, left_out = gated_objectives(matrix, objectives, fit_metrics(config.regression), config)
+    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated)
+    metrics = {
+        "objectives": objectives,
+        "gated_objectives": [objectives[j] for j in gated],
+        "left_out": left_out,
+        **gating_summary(gating, tensors["prompt_embeddings"], objectives),
+        **metrics,
+    }
+    metrics["warnings"] = _warnings(metrics, left_out)
 
-    final = metrics["final"]
-    settings = asdict(config)
+    final, settings = metrics["final"], asdict(config)
     extra = {key: settings[key] for key in ("steps", "batch_size", "lr", "weight_decay", "val_fraction", "seed")}
-    extra.update(objectives=objectives, val_accuracy=final.get("val_accuracy"), train_accuracy=final["train_accuracy"])
-    extra["logit_scale_init"] = config.gating_logit_scale_init
+    extra.update(objectives=objectives, gated_objectives=metrics["gated_objectives"], best_step=metrics["best_step"])
+    extra.update(val_accuracy=final.get("val_accuracy"), train_accuracy=final["train_accuracy"])
+    extra["logit_scale_init"] = metrics["beta_init"]
     save_gating(
         config.out, gating.state_dict(), config.gating_temperature, config.gating_hidden_dim, config.gating_n_hidden,
         extra_metadata=extra,
     )  # fmt: skip
+    plot_curves(metrics["history"], metrics["best_step"], Path(config.out).with_name("gate.png"))
     report = write_report(
         report_path("gate", config.out),
         "gate",
@@ -281,6 +427,8 @@ def main(config: GateConfig | None = None, /, **kwargs) -> dict:
     )
     if final.get("val_accuracy") is not None:
         logger.info(
-            "Validation accuracy %.4f over %d pairs; wrote %s", final["val_accuracy"], metrics["val_pairs"], config.out
-        )
+            "Validation accuracy %.4f over %d pairs (step %d kept, %d objectives gated, %d carry weight); wrote %s",
+            final["val_accuracy"], metrics["val_pairs"], metrics["best_step"], len(gated),
+            len(metrics["objectives_with_weight"]), config.out,
+        )  # fmt: skip
     return report

@@ -19,13 +19,16 @@ for a file it was not written for.
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import os
 from pathlib import Path
 
 from conversion.files import atomic_write_json
 
 
-__all__ = ["Fingerprint", "REPORT_KEYS", "read_report", "report_path", "write_report"]
+__all__ = ["Fingerprint", "REPORT_KEYS", "read_report", "report_for", "report_path", "write_report"]
+
+logger = logging.getLogger(__name__)
 
 REPORT_KEYS = ("stage", "command", "settings", "inputs", "outputs", "metrics", "versions")
 _PACKAGES = ("armorm", "torch", "transformers", "safetensors", "datasets")
@@ -151,3 +154,22 @@ def output_sha256(report: dict | None, name: str) -> str | None:
         return None
     entry = report["outputs"].get(name)
     return entry.get("sha256") if isinstance(entry, dict) else None
+
+
+def report_for(stage: str, path: str | os.PathLike, output: str) -> dict | None:
+    """The report `stage` wrote beside `path`, if it was written for this very file (the content hash it records
+    for its output `output` is the file's); None when there is none or it belongs to another file."""
+    from conversion.artifacts import head_fingerprint  # artifacts imports this module
+
+    report = read_report(report_path(stage, path))
+    if report is None:
+        return None
+    if output_sha256(report, output) != head_fingerprint(path).sha256:
+        logger.warning(
+            "%s is not the report of %s (it was written for another %s file); it is not used.",
+            report_path(stage, path),
+            path,
+            output,
+        )
+        return None
+    return report

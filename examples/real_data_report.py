@@ -219,9 +219,7 @@ def train_identity_gating(build_work: Path, ablation: Path, args: argparse.Names
     armorm([
         "gate", "--features", str(build_work / "features" / "pairs-0"),
         "--regression", str(build_work / "regression.safetensors"), "--transform", str(transform),
-        "--out", str(ablation / "gating.safetensors"), "--steps", str(args.steps),
-        "--batch-size", str(args.gate_batch_size), "--gating-hidden-dim", str(args.hidden_dim),
-        "--eval-every", "250", "--seed", str(args.seed),
+        "--out", str(ablation / "gating.safetensors"), "--steps", str(args.steps), "--seed", str(args.seed),
     ])  # fmt: skip
 
 
@@ -611,9 +609,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling, the split and the gating")
     parser.add_argument("--max-length", type=int, default=768, help="longest conversation in tokens (extract)")
     parser.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (extract)")
-    parser.add_argument("--steps", type=int, default=2000, help="gating training steps")
-    parser.add_argument("--gate-batch-size", type=int, default=256, help="pairs per gating step")
-    parser.add_argument("--hidden-dim", type=int, default=256, help="gating MLP width")
+    parser.add_argument("--steps", type=int, default=2000, help="gating training steps (the package's: 10,000)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -641,33 +637,32 @@ def main():
         settings_file.write_text(json.dumps({"settings": split_settings, **data}, indent=2) + "\n")
 
     backbone = smollm2_gguf()
-    extract_options = [
-        "--dtype", "bfloat16", "--max-length", str(args.max_length), "--truncate-prompt",
-        "--batch-size", str(args.batch_size),
-    ]  # fmt: skip
+    extract_options = {"dtype": "bfloat16", "max-length": str(args.max_length), "batch-size": str(args.batch_size)}
     build_work, checkpoint = work / "build", work / "armorm-smollm2-real-data"
     build_started = time.time()
     with timed(
         timings, "armorm build (extract ratings + train pairs, fit, decorrelate, gate, assemble)", timings_file
     ):
+        # The package's defaults for every stage (verbosity `auto`, β from the rewards, the paper's gate), except the
+        # extraction's dtype and length policy and the number of gating steps (2 CPU cores).
         armorm([
             "build", "--backbone", backbone, "--ratings", *data["ratings_files"],
-            "--pairs", str(work / "data" / "train.jsonl"), "--decorrelate-verbosity", VERBOSITY,
-            "--out", str(checkpoint), "--work", str(build_work), *(f"--extract-{o[2:]}" if o.startswith("--") else o for o in extract_options),
-            "--gate-steps", str(args.steps), "--gate-batch-size", str(args.gate_batch_size),
-            "--gate-gating-hidden-dim", str(args.hidden_dim), "--gate-eval-every", "250", "--gate-seed", str(args.seed),
+            "--pairs", str(work / "data" / "train.jsonl"), "--out", str(checkpoint), "--work", str(build_work),
+            *(item for key, value in extract_options.items() for item in (f"--extract-{key}", value)),
+            "--extract-truncate-prompt", "--gate-steps", str(args.steps), "--gate-seed", str(args.seed),
             "--assemble-model-id", "armorm-smollm2-real-data",
         ])  # fmt: skip
     record_stage_times(build_work, build_started, work / "build-stages.json")
     ablation = work / "ablation-identity-transform"
     with timed(timings, "ablation: armorm gate with T = I", timings_file):
-        if not (ablation / "gating.json").is_file():
+        if not (ablation / "gate.json").is_file():
             train_identity_gating(build_work, ablation, args)
     heldout_features = work / "features" / "heldout"
     with timed(timings, "armorm extract (held-out pairs)", timings_file):
         armorm([
             "extract", "--backbone", backbone, "--data", str(work / "data" / "heldout.jsonl"), "--kind", "pairs",
-            "--out", str(heldout_features), *extract_options,
+            "--out", str(heldout_features), "--truncate-prompt",
+            *(item for key, value in extract_options.items() for item in (f"--{key}", value)),
         ])  # fmt: skip
 
     with timed(timings, "evaluation (scores, probe, spot check, plot)", timings_file):

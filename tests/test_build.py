@@ -1,5 +1,6 @@
 """`armorm build`: every stage in one command, the checkpoint made of the work folder's files, reruns reuse stages."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def run_build(backbone, tmp_path, *extra):
     return cli([
         "build", "--backbone", backbone,
         "--ratings", str(EXAMPLES / "ratings.jsonl"), "--pairs", str(EXAMPLES / "pairs.jsonl"),
-        "--extract-split", "train[:48]", "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+        "--extract-split", "train[:60]", "--out", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
         "--gate-steps", "30", "--gate-batch-size", "16", "--gate-gating-hidden-dim", "16", "--gate-eval-every", "10",
         "--extract-device", "cpu", "--gate-device", "cpu", *extra,
     ])  # fmt: skip
@@ -50,6 +51,9 @@ def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_
         "demo-helpfulness", "demo-correctness", "demo-safety", "demo-verbosity"
     ]  # fmt: skip
     assert metadata["verbosity"] == "demo-verbosity" and model.config.verbosity_objective == 3
+    # The gate runs over the objectives the gate stage kept; verbosity's column of T is zero, so it is never one.
+    gated = json.loads((work / "gate.json").read_text())["metrics"]["gated_objectives"]
+    assert model.config.gated_objectives == [objectives.index(name) for name in gated] and 3 not in gated
     assert penalties[3] == 0 and (penalties[:3] >= 0).all()
     torch.testing.assert_close(model.regression_layer.weight, weight, rtol=0, atol=0)
     torch.testing.assert_close(model.reward_transform_matrix, matrix, rtol=0, atol=0)

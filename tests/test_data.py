@@ -112,7 +112,14 @@ def test_real_ultrafeedback_strings(name):
     raw = read_jsonl(path)
     pairs = load_pairs(str(path))
     assert pairs.layout == "explicit prompt"
-    kept = [i for i, row in enumerate(raw) if all(row[k].strip() for k in ("prompt", "chosen", "rejected"))]
+    # Kept: every answer non-empty, two different answers, and not a tie of the pair's own ratings.
+    kept = [
+        i
+        for i, row in enumerate(raw)
+        if all(row[k].strip() for k in ("prompt", "chosen", "rejected"))
+        and row["chosen"] != row["rejected"]
+        and row["metadata"]["score_chosen"] != row["metadata"]["score_rejected"]
+    ]
     assert pairs.index == kept
     assert sorted(s["index"] for s in pairs.skipped) == sorted(set(range(len(raw))) - set(kept))
     for i, chosen, rejected in zip(pairs.index, pairs.chosen, pairs.rejected):

@@ -158,7 +158,7 @@ def test_pairs_equal_per_row_forward(backbone, reference, path, split, tmp_path)
     tensors, _ = load_features(tmp_path)
     pairs = load_pairs(data, split)
 
-    assert meta["kind"] == "pairs" and meta["skipped"] == [] and meta["counts"]["rows"] == len(pairs)
+    assert meta["kind"] == "pairs" and meta["skipped"] == pairs.skipped and meta["counts"]["rows"] == len(pairs)
     assert tensors["index"].tolist() == pairs.index
     assert tensors["embeddings"].shape == (len(pairs), 2, 16)
     for row, (chosen, rejected) in enumerate(zip(pairs.chosen, pairs.rejected)):

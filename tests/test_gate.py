@@ -237,21 +237,32 @@ def test_mismatched_objectives_are_an_error(tmp_path):
         main(out=str(tmp_path / "g.safetensors"), device="cpu", **paths, steps=1)
 
 
-def test_weight_on_the_null_objective_is_reported(tmp_path, caplog):
-    """Rewards that do not separate the pairs, and a T whose verbosity column is zero (r'_v = 0): the gating escapes
-    to that column, where the loss is ln 2 at every pair; `gate` says so. With separable rewards it does not."""
+def test_no_weight_on_a_zero_column_so_the_score_cannot_be_switched_off(tmp_path):
+    """Rewards that do not separate the pairs, and a T whose verbosity column is zero (r'_v = 0). Before the mask the
+    gating escaped to that column (every score 0, every pair a tie, loss ln 2); now v is left out of the softmax by
+    construction: its weight is exactly 0, the report says why, and the scores still differ."""
     rng = np.random.default_rng(0)
     matrix = np.eye(3, dtype=np.float32)
     matrix[2, :] -= 0.5
     matrix[2, 2] = 0.0  # T = I, T[v, :] -= λ, T[v, v] = 0 with v = 2
     noise = rng.normal(size=(400, 2, 3)) * 5
-    paths = write_pipeline(tmp_path / "noise", noise, rng.normal(size=(400, D)), matrix)
-    report = main(out=str(tmp_path / "noise.safetensors"), device="cpu", **paths, **FAST)["metrics"]
-    assert report["mean_gating_share"]["objective-2"] > 0.9
-    assert report["warnings"] and "objective-2" in report["warnings"][0]
-    assert any("switched off" in record.message for record in caplog.records)
+    prompts = rng.normal(size=(400, D))
+    paths = write_pipeline(tmp_path / "noise", noise, prompts, matrix)
+    report = main(out=str(tmp_path / "noise" / "gating.safetensors"), device="cpu", **paths, **FAST)["metrics"]
+    assert report["mean_gating_share"]["objective-2"] == 0.0
+    assert report["gated_objectives"] == ["objective-0", "objective-1"]
+    assert "column of T is zero" in report["left_out"]["objective-2"]
+    assert report["final"]["train_ties"] == 0.0
+
+    state_dict, metadata = load_gating(tmp_path / "noise" / "gating.safetensors")
+    assert metadata["gated_objectives"] == ["objective-0", "objective-1"]
+    gating = ArmoRMGatingNetwork(D, 3, 32, 2, 10.0, gated_objectives=[0, 1])
+    gating.load_state_dict(state_dict)
+    with torch.no_grad():
+        g = gating(torch.tensor(prompts, dtype=torch.float32))
+    assert (g[:, 2] == 0).all() and torch.allclose(g.sum(-1), gating.logit_scale.expand(400))
 
     prompts, rewards = prompt_dependent_pairs()
     paths = write_pipeline(tmp_path / "signal", rewards, prompts, matrix)
-    report = main(out=str(tmp_path / "signal.safetensors"), device="cpu", **paths, **FAST)["metrics"]
-    assert report["warnings"] == [] and report["final"]["val_accuracy"] > 0.8
+    report = main(out=str(tmp_path / "signal" / "gating.safetensors"), device="cpu", **paths, **FAST)["metrics"]
+    assert report["final"]["val_accuracy"] > 0.8 and report["mean_gating_share"]["objective-2"] == 0.0
