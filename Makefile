@@ -28,12 +28,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
 style: $(STAMP)
-	$(VENV)/bin/ruff format modeling_armorm conversion tests examples benchmarks
-	$(VENV)/bin/ruff check --fix modeling_armorm conversion tests examples benchmarks
+	$(VENV)/bin/ruff format modeling_armorm conversion tests examples benchmarks metrics
+	$(VENV)/bin/ruff check --fix modeling_armorm conversion tests examples benchmarks metrics
 
 quality: $(STAMP)
-	$(VENV)/bin/ruff format --check modeling_armorm conversion tests examples benchmarks
-	$(VENV)/bin/ruff check modeling_armorm conversion tests examples benchmarks
+	$(VENV)/bin/ruff format --check modeling_armorm conversion tests examples benchmarks metrics
+	$(VENV)/bin/ruff check modeling_armorm conversion tests examples benchmarks metrics
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

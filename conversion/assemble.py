@@ -29,9 +29,11 @@ from transformers import PreTrainedModel
 from conversion.artifacts import head_fingerprint, load_gating, load_regression, load_transform
 from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
 from conversion.cli import Location, command_line, normalize_locations, settings_dict
-from conversion.files import make_readable
+from conversion.files import file_sha256, make_readable
 from conversion.model_card import CardInfo, build_model_card
 from conversion.reports import Fingerprint, file_name, read_report, report_for, report_path, write_report
+from conversion.rewardbench import rewardbench_scores
+from conversion.rewardbench_score import read_accuracies
 from conversion.state_dict import check_state_dict, expected_shapes
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 from modeling_armorm.scoring import pad_token_id
@@ -46,8 +48,11 @@ __all__ = [
     "Heads",
     "assemble_model",
     "build_config",
+    "load_eval_results",
     "main",
     "read_heads",
+    "update_card",
+    "write_card",
 ]
 
 
@@ -63,7 +68,8 @@ class AssembleSettings:
     )
     datasets: list[str] | None = field(default=None, metadata={"help": "Hub ids of the training data, for the card."})
     eval_results: Location | None = field(
-        default=None, metadata={"help": "Results JSON of `armorm evaluate`, shown in the model card."}
+        default=None,
+        metadata={"help": "Results JSON of `armorm evaluate` (or RewardBench's), in the card and its `model-index`."},
     )
     base_model: str | None = field(
         default=None, metadata={"help": "Hub id of the backbone for the card (default: `--backbone` if an id)."}
@@ -362,6 +368,61 @@ def _base_model(config: AssembleConfig) -> str | None:
     return None
 
 
+def load_eval_results(path: str) -> dict:
+    """The evaluation the card shows: `armorm evaluate`'s results file, or a RewardBench results file (subset
+    accuracies at the top level, as in allenai/reward-bench-results), read into the same shape."""
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} must hold a JSON object (the results of `armorm evaluate`).")
+    if isinstance(results.get("subsets"), dict):
+        return results
+    accuracies, _ = read_accuracies(path)
+    if not accuracies:
+        raise ValueError(
+            f"{path} is neither the results of `armorm evaluate` (no `subsets`) nor a RewardBench results file (no "
+            "subset accuracy such as `alpacaeval-easy`); run `armorm evaluate` to make one."
+        )
+    subsets = {name: {"accuracy": value} for name, value in accuracies.items()}
+    return {"subsets": subsets, "rewardbench": rewardbench_scores(accuracies)}
+
+
+def write_card(config: AssembleConfig, heads: Heads, model_config: ArmoRMConfig) -> None:
+    """Write the checkpoint's model card (README.md) and `assemble.json` beside the saved weights."""
+    out = Path(config.out)
+    results = load_eval_results(config.eval_results) if config.eval_results is not None else None
+    build = [public_view(folder, upstream) for folder, upstream in upstream_reports(heads)]
+    this = {"stage": "assemble", "command": command_line("assemble", config, paths=file_name)}
+    build.append({**this, "settings": settings_dict(config, file_name)})
+    if results is not None and results.get("stage") == "evaluate":
+        build.append(public_view(Path(config.eval_results).parent, results))  # it ran on this checkpoint
+    card = _card_info(config, heads, model_config, results, build)
+    build_model_card(card).save(out / "README.md")
+    inputs = {
+        "backbone": backbone_fingerprint(config.backbone),
+        **{name: head_fingerprint(getattr(config, name)) for name in ("regression", "transform", "gating")},
+    }
+    if config.eval_results is not None:
+        inputs["eval_results"] = Fingerprint(config.eval_results, file_sha256(config.eval_results))
+    # Published with the checkpoint: local paths as file names only.
+    write_report(
+        report_path("assemble", out),
+        "assemble",
+        config,
+        inputs=inputs,
+        outputs={"checkpoint": checkpoint_fingerprint(out)},
+        metrics={"build": [stage for stage in build if stage["stage"] not in ("assemble", "evaluate")]},
+        public=True,
+    )
+    make_readable(out)
+
+
+def update_card(config: AssembleConfig) -> None:
+    """Write the card and report of the checkpoint `config.out`, assembled earlier from the same inputs, as
+    `main(config)` would (e.g. with new `eval_results`), without loading the backbone or saving the weights again."""
+    heads = read_heads(config.regression, config.transform, config.gating)
+    write_card(config, heads, ArmoRMConfig.from_pretrained(config.out))
+
+
 def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardModeling:
     """Assemble the checkpoint folder `config.out`: weights (safetensors), config with `auto_map`, remote-code files,
     tokenizer with its chat template, README.md (the model card) and the report `assemble.json` with the whole
@@ -369,11 +430,8 @@ def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardMo
     config = config or AssembleConfig(**kwargs)
     # load
     heads = read_heads(config.regression, config.transform, config.gating)
-    results = None
     if config.eval_results is not None:
-        results = json.loads(Path(config.eval_results).read_text(encoding="utf-8"))
-        if not isinstance(results, dict):
-            raise ValueError(f"{config.eval_results} must hold a JSON object (the output of `armorm evaluate`).")
+        load_eval_results(config.eval_results)  # a wrong file fails before the slow part
     backbone_model = load_backbone(config.backbone, config.dtype)
     tokenizer = load_tokenizer(config.tokenizer or config.backbone)
 
@@ -387,25 +445,6 @@ def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardMo
     out = Path(config.out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    build = [public_view(folder, upstream) for folder, upstream in upstream_reports(heads)]
-    this = {"stage": "assemble", "command": command_line("assemble", config, paths=file_name)}
-    build.append({**this, "settings": settings_dict(config, file_name)})
-    card = _card_info(config, heads, model_config, results, build)
-    build_model_card(card).save(out / "README.md")
-    inputs = {
-        "backbone": backbone_fingerprint(config.backbone),
-        **{name: head_fingerprint(getattr(config, name)) for name in ("regression", "transform", "gating")},
-    }
-    # Published with the checkpoint: local paths as file names only.
-    write_report(
-        report_path("assemble", out),
-        "assemble",
-        config,
-        inputs=inputs,
-        outputs={"checkpoint": checkpoint_fingerprint(out)},
-        metrics={"build": build[:-1]},
-        public=True,
-    )
-    make_readable(out)
+    write_card(config, heads, model_config)
     logger.info("Wrote the ArmoRM checkpoint %s (%d objectives).", out, len(heads.objectives))
     return model

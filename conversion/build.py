@@ -1,7 +1,7 @@
-"""Every stage in one command: extract → fit → decorrelate → gate → assemble, in a work folder that a rerun reuses.
+"""Every stage in one command: extract → fit → decorrelate → gate → assemble [→ evaluate], in a reusable work folder.
 
     armorm build --backbone B --ratings R1 [R2 ...] --pairs P1 [P2 ...] [--reference P ...] --out CKPT [--work DIR] \\
-        [--extract-batch-size 16 --gate-steps 2000 --decorrelate-verbosity helpsteer-verbosity ...]
+        [--eval PAIRS] [--extract-batch-size 16 --gate-steps 2000 --decorrelate-verbosity helpsteer-verbosity ...]
 
 Each stage writes into `--work` (default `<out>.work`) with its report (`<stage>.json`). A rerun reuses a stage when
 its report records the same settings and the same content hashes of its inputs, and its outputs are still the files
@@ -9,7 +9,8 @@ it wrote; otherwise the stage runs again (an interrupted extraction continues fr
 content, not paths: data edited in place, a stage that produced another file, a deleted output all make the stages
 that depend on them run again. The settings of each stage are its own dataclass, composed here: every field `<name>`
 of stage `<stage>` is the flag `--<stage>-<name>` (`--gate-steps`, `--extract-batch-size`, …), with that stage's
-default and help.
+default and help. With `--eval`, `armorm evaluate` scores the assembled checkpoint on that data (`<work>/evaluate.json`)
+and the card gets its results (tables and `model-index`), as `armorm assemble --eval-results` would give them.
 """
 
 import dataclasses
@@ -19,15 +20,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conversion import assemble, decorrelate, extract, fit, gate
+from conversion import assemble, decorrelate, evaluate, extract, fit, gate
 from conversion.artifacts import head_fingerprint
 from conversion.assemble import AssembleSettings, checkpoint_fingerprint
 from conversion.backbone import backbone_fingerprint
 from conversion.cli import Location, normalize_locations, settings_dict
 from conversion.data import data_fingerprint
 from conversion.decorrelate import DecorrelateSettings
+from conversion.evaluate import EvaluateSettings, model_fingerprint
 from conversion.extract import ExtractSettings
 from conversion.features import folder_fingerprint
+from conversion.files import file_sha256
 from conversion.fit import FitSettings
 from conversion.gate import GateSettings
 from conversion.reports import Fingerprint, file_name, read_report, relative_path, report_path
@@ -44,6 +47,7 @@ STAGES = {
     "decorrelate": DecorrelateSettings,
     "gate": GateSettings,
     "assemble": AssembleSettings,
+    "evaluate": EvaluateSettings,
 }
 
 
@@ -59,6 +63,10 @@ class BuildInputs:
     )
     out: Location = field(metadata={"help": "The checkpoint folder to write."})
     work: Location | None = field(default=None, metadata={"help": "The work folder (default: `<out>.work`)."})
+    eval: Location | None = field(
+        default=None,
+        metadata={"help": "Pairs to evaluate the checkpoint on (`armorm evaluate`); results go in the card."},
+    )
 
     def __post_init__(self):
         normalize_locations(self)
@@ -73,6 +81,7 @@ class BuildConfig(BuildInputs):
     decorrelate: DecorrelateSettings = field(default_factory=DecorrelateSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     assemble: AssembleSettings = field(default_factory=AssembleSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
 
 def stage_flags(stage: str, settings_class: type) -> type:
@@ -222,11 +231,48 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
     )
     inputs = {"backbone": backbone_fingerprint(config.backbone)}
     inputs.update({name: head_fingerprint(path) for name, path in heads.items()})
-    checkpoint = {"checkpoint": lambda: checkpoint_fingerprint(config.out)}
-    reusable = _reusable(report_path("assemble", config.out), assemble_config, inputs, checkpoint, public=True)
-    _run("assemble", "assemble", reusable, lambda: assemble.main(assemble_config))
+    if config.eval is None:
+        if config.evaluate != EvaluateSettings():
+            logger.warning("[build] `--evaluate-*` settings are given but no `--eval` data: nothing is evaluated.")
+        checkpoint = {"checkpoint": lambda: checkpoint_fingerprint(config.out)}
+        reusable = _reusable(report_path("assemble", config.out), assemble_config, inputs, checkpoint, public=True)
+        _run("assemble", "assemble", reusable, lambda: assemble.main(assemble_config))
+    else:
+        _assemble_and_evaluate(config, work, assemble_config, inputs)
     logger.info("[build] checkpoint: %s", config.out)
     return config.out
+
+
+def _assemble_and_evaluate(config: BuildConfig, work: Path, assemble_config, inputs: dict) -> None:
+    """assemble → evaluate the checkpoint on `config.eval` → the card with the results. A rerun reuses each step: the
+    evaluation's model hash leaves out the card (`evaluate.NOT_SCORED`), so writing the results into the card does
+    not make the evaluation stale, and the report the card step leaves is that of `assemble --eval-results`."""
+    if assemble_config.eval_results is not None:
+        raise ValueError("`--eval` puts its own results in the card: drop `--assemble-eval-results` (or `--eval`).")
+    results = work / "evaluate.json"
+    evaluated = dataclasses.replace(assemble_config, eval_results=str(results))
+    report = report_path("assemble", config.out)
+    checkpoint = {"checkpoint": lambda: checkpoint_fingerprint(config.out)}
+
+    def with_results() -> dict:
+        if not results.is_file():
+            return {**inputs, "eval_results": Fingerprint(str(results), None)}
+        return {**inputs, "eval_results": Fingerprint(str(results), file_sha256(results))}
+
+    assembled = _reusable(report, evaluated, with_results(), checkpoint, public=True) or _reusable(
+        report, assemble_config, inputs, checkpoint, public=True
+    )
+    _run("assemble", "assemble", assembled, lambda: assemble.main(assemble_config))
+
+    evaluate_config = evaluate.EvaluateConfig(
+        **dataclasses.asdict(config.evaluate), model=config.out, data=config.eval, out=str(results)
+    )
+    evaluate_inputs = {"model": model_fingerprint(config.out), "data": data_fingerprint(config.eval)}
+    reusable = _reusable(results, evaluate_config, evaluate_inputs, {})
+    _run("evaluate", "evaluate", reusable, lambda: evaluate.main(evaluate_config))
+
+    reusable = _reusable(report, evaluated, with_results(), checkpoint, public=True)
+    _run("assemble", "model card with the evaluation", reusable, lambda: assemble.update_card(evaluated))
 
 
 def _head(name: str, heads: dict[str, str]) -> dict:

@@ -37,10 +37,12 @@ COMMANDS = {
     "build": "conversion.build",
     "convert-rlhflow": "conversion.convert_rlhflow",
     "decorrelate": "conversion.decorrelate",
+    "evaluate": "conversion.evaluate",
     "extract": "conversion.extract",
     "fit": "conversion.fit",
     "gate": "conversion.gate",
     "push": "conversion.push",
+    "rewardbench-score": "conversion.rewardbench_score",
 }
 
 # The type of a setting that names a file, a folder or a Hub id: reports write it relative to their folder.
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.parse_args(argv)  # prints the usage, the help or the error, and exits
     command, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[command])
+    # A stage may name one list field (`POSITIONAL`) whose values can lead the arguments without their flag.
+    positional = getattr(module, "POSITIONAL", None)
+    if positional and rest and not rest[0].startswith("-"):
+        rest = [f"--{positional}", *rest]
     configs = parser.stage_parsers[command].parse_args_into_dataclasses(rest)
     module.main(*configs)
 

@@ -272,8 +272,10 @@ class ConversationEncoder:
     """`ChatEncoder` plus the length policy: `encode(rows)` takes rows as lists of sides (each side a full
     conversation ending with the answer) and returns, per row, an `EncodedRow` or the reason it is skipped."""
 
-    def __init__(self, tokenizer, max_length: int, truncate_prompt: bool, position_limit: int | None = None):
-        self.encoder = ChatEncoder(tokenizer)
+    def __init__(
+        self, tokenizer, max_length: int, truncate_prompt: bool, position_limit: int | None = None, pattern=None
+    ):
+        self.encoder = ChatEncoder(tokenizer, pattern)  # `pattern`: a model's own (`model_gating_pattern`)
         self.pattern = self.encoder.pattern
         # The backbone's own limit binds too: past `max_position_embeddings` it was never trained.
         self.max_length = min(max_length, position_limit or max_length)

@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "CardInfo",
     "build_model_card",
     "build_section",
-    "evaluation_table",
+    "eval_results_metadata",
+    "evaluation_dataset",
+    "evaluation_section",
     "objective_table",
     "usage_snippet",
 ]
@@ -54,7 +56,8 @@ class CardInfo:
     objective_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # metric name -> value: the gating network's own validation numbers (`armorm gate`).
     gating_metrics: dict[str, float] = field(default_factory=dict)
-    # the JSON of `armorm evaluate`, rendered as a flat table.
+    # the results of `armorm evaluate` (or RewardBench's own results, read into that shape): the card's evaluation
+    # tables and its `model-index` metadata.
     eval_results: dict | None = None
     # every stage of the build in order: {"stage", "command", "settings"}, local paths reduced to file names.
     build: list[dict] = field(default_factory=list)
@@ -88,24 +91,106 @@ def objective_table(info: CardInfo) -> str:
     return "\n".join(lines)
 
 
-def _flatten(results: dict, prefix: str = "") -> list[tuple[str, int | float]]:
-    rows = []
-    for key, value in results.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += _flatten(value, f"{name} / ")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((name, value))
-    return rows
+# The benchmarks whose scores `armorm evaluate` computes: results key → (Hub dataset id, name, what the numbers are).
+BENCHMARKS = {
+    "rewardbench": ("allenai/reward-bench", "RewardBench", "sections"),
+    "rewardbench2": ("allenai/reward-bench-2", "RewardBench 2", "subsets"),
+}
 
 
-def evaluation_table(eval_results: dict) -> str:
-    """Every number of the evaluation JSON (nested keys joined with ` / `) as a two-column table."""
-    rows = _flatten(eval_results)
-    lines = ["| metric | value |", "|---|---|"]
-    # Counts (examples per subset) stay integers; scores get four decimals.
-    lines += [f"| {name} | {value if isinstance(value, int) else _number(value)} |" for name, value in rows]
-    return "\n".join(lines)
+def evaluation_dataset(results: dict) -> tuple[str, str]:
+    """(Hub dataset id, name) of what was evaluated: RewardBench (v1 or 2) when its subsets were scored, else the data
+    as `armorm evaluate` recorded it (a local file by its name only, so no local path leaves the machine)."""
+    for key, (dataset_id, name, _) in BENCHMARKS.items():
+        if key in results:
+            return dataset_id, name
+    data = results.get("inputs", {}).get("data") or {}
+    path = data.get("path") or results.get("settings", {}).get("data") or "preference pairs"
+    if data.get("sha256") is not None:  # a local file or folder (a Hub id has no content hash here)
+        path = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return path, path
+
+
+def eval_results_metadata(results: dict) -> list[EvalResult]:
+    """The `model-index` entries of an evaluation: each RewardBench section (or RewardBench 2 subset) and its overall
+    score in percent, or else the overall and per-subset accuracy in percent."""
+    dataset_type, dataset_name = evaluation_dataset(results)
+    common = {
+        "task_type": "text-classification",
+        "task_name": "Reward modeling",
+        "dataset_type": dataset_type,
+        "dataset_name": dataset_name,
+        "dataset_split": results.get("settings", {}).get("split"),
+        "metric_type": "accuracy",
+    }
+    entries = []
+    for key in BENCHMARKS:
+        for name, value in results.get(key, {}).items():
+            if name != "missing":
+                entries.append(EvalResult(metric_name=name, metric_value=round(float(value), 2), **common))
+    if entries:
+        return entries
+    overall = results.get("overall", {}).get("accuracy")
+    if overall is not None:
+        entries.append(EvalResult(metric_name="accuracy", metric_value=round(100 * overall, 2), **common))
+    for name, entry in results.get("subsets", {}).items():
+        if entry.get("accuracy") is not None:
+            value = round(100 * entry["accuracy"], 2)
+            entries.append(EvalResult(metric_name=f"accuracy: {name}", metric_value=value, **common))
+    return entries
+
+
+def evaluation_section(results: dict) -> list[str]:
+    """The card's evaluation: the benchmark's sections, the accuracy per subset, each objective alone, length bias."""
+    dataset_id, dataset_name = evaluation_dataset(results)
+    counts = results.get("counts") or {}
+    lines = []
+    if "stage" in results:
+        split = results.get("settings", {}).get("split")
+        where = [f"`{dataset_id}`"] if dataset_id != dataset_name else []
+        where += [f"split `{split}`"] if split else []
+        rule = (
+            "A prompt counts when its chosen answer outscores every rejected one (a tie at the top shares the credit)."
+            if results.get("layout") == "best-of-n"
+            else "A pair counts when the chosen answer scores strictly higher."
+        )
+        lines.append(
+            f"`armorm evaluate` on {dataset_name}" + (f" ({', '.join(where)})" if where else "") + ": "
+            f"{counts.get('rows', '?')} rows scored, {counts.get('skipped', 0)} not scored (too long or malformed, "
+            f"listed in the results file). {rule}"
+        )
+        lines.append("")
+    for key, (_, name, kind) in BENCHMARKS.items():
+        if key not in results:
+            continue
+        scores = results[key]
+        lines += [f"| {name} {kind[:-1]} | score (%) |", "|---|---|"]
+        lines += [f"| {section} | {value:.2f} |" for section, value in scores.items() if section != "missing"]
+        if scores.get("missing"):
+            lines += ["", f"Partial {name}: subsets absent from the data, so no overall score: `{scores['missing']}`."]
+        lines.append("")
+    subsets = results.get("subsets", {})
+    if subsets:
+        lines += ["| subset | accuracy | rows |", "|---|---|---|"]
+        for name, entry in subsets.items():
+            rows = entry.get("count")
+            lines.append(f"| {name} | {_number(entry.get('accuracy'))} | {'—' if rows is None else rows} |")
+        lines.append("")
+    per_objective = (results.get("overall") or {}).get("per_objective") or {}
+    if per_objective:
+        lines += ["Each objective's reward r_i alone, as a reward model (accuracy over every row):", ""]
+        lines += ["| objective | accuracy alone |", "|---|---|"]
+        lines += [f"| `{name}` | {_number(value)} |" for name, value in per_objective.items()]
+        lines.append("")
+    bias = results.get("length_bias")
+    if bias and bias["chosen_longer"]["count"] and bias["chosen_not_longer"]["count"]:
+        lines.append(
+            f"Length: the chosen answer is the longer one in {100 * bias['chosen_longer_share']:.1f} % of the rows; "
+            f"accuracy {_number(bias['chosen_longer']['accuracy'])} on those, "
+            f"{_number(bias['chosen_not_longer']['accuracy'])} on the others."
+        )
+        lines.append("")
+    return lines[:-1] if lines and not lines[-1] else lines
 
 
 def usage_snippet(model_id: str) -> str:
@@ -164,6 +249,9 @@ def _card_data(info: CardInfo) -> ModelCardData:
         datasets=info.datasets or None,
         tags=TAGS,
         license=None,
+        # model-index: the Hub shows these scores on the model page and in its evaluation widgets.
+        eval_results=eval_results_metadata(info.eval_results) if info.eval_results else None,
+        model_name=info.model_id if info.eval_results else None,
     )
 
 
@@ -209,7 +297,7 @@ def _body(info: CardInfo) -> str:
         parts += ["", "| gating metric | value |", "|---|---|"]
         parts += [f"| {name} | {_number(value)} |" for name, value in info.gating_metrics.items()]
     if info.eval_results:
-        parts += ["", "## Evaluation", "", evaluation_table(info.eval_results)]
+        parts += ["", "## Evaluation", "", *evaluation_section(info.eval_results)]
     parts += [
         "",
         "## Usage",

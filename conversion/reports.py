@@ -93,12 +93,14 @@ def write_report(
     outputs: dict,
     metrics: dict,
     public: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """Write `<stage>.json` at `path` (see `report_path`) for a stage run with `config` (its settings dataclass);
     `inputs` / `outputs` map a name to a `Fingerprint` (or a list of them). Returns the report as written.
 
     Local paths are written relative to the report's folder; with `public` (a report that is published, inside a
-    checkpoint) as their file names only, so no local folder layout leaves the machine.
+    checkpoint) as their file names only, so no local folder layout leaves the machine. `extra` adds top-level fields
+    (a stage whose output is its report, `armorm evaluate`'s results file).
     """
     from conversion.cli import command_line, settings_dict  # the CLI's own flag names; cli imports the stages
 
@@ -113,6 +115,10 @@ def write_report(
         "metrics": metrics,
         "versions": versions(),
     }
+    clash = set(report) & set(extra or {})
+    if clash:
+        raise ValueError(f"`extra` fields {sorted(clash)} would replace the report's own.")
+    report.update(extra or {})
     # JSON has no NaN: a metric that is undefined (a correlation over constant values) is written as null.
     atomic_write_json(path, _finite(report))
     return report

@@ -36,6 +36,12 @@ ALPHAS = [0.01, 1.0, 100.0, 10.0]
 HIDDEN, GATING_HIDDEN, N_HIDDEN, TEMPERATURE, BETA = 16, 12, 2, 10.0, 3.0
 VAL_MSE = [0.011, 0.022, 0.033, 0.044]
 SEPARATOR = "<|im_end|>\n<|im_start|>assistant\n"  # ChatML: between the prompt and the answer
+# Results in the shape `armorm evaluate` writes (the parts the card reads).
+EVAL_RESULTS = {
+    "subsets": {"alpacaeval-easy": {"accuracy": 0.9, "count": 100}, "hep-go": {"accuracy": 0.75, "count": 164}},
+    "rewardbench": {"Chat": 90.0, "Reasoning": 75.0, "missing": {"Chat": ["alpacaeval-hard"]}},
+    "overall": {"accuracy": 0.8125, "count": 264, "per_objective": {"helpfulness": 0.5}},
+}
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}],
@@ -101,7 +107,7 @@ def built(tmp_path_factory, smollm2_tokenizer_dir):
     AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(backbone_dir)
     tensors = write_heads(root)
     eval_results = root / "eval.json"
-    eval_results.write_text(json.dumps({"accuracy": {"chat": 0.9, "safety": 0.75}, "score": 0.8125, "pairs": 836}))
+    eval_results.write_text(json.dumps(EVAL_RESULTS))
     checkpoint = root / "ckpt"
     assemble.main(
         backbone=str(backbone_dir),
@@ -299,14 +305,19 @@ def test_model_card_metadata_and_tables(built):
         assert float(row[header.index("val MSE")]) == pytest.approx(VAL_MSE[i])
         assert row[header.index("rated rows")] == str(10 + i)
 
-    evaluation = dict(table_rows(card.text, "metric")[2:])
-    assert {name: float(value) for name, value in evaluation.items()} == {
-        "accuracy / chat": 0.9,
-        "accuracy / safety": 0.75,
-        "score": 0.8125,
-        "pairs": 836,
-    }
-    assert evaluation["pairs"] == "836"
+    evaluation = {row[0]: row[1:] for row in table_rows(card.text, "subset")[2:]}
+    assert evaluation == {"alpacaeval-easy": ["0.9000", "100"], "hep-go": ["0.7500", "164"]}
+    assert dict(table_rows(card.text, "RewardBench section")[2:]) == {"Chat": "90.00", "Reasoning": "75.00"}
+    assert "no overall score" in card.text and "| `helpfulness` | 0.5000 |" in card.text
+    # The same sections as model-index metadata, as huggingface_hub parses them back from the card.
+    assert card.data.model_name == str(built["checkpoint"])
+    parsed = [
+        (e.dataset_type, e.dataset_name, e.metric_type, e.metric_name, e.metric_value) for e in card.data.eval_results
+    ]
+    assert parsed == [
+        ("allenai/reward-bench", "RewardBench", "accuracy", "Chat", 90.0),
+        ("allenai/reward-bench", "RewardBench", "accuracy", "Reasoning", 75.0),
+    ]
     assert float(dict(table_rows(card.text, "gating metric")[2:])["val_accuracy"]) == 0.625
     # The whole build, stage by stage (the fit report the heads came with, then assemble), local paths as names.
     commands = re.search(r"```bash\n(.*?)\n```", card.text, re.DOTALL).group(1).splitlines()
