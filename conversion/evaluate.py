@@ -13,7 +13,7 @@ progress. The length policy is extraction's: a row longer than `--max-length` to
 `--truncate-prompt` loses its earlier prompt turns (every answer of the row the same ones); an answer is never cut.
 
 A pair is right when the chosen answer scores strictly higher (a tie is wrong). In the best-of-n layout the chosen
-answer must beat every rejected one, a tie at the top sharing the credit as RewardBench 2 counts it, and the Ties
+answer must beat every rejected one (a tie is wrong, where RewardBench 2's script would share the credit), and the Ties
 subset gets RewardBench 2's own formula (`conversion.rewardbench`). What an interpretable reward model adds: the
 accuracy of each objective's reward r_i alone, the mean gating weights g/β per subset, and a length-bias block
 (the share of rows whose chosen answer is the longer one, and the accuracy on those vs. the others).

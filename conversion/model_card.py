@@ -150,7 +150,7 @@ def evaluation_section(results: dict) -> list[str]:
         where = [f"`{dataset_id}`"] if dataset_id != dataset_name else []
         where += [f"split `{split}`"] if split else []
         rule = (
-            "A prompt counts when its chosen answer outscores every rejected one (a tie at the top shares the credit)."
+            "A prompt counts when its chosen answer outscores every rejected one (a tie is wrong)."
             if results.get("layout") == "best-of-n"
             else "A pair counts when the chosen answer scores strictly higher."
         )

@@ -14,8 +14,9 @@ weigh the same in Reasoning. A pair counts when the chosen answer scores strictl
 
 RewardBench 2 (one prompt, its correct answers C and incorrect ones I, scores s):
 
-    best-of-n credit  = 1 / |{j : s_j = max s}|  if the first correct answer holds the maximum, else 0
-                        (so a win is 1, a tie at the top shares the credit, a loss is 0)
+    best-of-n credit  = 1  if the first correct answer scores strictly above every incorrect one, else 0
+                        (a tie is wrong, as for pairs; RewardBench 2's own script shares the credit of a tie at
+                        the top, 1 / |{j : s_j = max s}|, which only an exact tie of float scores changes)
     Ties              = 0.30 acc_tied + 0.30 acc_ref + 0.20 P(m_ci^tied > m_cc) + 0.20 P(min(m_ci^ref, m_ci^tied) >
                         m_cc) + 0.01 mean tanh(min(m_ci^ref, m_ci^tied) / m_cc − 1)
                         with, per prompt, acc = [min_C s > max_I s], m_ci = min_C s − max_I s, m_cc = max_C s − min_C s;
@@ -131,10 +132,9 @@ def rewardbench_scores(accuracies: Mapping[str, object]) -> dict:
 
 
 def best_of_n_credit(correct: float, incorrect: Sequence[float]) -> float:
-    """RewardBench 2's credit for one prompt: the correct answer against every incorrect one, ties sharing the top."""
-    scores = np.asarray([correct, *incorrect], dtype=np.float64)
-    top = scores.max()
-    return 1.0 / float(np.sum(scores == top)) if scores[0] == top else 0.0
+    """RewardBench 2's best-of-n credit for one prompt: 1 when the correct answer beats every incorrect one (a tie
+    is wrong), else 0."""
+    return float(correct > max(incorrect))
 
 
 def ties_score(rows: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> float:

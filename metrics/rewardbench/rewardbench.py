@@ -22,7 +22,7 @@ from conversion.rewardbench import rewardbench2_scores, rewardbench_scores, subs
 _DESCRIPTION = """RewardBench (v1): per-subset pairwise accuracy of a reward model (a tie is wrong), the sections Chat,
 Chat Hard, Safety and Reasoning as example-count-weighted means over the official subset table (math-prm weighted
 984), Prior Sets as the mean of its four sets, and the overall score (weights 1, 1, 1, 1, 0.5), in percent.
-Configuration `v2`: RewardBench 2's best-of-n accuracy per subset (a tie at the top shares the credit), its Ties
+Configuration `v2`: RewardBench 2's best-of-n accuracy per subset (a tie is wrong), its Ties
 formula, and the overall score (the mean of the six subsets), in percent."""
 
 _CITATION = """@article{lambert2024rewardbench,
