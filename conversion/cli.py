@@ -41,6 +41,7 @@ COMMANDS = {
     "fit": "conversion.fit",
     "gate": "conversion.gate",
     "push": "conversion.push",
+    "serve": "conversion.serve",
 }
 
 # The type of a setting that names a file, a folder or a Hub id: reports write it relative to their folder.
