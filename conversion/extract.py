@@ -520,7 +520,5 @@ def _build_meta(out: Path, model, encoder: ConversationEncoder, rows, settings: 
         "skipped": skipped,
         "truncated": sorted((t for record in chunks for t in record["truncated"]), key=lambda t: t["index"]),
         "settings": settings,
-        **{
-            key: settings.get(key) for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")
-        },
+        **{key: settings.get(key) for key in ("data", "split", "dtype", "max_length", "truncate_prompt", "shard_rows")},
     }

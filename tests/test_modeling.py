@@ -272,9 +272,7 @@ def test_gated_objectives_mask_the_softmax(model, tmp_path):
     assert reloaded.config.gated_objectives == [0, 2, 3]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).score, out.score)
-    assert (
-        model.config.gated_objectives is None and (model(input_ids=ids, attention_mask=mask).gating_output > 0).all()
-    )
+    assert model.config.gated_objectives is None and (model(input_ids=ids, attention_mask=mask).gating_output > 0).all()
 
 
 def test_length_objective_is_the_log_of_the_answer_tokens():
