@@ -3,9 +3,11 @@
 
 Once installed, vLLM serves ArmoRM checkpoints, this package's and the released `RLHFlow/ArmoRM-Llama3-8B-v0.1`, as
 pooling models (`vllm serve CKPT --runner pooling`, `LLM(CKPT, runner="pooling").classify(...)`): each request returns
-[status, score, rewards, gating weights, coefficients] (see `vllm_armorm.outputs`).
+[status, score, rewards, gating weights, coefficients] (see `vllm_armorm.outputs`); `score_tokens(llm, token_ids,
+gating_positions)` reads them for an offline `LLM`.
 """
 
+from .offline import score_tokens
 from .outputs import GATING_POSITION_KEY, ArmoRMOutput, ArmoRMRequestError, ErrorCode, output_size, pooling_params
 
 
@@ -18,6 +20,7 @@ __all__ = [
     "output_size",
     "pooling_params",
     "register",
+    "score_tokens",
 ]
 
 # The `architectures` of this package's checkpoints and of the released RLHFlow checkpoint.
