@@ -16,6 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def sensitive_gating(model, seed: int) -> None:
+    """Gating weights that make g depend strongly on h_x: the default initialisation (std 0.02, temperature 10) gives
+    a nearly uniform g whatever h_x is, and a test on it could not tell a right prompt feature from a wrong one."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = model.gating.layers
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            scale = (15.0 if i == len(layers) - 1 else 2.0) / layer.in_features**0.5
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
+            layer.bias.zero_()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -132,4 +146,82 @@ def run_load(
     for thread in threads:
         thread.join()
     result.seconds = time.monotonic() - begin
+    return result
+
+
+MALFORMED = [
+    b"{not json",
+    b'{"conversations": "a string"}',
+    b'{"conversations": [[{"role": "tool", "content": "x"}]]}',
+    b'{"conversations": [[{"role": "user", "content": "hi"}]]}',
+    b'{"conversations": []}',
+    b'{"prompts": ["a"], "completions": ["b", "c"]}',
+    b'{"conversations": [[{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]]}',
+]
+
+
+def assert_close_scores(got: list[float], expected: list[float], where: str) -> None:
+    assert len(got) == len(expected), where
+    for a, b in zip(got, expected):
+        assert abs(a - b) <= 1e-5 + 1e-4 * abs(b), (where, got, expected)
+
+
+def load_with_faults(
+    port: int, conversations: list, expected_scores: list[float], clients: int = 4, seconds: float = 8.0
+) -> LoadResult:
+    """`clients` clients send `/score` requests of 1–3 conversations of the pool for `seconds`, while one more sends
+    malformed requests and others hang up mid-request. Asserts: every request answered once (200, or 422 for the
+    malformed ones), every score equal to the offline score of its conversation, the server's row count equal to the
+    rows sent (nothing lost, nothing scored twice), and the server still answering afterwards."""
+    n = len(conversations)
+
+    def rows_of(index: int) -> list[int]:
+        return [(index * 7 + j * 3) % n for j in range(1 + index % 3)]
+
+    _, before = request(port, "/info")
+    stop, refusals = threading.Event(), []
+    faults = {"abandoned_full": 0, "abandoned_rows": 0}
+
+    def adversary():  # records what it saw; the test thread checks it (an assert here would not fail the test)
+        i = 0
+        while not stop.is_set():
+            refusals.append(request(port, "/score", MALFORMED[i % len(MALFORMED)]))
+            payload = {"conversations": [conversations[j] for j in rows_of(i)]}
+            abandon_request(port, payload, cut_body=bool(i % 2))
+            if not i % 2:
+                faults["abandoned_full"] += 1
+                faults["abandoned_rows"] += len(rows_of(i))
+            i += 1
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=adversary)
+    thread.start()
+    try:
+        result = run_load(
+            port, "/score", lambda i: {"conversations": [conversations[j] for j in rows_of(i)]}, clients, seconds
+        )
+    finally:
+        stop.set()
+        thread.join()
+    indices = sorted(r["index"] for r in result.records)
+    assert indices == list(range(len(indices))), "a request was lost or answered twice"
+    for record in result.records:
+        assert record["status"] == 200, record
+        assert_close_scores(
+            record["answer"]["scores"],
+            [expected_scores[j] for j in rows_of(record["index"])],
+            f"request {record['index']}",
+        )
+    assert refusals and faults["abandoned_full"] > 0
+    for status, answer in refusals:
+        assert status == 422 and ("error" in answer or "detail" in answer), (status, answer)
+    time.sleep(1.0)  # the abandoned requests' rows finish
+    _, after = request(port, "/info")
+    sent = sum(len(rows_of(r["index"])) for r in result.records)
+    scored = after["stats"]["rows"] - before["stats"]["rows"]
+    assert sent <= scored <= sent + faults["abandoned_rows"], (sent, scored, faults)
+    status, answer = request(port, "/score", {"conversations": [conversations[0]]}, timeout=60)
+    assert status == 200
+    assert_close_scores(answer["scores"], expected_scores[:1], "after the load")
+    result.rows_of = lambda index: len(rows_of(index))
     return result

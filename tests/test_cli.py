@@ -12,7 +12,9 @@ from conversion.features import write_features
 
 
 def test_every_stage_is_registered_with_help(capsys):
-    assert set(COMMANDS) == {"extract", "fit", "decorrelate", "gate", "assemble", "push", "build", "convert-rlhflow"}
+    assert set(COMMANDS) == {
+        "extract", "fit", "decorrelate", "gate", "assemble", "push", "build", "convert-rlhflow", "serve"
+    }  # fmt: skip
     for name in COMMANDS:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([name, "--help"])

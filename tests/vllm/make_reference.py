@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from conversion.convert_rlhflow import convert_rlhflow  # noqa: E402
 from modeling_armorm import ArmoRMForRewardModeling  # noqa: E402
 from modeling_armorm.scoring import ChatEncoder, model_gating_pattern, score_encoded  # noqa: E402
+from tests.serving_utils import sensitive_gating  # noqa: E402
 from tests.utils import llama3_tokenizer, tiny_armorm, tiny_llama_config  # noqa: E402
 
 
@@ -90,22 +91,10 @@ def llama_backbone(tokenizer, **overrides):
     )  # fmt: skip
 
 
-def sharpen_gating(model, seed: int) -> None:
-    """Gating weights that make g depend strongly on h_x: the default initialisation (std 0.02, temperature 10) gives
-    a nearly uniform g whatever h_x is, and a test on it could not tell a right prompt feature from a wrong one."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = model.gating.layers
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            scale = (15.0 if i == len(layers) - 1 else 2.0) / layer.in_features**0.5
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
-            layer.bias.zero_()
-
-
 def write_released_layout(folder: Path, tokenizer) -> None:
     """The release's layout: a flat Llama config extended with the heads' keys, the package's tensor names."""
     model = tiny_armorm(llama_backbone(tokenizer, tie_word_embeddings=False), num_objectives=19, seed=1)
-    sharpen_gating(model, seed=1)
+    sensitive_gating(model, seed=1)
     folder.mkdir(parents=True)
     config = model.config.text_config.to_dict()
     config.update(
@@ -152,7 +141,7 @@ def main(out_dir: str) -> None:
         llama_backbone(tokenizer), num_objectives=4, tokenizer=tokenizer, gated_objectives=[0, 1, 3],
         length_objective=2, objective_names=["helpfulness", "correctness", "length", "safety"],
     )  # fmt: skip
-    sharpen_gating(model, seed=0)
+    sensitive_gating(model, seed=0)
     model.save_pretrained(out / "armorm")
     tokenizer.save_pretrained(out / "armorm")
 
