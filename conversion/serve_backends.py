@@ -123,7 +123,20 @@ class VllmBackend:
         self.engine_args = dict(engine_args)
         self.engine = None
         self.max_length = None
-        self.stats = {"requests": 0, "rows": 0, "resubmitted": 0}
+        self.counts = {"requests": 0, "rows": 0, "resubmitted": 0}
+
+    @property
+    def stats(self) -> dict:
+        """The request counters, and vLLM's prefix-cache counters (tokens looked up, tokens found) when it logs them."""
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
+        metrics = {m.name: m.value for m in get_metrics_snapshot() if hasattr(m, "value")}
+        cache = {
+            k: int(metrics[f"vllm:prefix_cache_{k}"])
+            for k in ("queries", "hits")
+            if f"vllm:prefix_cache_{k}" in metrics
+        }
+        return {**self.counts, **{f"prefix_cache_{k}": v for k, v in cache.items()}}
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -138,8 +151,8 @@ class VllmBackend:
             self.engine.shutdown()
 
     async def score(self, rows: list[EncodedConversation]) -> ScoreOutput:
-        self.stats["requests"] += 1
-        self.stats["rows"] += len(rows)
+        self.counts["requests"] += 1
+        self.counts["rows"] += len(rows)
         outputs = await asyncio.gather(*(self._one(row) for row in rows))
         return ScoreOutput(
             score=torch.tensor([o.score for o in outputs], dtype=torch.float32),
@@ -165,5 +178,5 @@ class VllmBackend:
                 if error.code != ErrorCode.PROMPT_FEATURE_EVICTED or skip_prefix_cache:
                     raise
                 # The gating token came from the prefix cache and its hidden state was evicted: compute it again.
-                self.stats["resubmitted"] += 1
+                self.counts["resubmitted"] += 1
         raise AssertionError("unreachable")
