@@ -284,13 +284,21 @@ def build_service(config: ServeConfig) -> RewardService:
     """Load the tokenizer and the config (and, for `transformers`, the model); the backend starts with the app."""
     from transformers import AutoTokenizer
 
+    import modeling_armorm  # noqa: F401  (registers model_type "armorm", which the tokenizer's loading may read)
+
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     armorm_config = checkpoint_config(config.model)
     if config.backend == "vllm":
         from conversion.serve_backends import VllmBackend
 
         engine_args = json.loads(config.vllm_engine_args)
-        engine_args.setdefault("dtype", config.dtype)
+        if config.dtype == "auto":
+            # vLLM's own "auto" runs a float32 checkpoint in half precision; here "auto" means as saved, as it does
+            # for the transformers backend.
+            saved = json.loads((Path(config.model) / "config.json").read_text())
+            engine_args.setdefault("dtype", saved.get("dtype") or saved.get("torch_dtype") or "auto")
+        else:
+            engine_args.setdefault("dtype", config.dtype)
         backend = VllmBackend(config.model, engine_args)
     else:
         import torch
