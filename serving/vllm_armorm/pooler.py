@@ -62,7 +62,7 @@ def plan_request(tokens: np.ndarray, pattern: tuple[int, ...], offset: int, give
     candidates = candidate_positions(tokens, pattern, offset)
     error, gating = ErrorCode.OK, -1
     if given is not None:
-        if isinstance(given, int) and 0 <= given < len(tokens):
+        if isinstance(given, int) and not isinstance(given, bool) and 0 <= given < len(tokens):
             gating = given
         else:
             error = ErrorCode.GATING_POSITION_OUTSIDE_PROMPT
