@@ -37,7 +37,7 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	# without CUDA; a text model needs none of them.
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# The package itself (its transformers floor admits vLLM's pin) with the plugin's entry point, and the test tools.
-	$(VLLM_PY) -m pip install -q -e ".[serve]" pytest httpx
+	$(VLLM_PY) -m pip install -q -e ".[serve]" pytest
 	$(VLLM_PY) -m pip install -q --no-deps llama-models==0.3.0
 	$(VLLM_PY) -c "import vllm, modeling_armorm, vllm_armorm"
 	touch $(VLLM_STAMP)

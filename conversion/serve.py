@@ -89,6 +89,11 @@ class ServeConfig(ServeSettings):
             raise ValueError(f"`vllm_engine_args` is not JSON ({error}): give an object such as '{{}}'.") from None
         if not isinstance(engine_args, dict):
             raise ValueError(f"`vllm_engine_args` must be a JSON object, got {self.vllm_engine_args!r}.")
+        taken = sorted({"model", "runner"} & set(engine_args))
+        if taken:
+            raise ValueError(
+                f"`vllm_engine_args` sets {taken}, which `armorm serve` sets itself (`--model`); drop them."
+            )
         for name in ("max_batch_rows", "max_request_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")

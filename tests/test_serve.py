@@ -196,3 +196,5 @@ def test_unreachable_server_and_bad_settings_are_clear_errors(tmp_path):
         ServeConfig(model=str(tmp_path), backend="onnx")
     with pytest.raises(ValueError, match="`vllm_engine_args` is not JSON"):
         ServeConfig(model=str(tmp_path), vllm_engine_args="{tensor_parallel_size: 2}")
+    with pytest.raises(ValueError, match=r"sets \['model'\]"):
+        ServeConfig(model=str(tmp_path), vllm_engine_args='{"model": "other"}')
