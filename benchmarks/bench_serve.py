@@ -66,13 +66,10 @@ def build_checkpoint(folder: Path, preset: str, dtype: str, device: str) -> None
 def group(index: int, size: int) -> list[list[dict]]:
     """GRPO group `index`: one new prompt and `size` completions of different lengths."""
     topic = TOPICS[index % len(TOPICS)]
-    prompt = [
-        {"role": "system", "content": SYSTEM},
-        {
-            "role": "user",
-            "content": f"Question {index}: explain {topic} to a curious ten-year-old in a few sentences.",
-        },
-    ]
+    # A GRPO prompt carries its task: here a note of 120 words, different for every group.
+    note = " ".join(ANSWER_WORDS[(index * 13 + t * 5) % len(ANSWER_WORDS)] for t in range(120))
+    question = f"Question {index}: read this note on {topic} and explain it simply. Note: {note}."
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     completions = []
     for j in range(size):
         words = [ANSWER_WORDS[(index * 31 + j * 7 + t) % len(ANSWER_WORDS)] for t in range(12 + 9 * j)]

@@ -77,7 +77,9 @@ class ServeSettings:
 class ServeConfig(ServeSettings):
     """`armorm serve`: the checkpoint to serve, and the server's settings."""
 
-    model: Location = field(metadata={"help": "Checkpoint folder: this package's layout or the released RLHFlow one."})
+    model: Location = field(
+        metadata={"help": "Checkpoint folder (the vLLM backend also serves the released RLHFlow layout as it is)."}
+    )
 
     def __post_init__(self):
         normalize_locations(self)

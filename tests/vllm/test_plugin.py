@@ -12,7 +12,6 @@ import pytest
 
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these in .venv-vllm")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: `apply_model` reads it
 
 from vllm_armorm import ArmoRMOutput, ArmoRMRequestError, ErrorCode, pooling_params, score_tokens  # noqa: E402
 
@@ -50,10 +49,23 @@ def prefix_cache_counts(llm) -> tuple[int, int]:
     return metrics["vllm:prefix_cache_hits"], metrics["vllm:prefix_cache_queries"]
 
 
+def engine_here(model: str, **kwargs):
+    """An `LLM` whose engine runs in this process (faster to start; `apply_model` reads the pooler's counters)."""
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return vllm.LLM(model, **ENGINE, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
 @pytest.fixture(scope="module")
 def armorm_llm(reference):
     """This package's layout, prefix caching and 64-token prefill chunks on."""
-    llm = vllm.LLM(str(reference / "armorm"), disable_log_stats=False, **ENGINE)
+    llm = engine_here(str(reference / "armorm"), disable_log_stats=False)
     yield llm
     del llm
 
@@ -61,7 +73,7 @@ def armorm_llm(reference):
 @pytest.fixture(scope="module")
 def rlhflow_llm(reference):
     """The released layout, with a prompt-feature store of two entries (so evictions happen)."""
-    llm = vllm.LLM(str(reference / "rlhflow"), hf_overrides={"armorm_prompt_feature_entries": 2}, **ENGINE)
+    llm = engine_here(str(reference / "rlhflow"), hf_overrides={"armorm_prompt_feature_entries": 2})
     yield llm
     del llm
 
