@@ -223,5 +223,4 @@ def load_with_faults(
     status, answer = request(port, "/score", {"conversations": [conversations[0]]}, timeout=60)
     assert status == 200
     assert_close_scores(answer["scores"], expected_scores[:1], "after the load")
-    result.rows_of = lambda index: len(rows_of(index))
     return result
