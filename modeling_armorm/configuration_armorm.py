@@ -4,8 +4,13 @@
 This file is copied next to every saved checkpoint (remote code): it imports only transformers.
 """
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.24 (vLLM 0.32 pins 5.19): sub-configs are declared as `sub_configs`
+    SubConfigSpec = None
 
 
 class ArmoRMConfig(PreTrainedConfig):
@@ -56,7 +61,10 @@ class ArmoRMConfig(PreTrainedConfig):
     """
 
     model_type = "armorm"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    else:
+        sub_configs = {"text_config": AutoConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     num_objectives: int = 19
@@ -73,6 +81,13 @@ class ArmoRMConfig(PreTrainedConfig):
     gating_token_pattern_text: str | None = None
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            # What `SubConfigSpec(AutoConfig, model_type="llama")` does on transformers >= 5.24.
+            if isinstance(self.text_config, dict):
+                text_config = dict(self.text_config)
+                self.text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+            elif self.text_config is None:
+                self.text_config = CONFIG_MAPPING["llama"]()
         # A reward model has one output, the score: TRL loads reward models with `num_labels=1`, and
         # `problem_type="regression"` makes the text-classification pipeline return it raw (not a sigmoid).
         kwargs.setdefault("num_labels", 1)

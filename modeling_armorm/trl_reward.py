@@ -14,10 +14,16 @@ in the tokens. That path has three limits that this callable lifts:
 * TRL logs one number per reward model. `ArmoRMReward` also logs each objective's mean reward r_i and the mean
   gating weights g_i / Σ g (through the `log_metric` / `log_extra` callbacks TRL passes as keyword arguments), and
   can return a single objective (or the sum of a subset) for TRL's weighted multi-reward aggregation.
+
+With `url=`, the scoring runs in an `armorm serve` server (vLLM or transformers, on its own GPUs) instead of the
+trainer's process; the server encodes each (prompt, completion) with the same rule (`encode_prompt_completion`).
 """
 
+import json
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +31,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from .configuration_armorm import ArmoRMConfig
 from .modeling_armorm import ArmoRMForRewardModeling
-from .scoring import ChatEncoder, ScoreOutput, model_gating_pattern, pad_token_id, score_encoded
+from .scoring import ChatEncoder, EncodedConversation, ScoreOutput, model_gating_pattern, pad_token_id, score_encoded
 
 
 Message = dict[str, str]
@@ -36,13 +42,30 @@ def _as_messages(turn: str | list[Message], role: str) -> list[Message]:
     return [{"role": role, "content": turn}] if isinstance(turn, str) else list(turn)
 
 
+def encode_prompt_completion(
+    encoder: ChatEncoder, prompt: str | list[Message], completion: str | list[Message], where: str = "the completion"
+) -> EncodedConversation:
+    """The tokens and gating position of one (prompt, completion) as TRL passes them (message lists or strings).
+
+    A plain prompt that already holds the template's markup (the gating pattern's text) was rendered with the
+    generation prompt: the completion is its answer (h_x at the end of the prompt, the completion's own markup kept as
+    plain text). Any other plain prompt is a user turn; message lists are rendered with the template."""
+    if not isinstance(completion, (str, list, tuple)) or not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"{where}: the prompt and the completion must be strings or message lists.")
+    if isinstance(prompt, str) and isinstance(completion, str) and encoder.pattern.text in prompt:
+        # Already rendered with the template (generation prompt included): the completion is the answer.
+        return encoder.encode_rendered(prompt, completion.removesuffix(encoder.end_of_turn), where)
+    messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
+    return encoder.encode(messages, where)
+
+
 class ArmoRMReward:
     """A picklable TRL reward function (`__call__(prompts, completions, **kwargs) -> list[float]`) backed by ArmoRM.
 
     Args:
-        model_or_path (`ArmoRMForRewardModeling` or `str`):
+        model_or_path (`ArmoRMForRewardModeling` or `str`, *optional*):
             The reward model, or the folder / Hub id of a checkpoint. A path is loaded on the first call (and again
-            after unpickling, so the function can be sent to another process without its weights).
+            after unpickling, so the function can be sent to another process without its weights). Not with `url`.
         objectives (`list[str | int]`, *optional*):
             Return the sum of these objectives' raw rewards r_i (names from `config.objective_names`, or indices)
             instead of the gated score s. One objective per instance, combined with `reward_weights`, gives TRL's
@@ -54,6 +77,12 @@ class ArmoRMReward:
             `model_or_path` (or `model.name_or_path`) when not given.
         device (`str` or `torch.device`, *optional*):
             Where to run the model. Defaults to the given model's device, or CUDA when available for a path.
+        url (`str`, *optional*):
+            Score through an `armorm serve` server at this address (`http://host:port`) instead of a local model:
+            each call posts the prompts and completions to its `/score` endpoint. The objective names are read from
+            its `/info` when the function is built.
+        timeout (`float`, defaults to 600):
+            Seconds to wait for the server's answer to one call (with `url`).
 
     Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is rendered
     with the reward model's chat template as a user turn followed by the completion as the assistant's answer; a
@@ -63,25 +92,36 @@ class ArmoRMReward:
 
     def __init__(
         self,
-        model_or_path: ArmoRMForRewardModeling | str | os.PathLike,
+        model_or_path: ArmoRMForRewardModeling | str | os.PathLike | None = None,
         objectives: Sequence[str | int] | None = None,
         batch_size: int = 8,
         tokenizer=None,
         device: str | torch.device | None = None,
+        url: str | None = None,
+        timeout: float = 600.0,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        if (model_or_path is None) == (url is None):
+            raise ValueError(
+                "Give either `model_or_path` (score in this process) or `url` (an `armorm serve` server)."
+            )
         self.model_or_path = model_or_path
         self.objectives = list(objectives) if objectives is not None else None
         self.batch_size = batch_size
         self.tokenizer = tokenizer
         self.device = device
+        self.url = url.rstrip("/") if url is not None else None
+        self.timeout = timeout
         # Resolved once here (the config is small) so that a wrong objective name fails before training starts.
-        config = model_or_path.config if isinstance(model_or_path, PreTrainedModel) else None
-        config = config or ArmoRMConfig.from_pretrained(model_or_path)
-        self.objective_names_ = list(
-            config.objective_names or [f"objective_{i}" for i in range(config.num_objectives)]
-        )
+        if self.url is not None:
+            self.objective_names_ = list(self._request("/info")["objective_names"])
+        else:
+            config = model_or_path.config if isinstance(model_or_path, PreTrainedModel) else None
+            config = config or ArmoRMConfig.from_pretrained(model_or_path)
+            self.objective_names_ = list(
+                config.objective_names or [f"objective_{i}" for i in range(config.num_objectives)]
+            )
         self.objective_indices_ = self._resolve_objectives(self.objectives, self.objective_names_)
         # TRL names each reward function by its `__name__` in its logs (`rewards/<name>/mean`).
         selected = [self.objective_names_[i] for i in self.objective_indices_ or []]
@@ -137,18 +177,42 @@ class ArmoRMReward:
     def encode(self, prompt: str | list[Message], completion: str | list[Message], where: str = "the completion"):
         """The tokens the reward model scores and their gating position (`modeling_armorm.scoring.ChatEncoder`)."""
         self._load()
-        encoder = self._encoder
-        if isinstance(prompt, str) and isinstance(completion, str) and encoder.pattern.text in prompt:
-            # Already rendered with the template (generation prompt included): the completion is the answer.
-            return encoder.encode_rendered(prompt, completion.removesuffix(encoder.end_of_turn), where)
-        messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
-        return encoder.encode(messages, where)
+        return encode_prompt_completion(self._encoder, prompt, completion, where)
+
+    def _request(self, route: str, payload: dict | None = None) -> dict:
+        """GET (or POST `payload` as JSON to) the server's `route`; its JSON answer, or an error naming the fix."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(
+            self.url + route,
+            data=data,
+            headers={"Content-Type": "application/json"},
+            method="GET" if data is None else "POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:2000]
+            raise ValueError(f"The reward server at {self.url} refused {route} ({error.code}): {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise ConnectionError(
+                f"No answer from the reward server at {self.url}{route} ({error}): start it with `armorm serve --model "
+                "CKPT --port N` and pass `url='http://host:N'`."
+            ) from None
 
     def score(self, prompts: list, completions: list) -> ScoreOutput:
         """Score each (prompt, completion): `score` (n,), `rewards`, `gating_output`, `coefficients` (n, k), on the
         CPU, in the callers' order."""
         if len(prompts) != len(completions):
             raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one of each.")
+        if self.url is not None:
+            answer = self._request("/score", {"prompts": list(prompts), "completions": list(completions)})
+            k = len(self.objective_names_)
+            heads = {
+                key: torch.tensor(answer[key], dtype=torch.float32).reshape(-1, k)
+                for key in ("rewards", "gating_output", "coefficients")
+            }
+            return ScoreOutput(score=torch.tensor(answer["scores"], dtype=torch.float32), **heads)
         model, tokenizer = self._load()
         encoded = [self.encode(p, c, where=f"completion {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
         return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer))
@@ -172,8 +236,13 @@ class ArmoRMReward:
 
     def __repr__(self) -> str:
         source = self.model_or_path
-        source = type(source).__name__ if isinstance(source, PreTrainedModel) else os.fspath(source)
+        if self.url is not None:
+            source = self.url
+        elif isinstance(source, PreTrainedModel):
+            source = type(source).__name__
+        else:
+            source = os.fspath(source)
         return f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size})"
 
 
-__all__ = ["ArmoRMReward"]
+__all__ = ["ArmoRMReward", "encode_prompt_completion"]
