@@ -23,7 +23,6 @@ Every conversation is encoded here, by the package's one scoring path (`modeling
 import asyncio
 import json
 import logging
-import threading
 import types
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -134,8 +133,6 @@ class RewardService:
             tokenizer, model_gating_pattern(types.SimpleNamespace(config=armorm_config), tokenizer)
         )
         self.backend = backend
-        # Tokenizing with `split_special_tokens` flips a switch on the shared tokenizer: one encoding at a time.
-        self._encoding = threading.Lock()
 
     # Encoding: every path goes through ChatEncoder; a ValueError names the row and becomes a 422.
     def _checked(self, encoded: list) -> list:
@@ -203,12 +200,9 @@ class RewardService:
             encoded.append(encode_prompt_completion(self.encoder, prompt, response, where=f"query {i}"))
         return self._checked(encoded)
 
-    def _encode(self, encode, *args) -> list:
-        with self._encoding:
-            return encode(*args)
-
     async def score(self, encode, *args) -> dict:
-        encoded = await asyncio.to_thread(self._encode, encode, *args)
+        # Encoding runs in a worker thread; the encoder holds its tokenizer's lock (`modeling_armorm.scoring`).
+        encoded = await asyncio.to_thread(encode, *args)
         out = await self.backend.score(encoded)
         return {
             "objective_names": self.objective_names,

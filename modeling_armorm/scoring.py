@@ -15,7 +15,9 @@ Every caller that renders conversations itself goes through here: `armorm extrac
   id is safe.
 """
 
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ __all__ = [
     "run_in_batches",
     "score_conversations",
     "score_encoded",
+    "tokenizer_lock",
     "validate_messages",
 ]
 
@@ -47,6 +50,17 @@ Message = dict[str, str]
 # The roles a scored conversation may hold; the last message is the assistant's answer.
 ROLES = ("system", "user", "assistant")
 OUTPUT_FIELDS = ("score", "rewards", "gating_output", "coefficients")
+# `split_special_tokens=True` flips a switch on the tokenizer's shared backend for the length of the call: two threads
+# tokenizing with one tokenizer (AsyncGRPO's reward workers, a server) could read an answer's markup as special tokens,
+# or the template's as text. Every call of the encoders holds its tokenizer's lock.
+_TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer) -> threading.Lock:
+    """The one lock of `tokenizer`, shared by every `ChatEncoder` built on it."""
+    with _LOCKS_GUARD:
+        return _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
 
 
 def pad_token_id(tokenizer) -> int:
@@ -111,10 +125,12 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.pattern = pattern or gating_pattern_from_tokenizer(tokenizer)
         self.end_of_turn = end_of_turn_text(tokenizer)
+        self._lock = tokenizer_lock(tokenizer)
 
     def _ids(self, text: str, plain: bool = False) -> list[int]:
         # The rendered template already holds its special tokens (BOS included): add none.
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+        with self._lock:
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
 
     def _render(self, messages: list[Message], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

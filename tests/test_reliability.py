@@ -410,3 +410,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_encoding_from_many_threads_gives_the_tokens_of_one(chatml_model):
+    """`split_special_tokens` is a switch on the tokenizer's shared backend: without the tokenizer's lock, threads
+    encoding at once (AsyncGRPO's reward workers, a server) read some answers' markup as special tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, tokenizer = chatml_model
+    encoders = [ChatEncoder(tokenizer) for _ in range(4)]  # several encoders of one tokenizer share its lock
+    answers = [INJECTED if i % 2 else HONEST + f" {i}" for i in range(400)]
+    expected = [encoders[0].encode(conversation(a)).input_ids for a in answers]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda ia: encoders[ia[0] % 4].encode(conversation(ia[1])).input_ids, enumerate(answers)))
+    assert got == expected
