@@ -12,7 +12,8 @@ after decorrelation: r'_v ≡ 0) can only shrink every score toward zero, so it 
 does an objective the rating data cannot support (too few rated rows, or no held-out correlation: see
 `conversion.fit.unsupported_reason`). β starts where the Bradley-Terry loss is informative for the rewards actually
 fitted (from the spread of their differences over the training pairs) unless `--gating-logit-scale-init` gives it
-(100 is the paper's). The learning rate warms up, then decays with a cosine; the parameters of the best validation
+(100 is the paper's); the gate starts with equal weights on the gated objectives (its last layer at zero) and trains
+on standardized prompt features, the standardization folded into its first layer at the end. The learning rate warms up, then decays with a cosine; the parameters of the best validation
 step are kept. Writes `gating.safetensors` (the model's `gating.*`), the report `gate.json` (curves, the best step,
 what was left out) and `gate.png` (the curves).
 """
@@ -219,7 +220,29 @@ def new_gating(d: int, k: int, settings: GateSettings, gated: list[int] | None, 
     )  # fmt: skip
     with torch.no_grad():
         gating.logit_scale.fill_(beta)  # β, learnable
+        # The last layer starts at zero: every gated objective gets the same weight and the softmax is far from
+        # saturated. A random start on large features is nearly one-hot already, where the softmax has no gradient
+        # and the gate never leaves the objective it began on.
+        gating.layers[-1].weight.zero_()
+        gating.layers[-1].bias.zero_()
     return gating
+
+
+def standardization(prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation of h_x: the gate trains on (h_x − μ) / σ, whatever the backbone's
+    feature scale (SmolLM2's final hidden states reach hundreds), and `fold_standardization` moves it into the first
+    layer afterwards, so the saved network takes h_x as the model gives it."""
+    mean = prompt_embeddings.mean(0)
+    std = prompt_embeddings.std(0) if len(prompt_embeddings) > 1 else torch.ones_like(mean)
+    return mean, std.clamp_min(1e-6)
+
+
+@torch.no_grad()
+def fold_standardization(gating: ArmoRMGatingNetwork, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """layer₀((x − μ)/σ) = (W₀/σ) x + (b₀ − (W₀/σ) μ): the same outputs from the raw features, exactly."""
+    first = gating.layers[0]
+    first.weight.div_(std)  # (out, d) / (d,): each input column by its σ
+    first.bias.sub_(first.weight @ mean)
 
 
 def train_gating(
@@ -245,9 +268,14 @@ def train_gating(
     beta = settings.gating_logit_scale_init
     beta = initial_beta(rewards[train_rows], gated or list(range(k))) if beta is None else beta
     gating = new_gating(d, k, settings, gated, beta).to(device)
-    train = (prompt_embeddings[train_rows].float().to(device), rewards[train_rows].float().to(device))
-    val = (prompt_embeddings[val_rows].float().to(device), rewards[val_rows].float().to(device))
+    x = prompt_embeddings.float().to(device)
+    mean, std = standardization(x[train_rows.to(device)])
+    standardized = (x - mean) / std
+    train = (standardized[train_rows.to(device)], rewards[train_rows].float().to(device))
+    val = (standardized[val_rows.to(device)], rewards[val_rows].float().to(device))
     history, best_step = _optimize(gating, train, val, settings, generator)
+    fold_standardization(gating, mean, std)
+    train, val = (x[train_rows.to(device)], train[1]), (x[val_rows.to(device)], val[1])
 
     gating.eval()
     final = {f"train_{key}": value for key, value in evaluate(gating, *train).items()}
