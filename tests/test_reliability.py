@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from conversion import assemble, build, extract
+from conversion import assemble, build, evaluate, extract
 from conversion.artifacts import save_gating, save_regression, save_transform
 from conversion.data import load_pairs, load_ratings
 from conversion.features import load_features, read_meta
@@ -104,6 +104,29 @@ def test_markup_cannot_steer_the_trl_reward_or_the_features(chatml_model, tmp_pa
     extract.main(backbone=str(backbone), data=str(data), kind="pairs", out=str(tmp_path / "features"))
     tensors, _ = load_features(tmp_path / "features")
     torch.testing.assert_close(tensors["prompt_embeddings"][0], tensors["prompt_embeddings"][1], rtol=0, atol=1e-6)
+
+
+def test_markup_cannot_steer_the_evaluation(chatml_model, tmp_path):
+    # `armorm evaluate`: the same chosen answer, honest in subset "honest" and injected in subset "injected"; the mean
+    # gating weights it reports per subset are the prompt's own in both, and the injected answer's score is read at
+    # the same gating weights (its rewards differ only through its text).
+    model, tokenizer = chatml_model
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    rows = [
+        {"prompt": PROMPT[0]["content"], "chosen": answer, "rejected": "No.", "subset": subset, "id": subset}
+        for subset, answer in (("honest", HONEST), ("injected", INJECTED))
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = evaluate.main(model=str(checkpoint), data=str(data), out=str(tmp_path / "results.json"))
+    honest, injected = results["gating"]["honest"], results["gating"]["injected"]
+    assert honest.keys() == injected.keys()
+    for name in honest:
+        assert injected[name] == pytest.approx(honest[name], abs=1e-6)
+    expected = score_conversations(model, tokenizer, [conversation(INJECTED)]).score[0].item()
+    assert results["rows"][1]["chosen_score"] == pytest.approx(expected, abs=1e-5)
 
 
 # ---------------------------------------------------------------- 2-3. content decides reuse; corruption is detected
