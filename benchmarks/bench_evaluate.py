@@ -13,14 +13,12 @@ the share of the evaluation's own time spent inside `model.forward` is measured 
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import bare_forward, cpu_model, timed_with_forward_share  # benchmarks/timing.py
 from transformers import AutoTokenizer, LlamaConfig
 
 from conversion.evaluate import evaluate, load_eval_data
@@ -80,40 +78,12 @@ def planned_batches(model, tokenizer, rows, max_length: int, batch_size: int) ->
     return [collate([sequences[i] for i in batch], tokenizer.pad_token_id) for batch in batches]
 
 
-@torch.inference_mode()
-def bare_forward(model, batches) -> float:
-    start = time.perf_counter()
-    for batch in batches:
-        model(**batch)
-    return time.perf_counter() - start
-
-
 def time_evaluate(model, tokenizer, data, args) -> tuple[float, float, int]:
-    """(seconds end to end, seconds inside `model.forward`, tokens): the in-run share is immune to machine noise."""
-    inner, inside = model.forward, [0.0]
-
-    def forward(*forward_args, **kwargs):
-        start = time.perf_counter()
-        output = inner(*forward_args, **kwargs)
-        inside[0] += time.perf_counter() - start
-        return output
-
-    model.forward = forward  # an instance attribute: `model(...)` calls it, and `del` restores the class's method
-    try:
-        start = time.perf_counter()
-        results = evaluate(model, tokenizer, data, batch_size=args.batch_size, max_length=args.max_length)
-        seconds = time.perf_counter() - start
-    finally:
-        del model.forward
-    return seconds, inside[0], results["counts"]["tokens"]
-
-
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    """(seconds end to end, seconds inside `model.forward`, tokens)."""
+    seconds, inside, results = timed_with_forward_share(
+        model, lambda: evaluate(model, tokenizer, data, batch_size=args.batch_size, max_length=args.max_length)
+    )
+    return seconds, inside, results["counts"]["tokens"]
 
 
 def main():

@@ -13,15 +13,14 @@ noisy; the share of the extraction's own time spent inside `model.forward` is me
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from timing import bare_forward, cpu_model, timed_with_forward_share  # benchmarks/timing.py
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 from conversion.data import load_ratings
@@ -88,30 +87,10 @@ def padding_waste(batches) -> tuple[int, float]:
     return real, (padded - real) / real
 
 
-@torch.inference_mode()
-def bare_forward(model, batches) -> float:
-    start = time.perf_counter()
-    for batch in batches:
-        model(**batch, use_cache=False)
-    return time.perf_counter() - start
-
-
 def time_extract(model, tokenizer, rows, args) -> tuple[float, float, int]:
-    """(seconds end to end, seconds inside `model.forward`, tokens): the in-run share is immune to machine noise."""
-    inner, inside = model.forward, [0.0]
-
-    def forward(*forward_args, **kwargs):
-        start = time.perf_counter()
-        output = inner(*forward_args, **kwargs)
-        inside[0] += time.perf_counter() - start
-        return output
-
-    model.forward = forward  # an instance attribute: `model(...)` calls it, and `del` restores the class's method
-    try:
-        seconds, tokens = _time_extract(model, tokenizer, rows, args)
-    finally:
-        del model.forward
-    return seconds, inside[0], tokens
+    """(seconds end to end, seconds inside `model.forward`, tokens)."""
+    _, inside, (seconds, tokens) = timed_with_forward_share(model, lambda: _time_extract(model, tokenizer, rows, args))
+    return seconds, inside, tokens
 
 
 def _time_extract(model, tokenizer, rows, args) -> tuple[float, int]:
@@ -134,14 +113,6 @@ def _time_extract(model, tokenizer, rows, args) -> tuple[float, int]:
         return time.perf_counter() - start, meta["counts"]["tokens"]
 
 
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", choices=["random", "smollm2"], default="random")
@@ -162,7 +133,7 @@ def main():
     unsorted = planned_batches(rows, tokenizer, args.max_length, args.batch_size, args.shard_rows, sort=False)
     real_tokens, waste = padding_waste(batches)
     _, waste_unsorted = padding_waste(unsorted)
-    bare_forward(model, batches[-2:])  # warm-up: allocator and kernels, outside the timings
+    bare_forward(model, batches[-2:], use_cache=False)  # warm-up: allocator and kernels, outside the timings
 
     extract_times, inside_times, bare_times = [], [], []
     for _ in range(args.repeats):
@@ -170,7 +141,7 @@ def main():
         assert tokens == real_tokens, f"extract ran {tokens} tokens, the planned batches hold {real_tokens}"
         extract_times.append(seconds)
         inside_times.append(inside)
-        bare_times.append(bare_forward(model, batches))
+        bare_times.append(bare_forward(model, batches, use_cache=False))
     # The fastest run is the least disturbed by other processes; the in-run share compares within one run.
     t_extract, t_bare = min(extract_times), min(bare_times)
     share = statistics.median(inside / total for inside, total in zip(inside_times, extract_times))

@@ -13,8 +13,6 @@ its total is extrapolated per mask (mean time per objective x the mask's objecti
 """
 
 import argparse
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,20 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import Ridge
+from timing import cpu_model  # benchmarks/timing.py
 
 from conversion.features import write_features
 from conversion.fit import ALPHAS, fit_regression, validation_mask
 
 
 MASKS = (("helpsteer", 5, 0.30), ("ultrafeedback+", 9, 0.50), ("code", 5, 0.20))  # name, objectives, share of rows
-
-
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def make_features(folder: Path, rows: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:

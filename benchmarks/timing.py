@@ -1,0 +1,48 @@
+"""Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
+`model.forward`, and the machine's CPU name for the report."""
+
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+
+@torch.inference_mode()
+def bare_forward(model, batches, **forward_kwargs) -> float:
+    """Seconds for `model(**batch, **forward_kwargs)` over `batches` and nothing else: the reference a stage's
+    throughput is divided by."""
+    start = time.perf_counter()
+    for batch in batches:
+        model(**batch, **forward_kwargs)
+    return time.perf_counter() - start
+
+
+def timed_with_forward_share(model, run: Callable[[], object]) -> tuple[float, float, object]:
+    """(seconds of `run()`, seconds of it inside `model.forward`, what `run` returned): the in-run share of the
+    forward is immune to the machine's noise, which swings both numbers of one run together."""
+    inner, inside = model.forward, [0.0]
+
+    def forward(*args, **kwargs):
+        start = time.perf_counter()
+        output = inner(*args, **kwargs)
+        inside[0] += time.perf_counter() - start
+        return output
+
+    model.forward = forward  # an instance attribute: `model(...)` calls it, and `del` restores the class's method
+    try:
+        start = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - start
+    finally:
+        del model.forward
+    return seconds, inside[0], result
+
+
+def cpu_model() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
