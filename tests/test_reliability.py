@@ -379,31 +379,17 @@ def armorm(*args, env=None, cwd=None):
 
 def test_offline_hub_ids_and_missing_paths_fail_at_once_with_the_fix(tmp_path):
     data = write_ratings(tmp_path / "r.jsonl", example_ratings(2))
-    result = armorm(
-        "extract",
-        "--backbone",
-        "someone/some-model",
-        "--data",
-        data,
-        "--kind",
-        "ratings",
-        "--out",
-        str(tmp_path / "o"),
-    )
+
+    def extract_from(backbone: str):
+        return armorm(
+            "extract", "--backbone", backbone, "--data", data, "--kind", "ratings", "--out", str(tmp_path / "o")
+        )
+
+    result = extract_from("someone/some-model")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "`someone/some-model` is not a local path" in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
     assert "pass its local folder" in result.stderr
-    result = armorm(
-        "extract",
-        "--backbone",
-        "runs/no/such/folder",
-        "--data",
-        data,
-        "--kind",
-        "ratings",
-        "--out",
-        str(tmp_path / "o"),
-    )
+    result = extract_from("runs/no/such/folder")
     assert result.returncode == 2 and "`runs/no/such/folder` does not exist" in result.stderr
 
 
