@@ -50,8 +50,7 @@ def tokenizer(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
+def save_checkpoint(folder: Path, tokenizer) -> Path:
     """A tiny ArmoRM as `armorm gate` leaves one: verbosity decorrelated (T from λ) and left out of the gate, plus
     the answer-length objective, saved with the SmolLM2 tokenizer."""
     model = tiny_armorm(
@@ -69,10 +68,14 @@ def checkpoint(tmp_path_factory, tokenizer):
     matrix[VERBOSITY, VERBOSITY] = 0.0
     with torch.no_grad():
         model.reward_transform_matrix.copy_(matrix)
-    folder = tmp_path_factory.mktemp("pipeline") / "ckpt"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return save_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", tokenizer)
 
 
 @pytest.fixture(scope="module")
