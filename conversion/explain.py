@@ -29,7 +29,9 @@ __all__ = ["ARGUMENTS", "ExplainSettings", "format_explanation", "main", "plot_p
 class ExplainSettings:
     """What `armorm explain` adds to `armorm score`'s flags."""
 
-    top_k: int = field(default=3, metadata={"help": "How many objectives `top` names (by |contribution|)."})
+    top_k: int = field(
+        default=3, metadata={"help": "How many objectives `top` names (the largest contributions, by absolute value)."}
+    )
     plot: Location | None = field(
         default=None,
         metadata={
