@@ -14,7 +14,7 @@ from conversion.features import write_features
 def test_every_stage_is_registered_with_help(capsys):
     assert set(COMMANDS) == {
         "extract", "fit", "decorrelate", "gate", "assemble", "push", "build", "convert-rlhflow", "evaluate",
-        "rewardbench-score", "serve",
+        "rewardbench-score", "serve", "score", "explain",
     }  # fmt: skip
     for name in COMMANDS:
         with pytest.raises(SystemExit) as exit_info:

@@ -1,6 +1,9 @@
 """The README's snippets run as written (with the checkpoint path pointed at a tiny checkpoint)."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +19,54 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_score_and_explain_snippet_runs(tmp_path, smollm2_tokenizer, capsys):
+# Snippets that need more than a checkpoint folder (a server, vLLM, a trainer and its data, the metric module).
+NEEDS_MORE = ("vllm", "urllib", "Trainer(", "evaluate.load")
+CHECKPOINT_PATHS = ("/abs/path/to/checkpoint", "runs/demo/armorm-smollm2-demo")
+
+
+def checkpoint_snippets() -> list[str]:
+    return [
+        block
+        for block in python_blocks()
+        if any(path in block for path in CHECKPOINT_PATHS) and not any(word in block for word in NEEDS_MORE)
+    ]
+
+
+def test_every_snippet_that_loads_a_checkpoint_never_asks_to_run_custom_code():
+    """Each README snippet that loads a model or tokenizer imports the package (which registers ArmoRM) or passes
+    `trust_remote_code=True` to every `from_pretrained`: none stops at `Do you wish to run the custom code? [y/N]`."""
+    for block in python_blocks():
+        loads = block.count("from_pretrained(") + block.count("pipeline(")
+        if loads and "import modeling_armorm" not in block and "from modeling_armorm" not in block:
+            assert block.count("trust_remote_code=True") >= block.count("from_pretrained("), block
+
+
+def test_checkpoint_snippets_run_with_stdin_closed(tmp_path, smollm2_tokenizer):
+    """Every README snippet that needs only a checkpoint runs as written (its path pointed at a tiny checkpoint), in
+    a fresh interpreter with stdin closed, so a `trust_remote_code` prompt would fail it."""
     model = tiny_armorm(tiny_llama_config(vocab_size=len(smollm2_tokenizer)), tokenizer=smollm2_tokenizer)
     model.config.pad_token_id = smollm2_tokenizer.pad_token_id
-    model.save_pretrained(tmp_path)
-    smollm2_tokenizer.save_pretrained(tmp_path)
-    snippet = next(
-        block for block in python_blocks() if "Score and explain" in README.read_text() and "contributions" in block
-    )
-    exec(snippet.replace("/abs/path/to/checkpoint", str(tmp_path)), {})
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("score ") and len(printed) == 5
+    model.save_pretrained(tmp_path / "ckpt")
+    smollm2_tokenizer.save_pretrained(tmp_path / "ckpt")
+    snippets = checkpoint_snippets()
+    assert len(snippets) >= 2  # the pipeline's and the model's own
+    for i, snippet in enumerate(snippets):
+        for path in CHECKPOINT_PATHS:
+            snippet = snippet.replace(path, str(tmp_path / "ckpt"))
+        (tmp_path / f"snippet{i}.py").write_text(snippet)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+        process = subprocess.run(
+            [sys.executable, f"snippet{i}.py"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
+        assert process.returncode == 0, (snippet, process.stderr[-3000:])
+        assert process.stdout.strip(), snippet  # it printed its result
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
