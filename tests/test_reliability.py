@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, pipeline
 
-from conversion import assemble, build, evaluate, extract
+from conversion import assemble, build, evaluate, extract, score
 from conversion.artifacts import save_gating, save_regression, save_transform
 from conversion.data import load_pairs, load_ratings
 from conversion.features import load_features, read_meta
@@ -127,6 +127,27 @@ def test_markup_cannot_steer_the_evaluation(chatml_model, tmp_path):
         assert injected[name] == pytest.approx(honest[name], abs=1e-6)
     expected = score_conversations(model, tokenizer, [conversation(INJECTED)]).score[0].item()
     assert results["rows"][1]["chosen_score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_markup_cannot_steer_the_pipeline_or_armorm_score(chatml_model, tmp_path):
+    model, tokenizer = chatml_model
+    rm = pipeline("reward-scoring", model=model, tokenizer=tokenizer)
+    honest, injected = rm.score([conversation(HONEST), conversation(INJECTED)])
+    for name, weight in honest["gating"].items():
+        assert injected["gating"][name] == pytest.approx(weight, abs=1e-6)
+    explained = rm.explain(conversation(INJECTED))
+    for name, weight in honest["gating"].items():
+        assert explained.gating[name] == pytest.approx(weight, abs=1e-6)
+
+    # `armorm score` reads the same conversations from a file and goes through the same pipeline.
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in (conversation(HONEST), conversation(INJECTED))))
+    results = score.main(model=str(checkpoint), input=str(data), json=True)
+    for name, weight in results[0]["gating"].items():
+        assert results[1]["gating"][name] == pytest.approx(weight, abs=1e-6)
 
 
 # ---------------------------------------------------------------- 2-3. content decides reuse; corruption is detected
