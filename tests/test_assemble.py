@@ -27,7 +27,7 @@ from conversion import assemble, cli
 from conversion.artifacts import head_fingerprint, save_gating, save_regression, save_transform
 from conversion.fit import FitConfig
 from conversion.reports import report_path, write_report
-from tests.utils import SMOLLM2_GGUF, requires_smollm2, smollm2_dir, tiny_llama_config
+from tests.utils import SMOLLM2_GGUF, requires_smollm2, run_snippet_without_prompt, smollm2_dir, tiny_llama_config
 
 
 OBJECTIVES = ["helpfulness", "correctness", "verbosity", "is_safe"]
@@ -239,18 +239,8 @@ def run_snippet(snippet: str, tmp_path, block_package: bool) -> str:
     env = {key: value for key, value in env.items() if key not in ("PYTHONPATH", "BLOCK_PACKAGE")}
     if block_package:
         env["BLOCK_PACKAGE"] = "1"
-    process = subprocess.run(
-        [sys.executable, "runner.py", "snippet.py"],
-        cwd=tmp_path,  # not the repository: only what is installed is importable
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
-    assert process.returncode == 0, process.stderr[-3000:]
-    return process.stdout
+    # cwd is not the repository: only what is installed is importable
+    return run_snippet_without_prompt(["runner.py", "snippet.py"], tmp_path, env)
 
 
 def assert_explanation_printed(printed: str, expected: dict) -> None:

@@ -2,14 +2,12 @@
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conversion.cli import COMMANDS, build_parser, command_line, flags_table
-from tests.utils import tiny_armorm, tiny_llama_config
+from tests.utils import run_snippet_without_prompt, tiny_armorm, tiny_llama_config
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -55,18 +53,8 @@ def test_checkpoint_snippets_run_with_stdin_closed(tmp_path, smollm2_tokenizer):
             snippet = snippet.replace(path, str(tmp_path / "ckpt"))
         (tmp_path / f"snippet{i}.py").write_text(snippet)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-        process = subprocess.run(
-            [sys.executable, f"snippet{i}.py"],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
-        assert process.returncode == 0, (snippet, process.stderr[-3000:])
-        assert process.stdout.strip(), snippet  # it printed its result
+        printed = run_snippet_without_prompt([f"snippet{i}.py"], tmp_path, env, what=snippet)
+        assert printed.strip(), snippet  # it printed its result
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -3,6 +3,8 @@
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,20 @@ def padded(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor,
         ids.append(row + fill if side == "right" else fill + row)
         mask.append([1] * len(row) + [0] * len(fill) if side == "right" else [0] * len(fill) + [1] * len(row))
     return torch.tensor(ids), torch.tensor(mask)
+
+
+def run_snippet_without_prompt(args: list[str], cwd: Path, env: dict, what: object = "") -> str:
+    """Run a user-facing snippet (`python <args>`) with stdin closed, as a newcomer's script would meet it: it must
+    finish without transformers' "run the custom code? [y/N]" question and exit 0. Returns its stdout."""
+    process = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
+    assert process.returncode == 0, (what, process.stderr[-3000:])
+    return process.stdout
