@@ -1,10 +1,14 @@
 """ArmoRM for transformers: `import modeling_armorm` registers the model with the Auto classes."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .chat_template import gating_pattern_from_tokenizer
 from .configuration_armorm import ArmoRMConfig
+from .explanation import Explanation, ObjectiveContribution
 from .modeling_armorm import ArmoRMForRewardModeling, ArmoRMGatingNetwork, ArmoRMPreTrainedModel, ArmoRMRewardOutput
+from .pipeline import TASK, ArmoRMPipeline
+from .plot import plot_explanation
 from .trl_reward import ArmoRMReward
 
 
@@ -14,13 +18,19 @@ AutoModelForSequenceClassification.register(ArmoRMConfig, ArmoRMForRewardModelin
 # `save_pretrained` then writes `auto_map` and copies the two model files next to the weights (remote code).
 ArmoRMConfig.register_for_auto_class()
 ArmoRMForRewardModeling.register_for_auto_class("AutoModelForSequenceClassification")
+# `transformers.pipeline("reward-scoring", model=PATH)`: score, compare, rank and explain conversations.
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ArmoRMPipeline, pt_model=ArmoRMForRewardModeling, type="text")
 
 __all__ = [
     "ArmoRMConfig",
+    "ArmoRMPipeline",
     "ArmoRMForRewardModeling",
     "ArmoRMGatingNetwork",
     "ArmoRMPreTrainedModel",
     "ArmoRMReward",
     "ArmoRMRewardOutput",
+    "Explanation",
+    "ObjectiveContribution",
     "gating_pattern_from_tokenizer",
+    "plot_explanation",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "collate",
     "length_sorted_batches",
     "model_gating_pattern",
+    "objective_names",
     "pad_token_id",
     "right_pad",
     "run_in_batches",
@@ -259,12 +260,25 @@ class ScoreOutput:
 
 @torch.inference_mode()
 def score_encoded(
-    model, encoded: Sequence[EncodedConversation], batch_size: int = 8, pad_id: int = 0, progress=None
+    model,
+    encoded: Sequence[EncodedConversation],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress=None,
+    max_length: int | None = None,
 ) -> ScoreOutput:
-    """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched)."""
+    """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
+
+    A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
+    `ValueError` naming it: a reward is never read from a cut conversation."""
     device = next(model.parameters()).device
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, row in enumerate(encoded):
+        if max_length is not None and len(row) > max_length:
+            raise ValueError(
+                f"Conversation {i} has {len(row)} tokens, more than `max_length` ({max_length}); raise `max_length` "
+                "or shorten it (drop earlier turns) before scoring."
+            )
         if limit is not None and len(row) > limit:
             raise ValueError(
                 f"Conversation {i} has {len(row)} tokens, more than the backbone's `max_position_embeddings` "
@@ -288,12 +302,22 @@ def score_encoded(
 
 
 def score_conversations(
-    model, tokenizer, conversations: Sequence[list[Message]], batch_size: int = 8, progress=None
+    model,
+    tokenizer,
+    conversations: Sequence[list[Message]],
+    batch_size: int = 8,
+    progress=None,
+    max_length: int | None = None,
 ) -> ScoreOutput:
     """Score full conversations (each ending with the assistant's answer) with an ArmoRM and its tokenizer."""
     encoder = ChatEncoder(tokenizer, model_gating_pattern(model, tokenizer))
     encoded = [encoder.encode(messages, where=f"conversation {i}") for i, messages in enumerate(conversations)]
-    return score_encoded(model, encoded, batch_size, pad_token_id(tokenizer), progress)
+    return score_encoded(model, encoded, batch_size, pad_token_id(tokenizer), progress, max_length)
+
+
+def objective_names(config) -> list[str]:
+    """The objectives' names in the model's order (`config.objective_names`, else `objective_<i>`)."""
+    return list(config.objective_names or [f"objective_{i}" for i in range(config.num_objectives)])
 
 
 def model_gating_pattern(model, tokenizer) -> GatingPattern:

@@ -31,7 +31,15 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from .configuration_armorm import ArmoRMConfig
 from .modeling_armorm import ArmoRMForRewardModeling
-from .scoring import ChatEncoder, EncodedConversation, ScoreOutput, model_gating_pattern, pad_token_id, score_encoded
+from .scoring import (
+    ChatEncoder,
+    EncodedConversation,
+    ScoreOutput,
+    model_gating_pattern,
+    objective_names,
+    pad_token_id,
+    score_encoded,
+)
 
 
 Message = dict[str, str]
@@ -119,9 +127,7 @@ class ArmoRMReward:
         else:
             config = model_or_path.config if isinstance(model_or_path, PreTrainedModel) else None
             config = config or ArmoRMConfig.from_pretrained(model_or_path)
-            self.objective_names_ = list(
-                config.objective_names or [f"objective_{i}" for i in range(config.num_objectives)]
-            )
+            self.objective_names_ = objective_names(config)
         self.objective_indices_ = self._resolve_objectives(self.objectives, self.objective_names_)
         # TRL names each reward function by its `__name__` in its logs (`rewards/<name>/mean`).
         selected = [self.objective_names_[i] for i in self.objective_indices_ or []]

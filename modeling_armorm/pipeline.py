@@ -1,0 +1,197 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""The `reward-scoring` pipeline: score, compare, rank and explain conversations with an ArmoRM.
+
+    import modeling_armorm  # registers the task
+    from transformers import pipeline
+
+    rm = pipeline("reward-scoring", model="/abs/path/checkpoint", dtype="bfloat16", batch_size=16)
+    rm([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    # {"score": 0.41, "rewards": {objective: r_i}, "gating": {objective: g_i}}
+
+How it fits transformers' `Pipeline`: `preprocess` encodes one conversation (`scoring.ChatEncoder`: the gating
+position from the rendering, markup in an answer kept as text), `_forward` scores a list of encoded conversations
+with `scoring.score_encoded` (length-sorted, right-padded batches of `batch_size`, outputs put back in input order),
+and `postprocess` turns the per-row heads into plain dicts. `__call__` runs the three over the whole input at once
+rather than one item at a time, so the batches are sorted by length across every conversation given; `device`,
+`dtype` and `batch_size` are the base class's arguments, `max_length` this pipeline's.
+"""
+
+from collections.abc import Sequence
+
+from transformers import Pipeline
+
+from .explanation import Explanation, explanation_from_heads
+from .scoring import (
+    ChatEncoder,
+    EncodedConversation,
+    ScoreOutput,
+    model_gating_pattern,
+    objective_names,
+    pad_token_id,
+    score_encoded,
+)
+
+
+__all__ = ["ArmoRMPipeline", "TASK"]
+
+TASK = "reward-scoring"
+Message = dict[str, str]
+# `transformers.Pipeline` defaults to batch_size=1; scoring's own default is 8 conversations per forward.
+DEFAULT_BATCH_SIZE = 8
+
+
+def is_conversation(value) -> bool:
+    """One conversation (a list of message dicts), as opposed to a list of conversations."""
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
+
+
+def as_prompt(prompt: str | Sequence[Message]) -> list[Message]:
+    """A prompt as messages: a string is one user turn; a message list is kept (it must not hold the answer)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if is_conversation(prompt):
+        if prompt[-1].get("role") == "assistant":
+            raise ValueError(
+                "The prompt ends with an assistant turn; give the conversation without the answer (the answers are "
+                "passed separately)."
+            )
+        return list(prompt)
+    raise ValueError(f"The prompt must be a string or a list of messages, got {prompt!r:.80}.")
+
+
+def as_answer(answer, where: str) -> Message:
+    if not isinstance(answer, str):
+        raise ValueError(f"{where} must be a string (the assistant's answer), got {answer!r:.80}.")
+    return {"role": "assistant", "content": answer}
+
+
+class ArmoRMPipeline(Pipeline):
+    """Scores conversations with an `ArmoRMForRewardModeling` (task `"reward-scoring"`).
+
+    Every method scores through `modeling_armorm.scoring`, the path of `armorm evaluate` and `ArmoRMReward`.
+
+    Args (to `transformers.pipeline("reward-scoring", ...)`, besides the usual `model`, `tokenizer`, `device`,
+    `dtype`):
+        batch_size (`int`, defaults to 8): conversations per forward pass, sorted by length first.
+        max_length (`int`, *optional*): refuse (a `ValueError` naming it) a conversation longer than this many
+            tokens; the backbone's `max_position_embeddings` always binds.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None:
+            raise ValueError(
+                "The reward-scoring pipeline needs the reward model's tokenizer (its chat template locates the prompt "
+                "feature): pass `tokenizer=` or a checkpoint folder that holds one."
+            )
+        self.encoder = ChatEncoder(self.tokenizer, model_gating_pattern(self.model, self.tokenizer))
+        self.objective_names = objective_names(self.model.config)
+
+    def _sanitize_parameters(self, max_length: int | None = None, batch_size: int | None = None):
+        forward_params = {}
+        if max_length is not None:
+            if max_length < 1:
+                raise ValueError(f"`max_length` must be >= 1, got {max_length}.")
+            forward_params["max_length"] = max_length
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+            forward_params["batch_size"] = batch_size
+        return {}, forward_params, {}
+
+    # The three stages of a transformers pipeline, over the one scoring path.
+
+    def preprocess(self, conversation, where: str = "the conversation") -> EncodedConversation:
+        return self.encoder.encode(conversation, where)
+
+    def _forward(
+        self, encoded: list[EncodedConversation], batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None
+    ) -> ScoreOutput:
+        return score_encoded(self.model, encoded, batch_size, pad_token_id(self.tokenizer), max_length=max_length)
+
+    def postprocess(self, outputs: ScoreOutput) -> list[dict]:
+        names = self.objective_names
+        return [
+            {
+                "score": score,
+                "rewards": dict(zip(names, rewards)),
+                "gating": dict(zip(names, gating)),
+            }
+            for score, rewards, gating in zip(
+                outputs.score.tolist(), outputs.rewards.tolist(), outputs.gating_output.tolist()
+            )
+        ]
+
+    def _run(self, conversations: list, batch_size: int | None, max_length: int | None) -> ScoreOutput:
+        """Encode every conversation, then score them all in length-sorted batches; outputs in input order."""
+        _, call_params, _ = self._sanitize_parameters(max_length=max_length, batch_size=batch_size)
+        params = {"batch_size": self._batch_size or DEFAULT_BATCH_SIZE, **self._forward_params, **call_params}
+        encoded = [self.preprocess(c, where=f"conversation {i}") for i, c in enumerate(conversations)]
+        return self.forward(encoded, **params)
+
+    # The public API.
+
+    def __call__(self, conversations, batch_size: int | None = None, max_length: int | None = None):
+        """`score(conversations)`."""
+        return self.score(conversations, batch_size=batch_size, max_length=max_length)
+
+    def score(self, conversations, *, batch_size: int | None = None, max_length: int | None = None):
+        """Score one conversation (a message list ending with the assistant's answer) or a list of them.
+
+        Returns `{"score": s, "rewards": {objective: r_i}, "gating": {objective: g_i}}` per conversation (a list, in
+        input order, for a list)."""
+        single = is_conversation(conversations)
+        rows = [conversations] if single else list(conversations)
+        results = self.postprocess(self._run(rows, batch_size, max_length))
+        return results[0] if single else results
+
+    def compare(self, prompt, answer_a: str, answer_b: str, **kwargs) -> dict:
+        """Which of two answers to `prompt` (a string: one user turn; or the messages before the answer) scores higher.
+
+        Returns `{"scores": [s_a, s_b], "preferred": "a" | "b" | "tie", "margin": s_a − s_b}`."""
+        messages = as_prompt(prompt)
+        pair = [[*messages, as_answer(answer_a, "answer_a")], [*messages, as_answer(answer_b, "answer_b")]]
+        s_a, s_b = (row["score"] for row in self.score(pair, **kwargs))
+        preferred = "a" if s_a > s_b else "b" if s_b > s_a else "tie"
+        return {"scores": [s_a, s_b], "preferred": preferred, "margin": s_a - s_b}
+
+    def rank(self, prompt, candidates: Sequence[str], **kwargs) -> list[dict]:
+        """The candidate answers to `prompt`, best first: `{"rank", "index", "answer", "score"}` (rank 1 = best; equal
+        scores keep the candidates' order)."""
+        if isinstance(candidates, str) or not candidates:
+            raise ValueError("`candidates` must be a non-empty list of answer strings.")
+        messages = as_prompt(prompt)
+        rows = [[*messages, as_answer(answer, f"candidate {i}")] for i, answer in enumerate(candidates)]
+        scores = [row["score"] for row in self.score(rows, **kwargs)]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return [
+            {"rank": rank, "index": i, "answer": candidates[i], "score": scores[i]}
+            for rank, i in enumerate(order, start=1)
+        ]
+
+    def explain(self, conversations, top_k: int = 3, **kwargs) -> Explanation | list[Explanation]:
+        """Each objective's reward r_i, coefficient c_i (c = g Tᵀ) and contribution c_i r_i (they sum to the score),
+        the gating weights g, and the `top_k` objectives by |contribution|. One conversation or a list of them."""
+        single = is_conversation(conversations)
+        rows = [conversations] if single else list(conversations)
+        out = self._run(rows, kwargs.pop("batch_size", None), kwargs.pop("max_length", None))
+        if kwargs:
+            raise TypeError(f"explain() got unexpected keyword arguments {sorted(kwargs)}.")
+        explanations = [
+            explanation_from_heads(
+                self.objective_names,
+                out.score[i].item(),
+                out.rewards[i].tolist(),
+                out.coefficients[i].tolist(),
+                out.gating_output[i].tolist(),
+                top_k=top_k,
+            )
+            for i in range(len(out))
+        ]
+        return explanations[0] if single else explanations
