@@ -85,8 +85,8 @@ def build_demo(pipe) -> gr.Blocks:
                     headers=["objective", "gating weight"], label="Gating weights (from the prompt)", elem_id="gating"
                 )
         with gr.Row():
-            chart_a = gr.Plot(label="Answer A: contributions", format="png", elem_id="chart-a")
-            chart_b = gr.Plot(label="Answer B: contributions", format="png", elem_id="chart-b")
+            chart_a = gr.Plot(label="Answer A: contributions", show_label=False, format="png", elem_id="chart-a")
+            chart_b = gr.Plot(label="Answer B: contributions", show_label=False, format="png", elem_id="chart-b")
         button.click(
             score,
             [prompt, answer_a, answer_b],
