@@ -38,11 +38,13 @@ COMMANDS = {
     "convert-rlhflow": "conversion.convert_rlhflow",
     "decorrelate": "conversion.decorrelate",
     "evaluate": "conversion.evaluate",
+    "explain": "conversion.explain",
     "extract": "conversion.extract",
     "fit": "conversion.fit",
     "gate": "conversion.gate",
     "push": "conversion.push",
     "rewardbench-score": "conversion.rewardbench_score",
+    "score": "conversion.score",
     "serve": "conversion.serve",
 }
 

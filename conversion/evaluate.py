@@ -64,6 +64,7 @@ from modeling_armorm.scoring import (
     ScoreOutput,
     length_sorted_batches,
     model_gating_pattern,
+    objective_names,
     pad_token_id,
     score_encoded,
 )
@@ -531,7 +532,7 @@ def evaluate(
         model, tokenizer, data.rows, batch_size=batch_size, max_length=max_length, truncate_prompt=truncate_prompt
     )
     skipped = sorted([*data.skipped, *skipped], key=lambda entry: entry["index"])
-    objectives = model.config.objective_names or [f"objective_{j}" for j in range(model.config.num_objectives)]
+    objectives = objective_names(model.config)
     results = summarize(scored, objectives, data.best_of_n, skipped, truncated)
     counts = {
         "source_rows": data.source_rows,

@@ -19,6 +19,7 @@ __all__ = [
     "evaluation_dataset",
     "evaluation_section",
     "objective_table",
+    "remote_code_snippet",
     "usage_snippet",
 ]
 
@@ -194,17 +195,35 @@ def evaluation_section(results: dict) -> list[str]:
 
 
 def usage_snippet(model_id: str) -> str:
-    """Python that scores and explains one conversation; it runs as is against the checkpoint `model_id`."""
+    """Python that scores, explains and compares with the `reward-scoring` pipeline of the `armorm` package; it runs as
+    is against the checkpoint `model_id` (a test runs it, with stdin closed, on an assembled checkpoint)."""
+    return f'''from transformers import pipeline
+
+import modeling_armorm  # noqa: F401  (the `armorm` package: registers ArmoRM and the "reward-scoring" task)
+
+rm = pipeline("reward-scoring", model="{model_id}")
+conversation = [
+    {{"role": "user", "content": "What is the capital of France?"}},
+    {{"role": "assistant", "content": "The capital of France is Paris."}},
+]
+explanation = rm.explain(conversation)
+print(f"score: {{explanation.score:.4f}}")
+# s = Σ_i c_i r_i: r_i = objective i's reward, c_i = the weight the gating network gave it for this prompt.
+for o in explanation.objectives:
+    print(f"{{o.name:>40}}  reward {{o.reward:+.3f}}  weight {{o.coefficient:+.3f}}  contribution {{o.contribution:+.3f}}")
+print(rm.compare("What is the capital of France?", "Paris.", "Lyon."))
+'''
+
+
+def remote_code_snippet(model_id: str) -> str:
+    """Python that scores one conversation without the `armorm` package: the model code shipped with the checkpoint
+    (`trust_remote_code=True` on both the model and the tokenizer, so nothing asks for confirmation)."""
     return f'''import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import modeling_armorm  # noqa: F401  (the `armorm` package: registers ArmoRM with the Auto classes)
-
 model_id = "{model_id}"
-model = AutoModelForSequenceClassification.from_pretrained(model_id)
-# Without the package, the code shipped with the checkpoint runs instead:
-# model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
 
 messages = [
     {{"role": "user", "content": "What is the capital of France?"}},
@@ -215,8 +234,7 @@ with torch.no_grad():
     output = model(**inputs)
 
 print(f"score: {{output.score.item():.4f}}")
-# s = Σ_i c_i r_i: r = the objectives' rewards, c = the weights the gating network gave them for this prompt.
-contributions = output.coefficients[0] * output.rewards[0]
+contributions = output.coefficients[0] * output.rewards[0]  # c_i r_i, summing to the score
 for i in contributions.abs().argsort(descending=True).tolist():
     name = model.config.objective_names[i]
     reward, weight = output.rewards[0, i].item(), output.coefficients[0, i].item()
@@ -302,13 +320,23 @@ def _body(info: CardInfo) -> str:
         "",
         "## Usage",
         "",
-        "Install the `armorm` package (or load with `trust_remote_code=True`), then score and explain a conversation:",
+        "With the `armorm` package installed, the `reward-scoring` pipeline scores, compares, ranks and explains "
+        "conversations:",
         "",
         "```python",
         usage_snippet(info.model_id).rstrip("\n"),
         "```",
         "",
-        "With TRL the model is a reward model as it is: `output.logits[:, 0]` is the score.",
+        "Without the package, the model code shipped with the checkpoint runs instead (`trust_remote_code=True` on "
+        "both the model and the tokenizer):",
+        "",
+        "```python",
+        remote_code_snippet(info.model_id).rstrip("\n"),
+        "```",
+        "",
+        '`transformers.pipeline("text-classification", model=...)` given a conversation rendered with the chat '
+        "template (`tokenizer.apply_chat_template(messages, tokenize=False)`) returns the raw score (`problem_type` is "
+        "`regression`: no sigmoid). With TRL the model is a reward model as it is: `output.logits[:, 0]` is the score.",
         "",
         "## How it was made",
         "",

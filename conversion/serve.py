@@ -121,13 +121,11 @@ class RewardService:
     """Requests → conversations encoded by `ChatEncoder` → the backend → JSON-ready lists."""
 
     def __init__(self, config: ServeConfig, tokenizer, armorm_config, backend):
-        from modeling_armorm.scoring import ChatEncoder, model_gating_pattern
+        from modeling_armorm.scoring import ChatEncoder, model_gating_pattern, objective_names
 
         self.config = config
         self.tokenizer = tokenizer
-        self.objective_names = list(
-            armorm_config.objective_names or [f"objective_{i}" for i in range(armorm_config.num_objectives)]
-        )
+        self.objective_names = objective_names(armorm_config)
         # `model_gating_pattern` checks the checkpoint's pattern against the tokenizer's template; it reads `.config`.
         self.encoder = ChatEncoder(
             tokenizer, model_gating_pattern(types.SimpleNamespace(config=armorm_config), tokenizer)

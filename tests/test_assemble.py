@@ -7,6 +7,7 @@ written to disk (not from the assembled model):
     r = W h               g   = β softmax(MLP(h_x) / τ)      s = g · (r T)      c = g Tᵀ
 """
 
+import ast
 import json
 import logging
 import os
@@ -197,51 +198,89 @@ REMOTE_SCRIPT = textwrap.dedent(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    checkpoint, snippet, batch = sys.argv[1], open(sys.argv[2]).read(), json.load(open(sys.argv[3]))
-    namespace = {}
-    exec(snippet, namespace)  # the card's usage snippet, remote-code variant
+    checkpoint, batch = sys.argv[1], json.load(open(sys.argv[2]))
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, trust_remote_code=True).eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor(batch["ids"]), attention_mask=torch.tensor(batch["mask"]))
     result = {key: getattr(out, key).tolist() for key in ("score", "rewards", "gating_output", "coefficients")}
     result["module"] = type(model).__module__
-    result["snippet_module"] = type(namespace["model"]).__module__
-    result["snippet_rows"] = namespace["inputs"]["input_ids"].tolist()
-    result["snippet_score"] = namespace["output"].score.tolist()
     print("RESULT", json.dumps(result))
     """
 )
+# Runs a card snippet as a user would, in a fresh interpreter with stdin closed (a `trust_remote_code` prompt would
+# fail it); with BLOCK set, `modeling_armorm` cannot be imported. Prints the module of the model the snippet loaded.
+SNIPPET_RUNNER = textwrap.dedent(
+    """
+    import os, sys
+    if os.environ.get("BLOCK_PACKAGE"):
+        sys.modules["modeling_armorm"] = None
+        sys.modules["conversion"] = None
+    namespace = {}
+    exec(open(sys.argv[1]).read(), namespace)
+    model = namespace["model"] if "model" in namespace else namespace["rm"].model
+    print("MODULE", type(model).__module__)
+    """
+)
+CARD_CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
 
 
-def card_snippet(checkpoint) -> str:
-    text = (checkpoint / "README.md").read_text()
-    return re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+def card_snippets(checkpoint) -> list[str]:
+    """The card's Python blocks: the pipeline (with the package), then the remote-code one."""
+    return re.findall(r"```python\n(.*?)```", (checkpoint / "README.md").read_text(), re.DOTALL)
 
 
-def test_checkpoint_loads_as_remote_code_and_its_card_snippet_runs(built, smollm2_tokenizer, tmp_path):
-    """In a fresh interpreter where `modeling_armorm` cannot be imported, `trust_remote_code=True` loads the
-    shipped files, and both they and the card's remote-code snippet give the heads' math."""
-    checkpoint = built["checkpoint"]
-    snippet = card_snippet(checkpoint)
-    package_lines = [
-        "import modeling_armorm  # noqa: F401  (the `armorm` package: registers ArmoRM with the Auto classes)\n",
-        "model = AutoModelForSequenceClassification.from_pretrained(model_id)\n",
-    ]
-    remote_line = "# model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)"
-    assert all(line in snippet for line in package_lines) and remote_line in snippet
-    for line in package_lines:
-        snippet = snippet.replace(line, "")
-    snippet = snippet.replace(remote_line, remote_line.removeprefix("# "))
+def run_snippet(snippet: str, tmp_path, block_package: bool) -> str:
     (tmp_path / "snippet.py").write_text(snippet)
+    (tmp_path / "runner.py").write_text(SNIPPET_RUNNER)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env = {key: value for key, value in env.items() if key not in ("PYTHONPATH", "BLOCK_PACKAGE")}
+    if block_package:
+        env["BLOCK_PACKAGE"] = "1"
+    process = subprocess.run(
+        [sys.executable, "runner.py", "snippet.py"],
+        cwd=tmp_path,  # not the repository: only what is installed is importable
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
+    assert process.returncode == 0, process.stderr[-3000:]
+    return process.stdout
+
+
+def assert_explanation_printed(printed: str, expected: dict) -> None:
+    """`score: s` then one line per objective, largest |c_i r_i| first, ending with its contribution."""
+    lines = printed.splitlines()
+    score_line = next(i for i, line in enumerate(lines) if line.startswith("score: "))
+    assert float(lines[score_line].split()[1]) == pytest.approx(expected["score"][0], abs=1e-4)
+    rows = [line.split() for line in lines[score_line + 1 : score_line + 1 + len(OBJECTIVES)]]
+    contributions = expected["coefficients"][0] * expected["rewards"][0]
+    assert [row[0] for row in rows] == [OBJECTIVES[i] for i in np.argsort(-np.abs(contributions))]
+    for row in rows:
+        j = OBJECTIVES.index(row[0])
+        assert float(row[2]) == pytest.approx(expected["rewards"][0][j], abs=2e-3)
+        assert float(row[4]) == pytest.approx(expected["coefficients"][0][j], abs=2e-3)
+        assert float(row[-1]) == pytest.approx(contributions[j], abs=2e-3)
+
+
+def test_checkpoint_loads_as_remote_code(built, smollm2_tokenizer, tmp_path):
+    """In a fresh interpreter where `modeling_armorm` cannot be imported, `trust_remote_code=True` loads the
+    shipped files, and they give the heads' math on a padded batch."""
     rows = tokenize(smollm2_tokenizer, CONVERSATIONS)
     ids, mask = padded_batch(smollm2_tokenizer, rows)
     (tmp_path / "batch.json").write_text(json.dumps({"ids": ids.tolist(), "mask": mask.tolist()}))
     (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     process = subprocess.run(
-        [sys.executable, "remote.py", str(checkpoint), "snippet.py", "batch.json"],
-        cwd=tmp_path,  # not the repository: nothing importable from it
+        [sys.executable, "remote.py", str(built["checkpoint"]), "batch.json"],
+        cwd=tmp_path,
         env={key: value for key, value in env.items() if key != "PYTHONPATH"},
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=300,
@@ -249,28 +288,38 @@ def test_checkpoint_loads_as_remote_code_and_its_card_snippet_runs(built, smollm
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads(process.stdout.split("RESULT ", 1)[1])
     assert result["module"].startswith("transformers_modules.") and result["module"].endswith("modeling_armorm")
-    assert result["snippet_module"] == result["module"]
     assert_outputs(result, expected_outputs(built, rows, smollm2_tokenizer))
-    snippet_expected = expected_outputs(built, result["snippet_rows"], smollm2_tokenizer)
-    np.testing.assert_allclose(result["snippet_score"], snippet_expected["score"], rtol=1e-4, atol=1e-5)
-    assert all(name in process.stdout for name in OBJECTIVES)  # the explanation lists every objective
 
 
-def test_card_snippet_runs_with_the_package(built, smollm2_tokenizer, capsys):
-    namespace = {}
-    exec(card_snippet(built["checkpoint"]), namespace)
-    assert type(namespace["model"]).__module__ == "modeling_armorm.modeling_armorm"
-    rows = namespace["inputs"]["input_ids"].tolist()
-    assert rows == tokenize(smollm2_tokenizer, [namespace["messages"]])
-    expected = expected_outputs(built, rows, smollm2_tokenizer)
-    printed = capsys.readouterr().out
-    assert float(re.search(r"score: (\S+)", printed).group(1)) == pytest.approx(expected["score"][0], abs=1e-4)
-    # One explanation line per objective, largest |c_i r_i| first.
-    lines = [line.split() for line in printed.splitlines()[1:]]
-    contributions = expected["coefficients"][0] * expected["rewards"][0]
-    assert [line[0] for line in lines] == [OBJECTIVES[i] for i in np.argsort(-np.abs(contributions))]
-    for line in lines:
-        assert float(line[-1]) == pytest.approx(contributions[OBJECTIVES.index(line[0])], abs=2e-3)
+def test_card_remote_code_snippet_runs_without_the_package(built, smollm2_tokenizer, tmp_path):
+    """The card's second snippet, in a fresh interpreter without `modeling_armorm` and with stdin closed: no
+    `trust_remote_code` prompt (both the model and the tokenizer say `trust_remote_code=True`), the shipped code
+    runs, and it prints the heads' math."""
+    snippet = card_snippets(built["checkpoint"])[1]
+    assert "import modeling_armorm" not in snippet and snippet.count("trust_remote_code=True") == 2
+    printed = run_snippet(snippet, tmp_path, block_package=True)
+    module = printed.split("MODULE ", 1)[1].strip()
+    assert module.startswith("transformers_modules.") and module.endswith("modeling_armorm")
+    expected = expected_outputs(built, tokenize(smollm2_tokenizer, [CARD_CONVERSATION]), smollm2_tokenizer)
+    assert_explanation_printed(printed, expected)
+
+
+def test_card_pipeline_snippet_runs_with_the_package(built, smollm2_tokenizer, tmp_path):
+    """The card's first snippet (the `reward-scoring` pipeline), in a fresh interpreter with stdin closed: it
+    explains the heads' math and compares two answers as their scores say."""
+    snippet = card_snippets(built["checkpoint"])[0]
+    assert "import modeling_armorm" in snippet and 'pipeline("reward-scoring"' in snippet
+    printed = run_snippet(snippet, tmp_path, block_package=False)
+    assert printed.split("MODULE ", 1)[1].strip() == "modeling_armorm.modeling_armorm"
+    expected = expected_outputs(built, tokenize(smollm2_tokenizer, [CARD_CONVERSATION]), smollm2_tokenizer)
+    assert_explanation_printed(printed, expected)
+    compared = ast.literal_eval(next(line for line in printed.splitlines() if line.startswith("{'scores'")))
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = [[*prompt, {"role": "assistant", "content": a}] for a in ("Paris.", "Lyon.")]
+    scores = expected_outputs(built, tokenize(smollm2_tokenizer, answers), smollm2_tokenizer)["score"]
+    np.testing.assert_allclose(compared["scores"], scores, rtol=1e-4, atol=1e-5)
+    assert compared["preferred"] == ("a" if scores[0] > scores[1] else "b")
+    assert compared["margin"] == pytest.approx(scores[0] - scores[1], abs=1e-4)
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
