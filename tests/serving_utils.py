@@ -38,7 +38,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(
-    command: list[str], port: int, log_path: Path, timeout: float = 300, env: dict | None = None, route: str = "/health"
+    command: list[str],
+    port: int,
+    log_path: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    route: str = "/health",
 ):
     """Start a server process, wait until 127.0.0.1:`port``route` answers, stop it and its children afterwards."""
     with open(log_path, "w") as log:

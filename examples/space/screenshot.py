@@ -62,9 +62,9 @@ def main():
             driver.get(url)
             wait = WebDriverWait(driver, 300)
             for elem_id, text in zip(("prompt", "answer-a", "answer-b"), EXAMPLE):
-                wait.until(lambda d, elem_id=elem_id: d.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea")).send_keys(
-                    text
-                )
+                wait.until(
+                    lambda d, elem_id=elem_id: d.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea")
+                ).send_keys(text)
             driver.find_element(By.ID, "score-button").click()
             for chart in ("chart-a", "chart-b"):
                 wait.until(
