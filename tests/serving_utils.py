@@ -37,8 +37,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(command: list[str], port: int, log_path: Path, timeout: float = 300, env: dict | None = None):
-    """Start a server process, wait until 127.0.0.1:`port`/health answers, stop it and its children afterwards."""
+def running_server(
+    command: list[str],
+    port: int,
+    log_path: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    route: str = "/health",
+):
+    """Start a server process, wait until 127.0.0.1:`port``route` answers, stop it and its children afterwards."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
@@ -51,11 +58,11 @@ def running_server(command: list[str], port: int, log_path: Path, timeout: float
                         f"the server exited with {process.returncode}: {Path(log_path).read_text()[-3000:]}"
                     )
                 with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{route}", timeout=5) as response:
                         if response.status == 200:
                             break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no /health answer in {timeout} s: {Path(log_path).read_text()[-3000:]}")
+                    raise TimeoutError(f"no {route} answer in {timeout} s: {Path(log_path).read_text()[-3000:]}")
                 time.sleep(0.5)
             yield process
         finally:
