@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
+SOURCES := modeling_armorm armorm_io evaluation conversion serving armorm_cli tests examples benchmarks metrics
+
 .PHONY: install install-vllm browser test test-vllm test-fast style quality demo space bench clean
 
 # The vLLM environment (serving/vllm_armorm, `armorm serve --backend vllm`): its own venv, because vLLM pins torch and
@@ -44,11 +46,11 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
-# The demo's browser test (tests/test_space.py) drives Debian's Chromium through its chromedriver; selenium is given
+# The demo's browser test (tests/examples/test_space.py) drives Debian's Chromium through its chromedriver; selenium is given
 # both paths, so nothing downloads a browser of its own. Where apt cannot install them, that test skips and says why.
 browser:
 	@test -x /usr/bin/chromedriver || (apt-get update && apt-get install -y chromium chromium-driver) || \
-		echo "Chromium could not be installed: tests/test_space.py will skip"
+		echo "Chromium could not be installed: tests/examples/test_space.py will skip"
 
 test: browser $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q -ra
@@ -57,19 +59,19 @@ test: browser $(STAMP) $(VLLM_STAMP)
 # The plugin and the vLLM server against references computed in .venv (ARMORM_REFERENCE_PYTHON), and the model and
 # the embedded server again on vLLM's transformers release.
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	ARMORM_REFERENCE_PYTHON=$(abspath $(PY)) $(VLLM_PY) -m pytest -q -ra tests/vllm tests/test_modeling.py tests/test_serve.py
+	ARMORM_REFERENCE_PYTHON=$(abspath $(PY)) $(VLLM_PY) -m pytest -q -ra tests/serving/vllm tests/modeling_armorm/test_modeling.py tests/serving/test_serve.py
 
 # Without the vLLM environment and without the real-model tests.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" --ignore=tests/vllm
+	$(PY) -m pytest -q -ra -m "not slow" --ignore=tests/serving/vllm
 
 style: $(STAMP)
-	$(VENV)/bin/ruff format modeling_armorm conversion serving tests examples benchmarks metrics
-	$(VENV)/bin/ruff check --fix modeling_armorm conversion serving tests examples benchmarks metrics
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 quality: $(STAMP)
-	$(VENV)/bin/ruff format --check modeling_armorm conversion serving tests examples benchmarks metrics
-	$(VENV)/bin/ruff check modeling_armorm conversion serving tests examples benchmarks metrics
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/ruff check $(SOURCES)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

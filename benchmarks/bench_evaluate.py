@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_evaluate.py                       # random ArmoRM (Llama hidden 256, 4 layers)
     .venv/bin/python benchmarks/bench_evaluate.py --rows 400 --threads 2
 
-`conversion.evaluate.evaluate` (render with the chat template, tokenize, length policy, one conversation per distinct
+`evaluation.evaluate.evaluate` (render with the chat template, tokenize, length policy, one conversation per distinct
 answer, length-sorted batches, the ArmoRM forward, every summary: per subset, per objective, gating, length bias) is
 timed end to end on preloaded data and model. The bare forward runs `model(**batch)` alone on the very same padded
 batches of the distinct conversations, built beforehand and untimed. Ratio = bare time / evaluation time, target
@@ -21,9 +21,9 @@ import torch
 from timing import bare_forward, cpu_model, timed_with_forward_share  # benchmarks/timing.py
 from transformers import AutoTokenizer, LlamaConfig
 
-from conversion.evaluate import evaluate, load_eval_data
-from conversion.extract import ConversationEncoder, EncodedRow
+from evaluation.evaluate import evaluate, load_eval_data
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
 from modeling_armorm.scoring import collate, length_sorted_batches, model_gating_pattern
 
 

@@ -23,8 +23,9 @@ import torch
 from timing import bare_forward, cpu_model, timed_with_forward_share  # benchmarks/timing.py
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-from conversion.data import load_ratings
-from conversion.extract import RESUME_KEYS, ConversationEncoder, EncodedRow, extract
+from armorm_io.data import load_ratings
+from conversion.extract import RESUME_KEYS, extract
+from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
 from modeling_armorm.scoring import collate, length_sorted_batches
 
 

@@ -22,7 +22,7 @@ import torch
 from sklearn.linear_model import Ridge
 from timing import cpu_model  # benchmarks/timing.py
 
-from conversion.features import write_features
+from armorm_io.features import write_features
 from conversion.fit import ALPHAS, fit_regression, validation_mask
 
 

@@ -91,7 +91,7 @@ def conversations_of_mixed_lengths(tokenizer, rows: int, max_length: int) -> tup
     """(conversations, where they come from): rated UltraFeedback answers under `max_length` tokens when the shared
     data is here, else generated answers of 8 to ~1000 words."""
     if RATINGS.exists():
-        from conversion.data import load_ratings
+        from armorm_io.data import load_ratings
 
         chosen = []
         for messages in load_ratings(str(RATINGS), "train[:2000]").messages:

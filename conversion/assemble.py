@@ -26,17 +26,25 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from conversion.artifacts import head_fingerprint, load_gating, load_regression, load_transform
-from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
-from conversion.cli import Location, command_line, normalize_locations, settings_dict
-from conversion.files import file_sha256, make_readable
+from armorm_io.artifacts import head_fingerprint, load_gating, load_regression, load_transform
+from armorm_io.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
+from armorm_io.files import Fingerprint, file_sha256, make_readable
+from armorm_io.reports import (
+    command_line,
+    file_name,
+    read_report,
+    report_for,
+    report_path,
+    settings_dict,
+    write_report,
+)
 from conversion.model_card import CardInfo, build_model_card
-from conversion.reports import Fingerprint, file_name, read_report, report_for, report_path, write_report
-from conversion.rewardbench import rewardbench_scores
-from conversion.rewardbench_score import read_accuracies
 from conversion.state_dict import check_state_dict, expected_shapes
+from evaluation.rewardbench import rewardbench_scores
+from evaluation.rewardbench_score import read_accuracies
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 from modeling_armorm.scoring import pad_token_id
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)

@@ -20,20 +20,21 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conversion import assemble, decorrelate, evaluate, extract, fit, gate
-from conversion.artifacts import head_fingerprint
+from armorm_io.artifacts import head_fingerprint
+from armorm_io.backbone import backbone_fingerprint
+from armorm_io.data import data_fingerprint
+from armorm_io.features import folder_fingerprint
+from armorm_io.files import Fingerprint, file_sha256
+from armorm_io.reports import file_name, read_report, relative_path, report_path, settings_dict
+from conversion import assemble, decorrelate, extract, fit, gate
 from conversion.assemble import AssembleSettings, checkpoint_fingerprint
-from conversion.backbone import backbone_fingerprint
-from conversion.cli import Location, normalize_locations, settings_dict
-from conversion.data import data_fingerprint
 from conversion.decorrelate import DecorrelateSettings
-from conversion.evaluate import EvaluateSettings, model_fingerprint
 from conversion.extract import ExtractSettings
-from conversion.features import folder_fingerprint
-from conversion.files import file_sha256
 from conversion.fit import FitSettings
 from conversion.gate import GateSettings
-from conversion.reports import Fingerprint, file_name, read_report, relative_path, report_path
+from evaluation import evaluate
+from evaluation.evaluate import EvaluateSettings, model_fingerprint
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _from_flags(inputs: BuildInputs, flags) -> BuildConfig:
 
 
 def _as_written(entries: dict, paths) -> dict:
-    """`inputs` as a report records them (see `conversion.reports.write_report`)."""
+    """`inputs` as a report records them (see `armorm_io.reports.write_report`)."""
 
     def one(entry):
         return [one(item) for item in entry] if isinstance(entry, list) else entry.as_dict(paths)

@@ -19,50 +19,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from conversion.cli import Location, normalize_locations
-from conversion.files import make_readable
+from armorm_io.files import make_readable
 from conversion.state_dict import check_state_dict, expected_shapes
-from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling
+from modeling_armorm.rlhflow import RLHFLOW_LAYOUT, rlhflow_config
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)
-
-
-# The release's 19 objectives, in the order of its regression layer (arXiv 2406.12845 Appendix A); verbosity is
-# helpsteer-verbosity.
-RLHFLOW_OBJECTIVES = [
-    "helpsteer-helpfulness",
-    "helpsteer-correctness",
-    "helpsteer-coherence",
-    "helpsteer-complexity",
-    "helpsteer-verbosity",
-    "ultrafeedback-overall_score",
-    "ultrafeedback-instruction_following",
-    "ultrafeedback-truthfulness",
-    "ultrafeedback-honesty",
-    "ultrafeedback-helpfulness",
-    "beavertails-is_safe",
-    "prometheus-score",
-    "argilla-overall_quality",
-    "argilla-judge_lm",
-    "code-complexity",
-    "code-style",
-    "code-explanation",
-    "code-instruction-following",
-    "code-readability",
-]
-RLHFLOW_VERBOSITY = "helpsteer-verbosity"
-# <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n, the pattern the release's remote code searched for.
-LLAMA3_GATING_PATTERN = [128009, 128006, 78191, 128007, 271]
-_HEAD_KEYS = ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden")
-_EXPECTED = (
-    "the released RLHFlow ArmoRM layout: a flat decoder `config.json` (e.g. model_type 'llama') with "
-    "`num_objectives` and `gating_temperature`/`gating_hidden_dim`/`gating_n_hidden` keys, and safetensors weights "
-    "named `model.*`, `regression_layer.weight`, `gating.layers.{i}.weight|bias`, `gating.logit_scale`, "
-    "`reward_transform_matrix`"
-)
 
 
 @dataclass(kw_only=True)
@@ -79,47 +45,12 @@ class ConvertConfig:
 ARGUMENTS = (ConvertConfig,)
 
 
-def build_config(src_config: dict, tokenizer=None) -> ArmoRMConfig:
-    """`ArmoRMConfig` from the release's flat config: the backbone keys become `text_config`."""
-    if src_config.get("model_type") == ArmoRMConfig.model_type:
-        raise ValueError("This is already an ArmoRM checkpoint of this package: load it with `from_pretrained`.")
-    missing = [key for key in _HEAD_KEYS if key not in src_config]
-    if "model_type" not in src_config or missing:
-        raise ValueError(f"`config.json` lacks {missing or ['model_type']}; expected {_EXPECTED}.")
-    flat = {k: v for k, v in src_config.items() if k not in ("auto_map", "architectures", "id2label", "label2id")}
-    num_objectives = flat.pop("num_objectives")
-    heads = {
-        "gating_temperature": flat.pop("gating_temperature"),
-        "gating_hidden_dim": flat.pop("gating_hidden_dim"),
-        "gating_n_hidden": flat.pop("gating_n_hidden"),
-    }
-    text_config = AutoConfig.for_model(**flat)
-    if num_objectives == len(RLHFLOW_OBJECTIVES):
-        names = {
-            "objective_names": RLHFLOW_OBJECTIVES,
-            "verbosity_objective": RLHFLOW_OBJECTIVES.index(RLHFLOW_VERBOSITY),
-        }
-    else:
-        names = {}
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        pattern = gating_pattern_from_tokenizer(tokenizer).config_kwargs()
-        if pattern["gating_token_pattern"] != LLAMA3_GATING_PATTERN:
-            raise ValueError(
-                f"The tokenizer's chat template gives the gating pattern {pattern['gating_token_pattern']}, but the "
-                f"released model reads its prompt feature at {LLAMA3_GATING_PATTERN} (Llama-3). Convert with the "
-                "checkpoint's own Llama-3 tokenizer."
-            )
-    else:
-        pattern = {"gating_token_pattern": LLAMA3_GATING_PATTERN, "gating_token_offset": 0}
-    return ArmoRMConfig(text_config=text_config, num_objectives=num_objectives, **heads, **names, **pattern)
-
-
 def _weight_files(src: Path) -> list[Path]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
         hint = f" (found pickled weights {pickled}: convert them to safetensors first)" if pickled else ""
-        raise ValueError(f"No *.safetensors weights in {src}{hint}; expected {_EXPECTED}.")
+        raise ValueError(f"No *.safetensors weights in {src}{hint}; expected {RLHFLOW_LAYOUT}.")
     return files
 
 
@@ -133,7 +64,7 @@ def check_weights(src: Path, config: ArmoRMConfig) -> dict[str, str]:
             for name in f.keys():
                 found[name] = tuple(f.get_slice(name).get_shape())
                 weight_map[name] = path.name
-    check_state_dict(found, expected_shapes(config), f"The weights in {src}", f"Expected {_EXPECTED}.")
+    check_state_dict(found, expected_shapes(config), f"The weights in {src}", f"Expected {RLHFLOW_LAYOUT}.")
     return weight_map
 
 
@@ -141,12 +72,12 @@ def convert_rlhflow(src_dir: str, out_dir: str) -> ArmoRMForRewardModeling:
     src, out = Path(src_dir), Path(out_dir)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"No config.json in {src}; expected {_EXPECTED}.")
+        raise ValueError(f"No config.json in {src}; expected {RLHFLOW_LAYOUT}.")
     src_config = json.loads(config_path.read_text())
     tokenizer = None
     if any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(src)
-    config = build_config(src_config, tokenizer)
+    config = rlhflow_config(src_config, tokenizer)
     weight_map = check_weights(src, config)
 
     # Load through transformers from a staging folder: the new config, links to the unchanged weight files and an

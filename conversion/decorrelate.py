@@ -19,13 +19,13 @@ import torch
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from conversion.artifacts import head_fingerprint, load_regression, save_transform
-from conversion.cli import Location, normalize_locations
-from conversion.features import folder_fingerprint, load_pair_features
+from armorm_io.artifacts import head_fingerprint, load_regression, save_transform
+from armorm_io.features import folder_fingerprint, load_pair_features
+from armorm_io.reports import report_path, write_report
 from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
-from conversion.heads import LENGTH_OBJECTIVE
-from conversion.heads import rewards as compute_rewards
-from conversion.reports import report_path, write_report
+from modeling_armorm.heads import LENGTH_OBJECTIVE
+from modeling_armorm.heads import rewards as compute_rewards
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Extract backbone features for both stages: one forward per response, shards written as they fill.
 
     armorm extract --backbone HuggingFaceTB/SmolLM2-135M-Instruct --data ratings.jsonl --kind ratings --out feats/
-    torchrun --nproc_per_node 8 -m conversion.cli extract --backbone ... --kind pairs --out pair_feats/
+    torchrun --nproc_per_node 8 -m armorm_cli extract --backbone ... --kind pairs --out pair_feats/
 
 A feature is the backbone's final hidden state (after the final norm, `AutoModel`'s `last_hidden_state`) of the
 chat-templated conversation (arXiv 2406.12845 §3.1: the last token's hidden state of x ⊕ y):
@@ -30,18 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import jinja2
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from conversion.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer
-from conversion.cli import Location, normalize_locations
-from conversion.data import PairRows, RatingRows, data_fingerprint, load_pairs, load_ratings
-from conversion.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
-from conversion.files import atomic_write_json, file_sha256
-from conversion.reports import Fingerprint, write_report
-from modeling_armorm.scoring import ChatEncoder, EncodedConversation, Progress, pad_token_id, run_in_batches
+from armorm_io.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer
+from armorm_io.data import PairRows, RatingRows, data_fingerprint, load_pairs, load_ratings
+from armorm_io.distributed import init_distributed
+from armorm_io.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
+from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
+from armorm_io.reports import write_report
+from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
+from modeling_armorm.scoring import EncodedConversation, Progress, pad_token_id, run_in_batches
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ RESUME_KEYS = (
 
 __all__ = [
     "ARGUMENTS",
-    "ConversationEncoder",
-    "EncodedRow",
     "ExtractConfig",
     "ExtractSettings",
     "can_resume",
@@ -140,7 +139,7 @@ def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
     """Load the backbone and the data, extract every row's features into `config.out`; returns the folder's meta
     (and writes the stage report `extract.json` beside it). Pass an `ExtractConfig`, or its fields as keywords."""
     config = config or ExtractConfig(**kwargs)
-    rank, world_size, created_group, device = _init_distributed(config.device)
+    rank, world_size, created_group, device = init_distributed(config.device)
     try:
         data, backbone = data_fingerprint(config.data), backbone_fingerprint(config.backbone)
         settings = _resume_settings(config, data, backbone)
@@ -212,106 +211,7 @@ def clear(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _init_distributed(device: str | None) -> tuple[int, int, bool, torch.device]:
-    """Join the process group that `torchrun` / `accelerate launch` describe in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"
-    device = torch.device(device)
-    created = False
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    return rank, world_size, created, device
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Tokenization and the length policy
-
-
-@dataclass
-class EncodedRow:
-    """One data row as token ids: one sequence per side (ratings: 1, pairs: chosen then rejected)."""
-
-    sides: list[EncodedConversation]
-    dropped_turns: int = 0  # prompt messages dropped by `truncate_prompt`
-
-    @property
-    def input_ids(self) -> list[list[int]]:
-        return [side.input_ids for side in self.sides]
-
-
-def _truncation_starts(messages: list[dict]) -> list[int]:
-    """Where the kept prompt may start (after the leading system turns), from the fewest turns dropped to the most.
-
-    The last prompt message (the last user turn) is always kept, and a kept prompt starts with a user turn so that
-    templates which require alternating roles still render it.
-    """
-    prompt = messages[:-1]
-    n_system = next((i for i, message in enumerate(prompt) if message["role"] != "system"), len(prompt))
-    last = len(prompt) - 1
-    return [i for i in range(n_system + 1, last + 1) if prompt[i]["role"] == "user" or i == last]
-
-
-def _drop_turns(messages: list[dict], start: int) -> list[dict]:
-    n_system = next((i for i, message in enumerate(messages) if message["role"] != "system"), len(messages))
-    return messages[:n_system] + messages[start:]
-
-
-class ConversationEncoder:
-    """`ChatEncoder` plus the length policy: `encode(rows)` takes rows as lists of sides (each side a full
-    conversation ending with the answer) and returns, per row, an `EncodedRow` or the reason it is skipped."""
-
-    def __init__(
-        self, tokenizer, max_length: int, truncate_prompt: bool, position_limit: int | None = None, pattern=None
-    ):
-        self.encoder = ChatEncoder(tokenizer, pattern)  # `pattern`: a model's own (`model_gating_pattern`)
-        self.pattern = self.encoder.pattern
-        # The backbone's own limit binds too: past `max_position_embeddings` it was never trained.
-        self.max_length = min(max_length, position_limit or max_length)
-        self.limit_name = "max_length" if self.max_length == max_length else "the backbone's max_position_embeddings"
-        self.truncate_prompt = truncate_prompt
-
-    def encode(self, rows: list[list[list[dict]]]) -> list["EncodedRow | str"]:
-        return [self._fit(sides) for sides in rows]
-
-    def _encode_sides(self, sides: list[list[dict]]) -> list[EncodedConversation]:
-        return [self.encoder.encode(side) for side in sides]
-
-    def _fit(self, sides: list[list[dict]]) -> "EncodedRow | str":
-        try:
-            encoded = self._encode_sides(sides)
-        except (jinja2.TemplateError, ValueError, TypeError) as error:
-            return f"the chat template cannot render this conversation: {error}"
-        longest = max(map(len, encoded))
-        if longest <= self.max_length:
-            return EncodedRow(encoded)
-        if not self.truncate_prompt:
-            return (
-                f"too long: {longest} tokens > {self.limit_name} {self.max_length} (raise `--max-length` or pass "
-                "`--truncate-prompt` to drop earlier prompt turns)"
-            )
-        # Both sides share the prompt, so both drop the same turns: the prompt feature stays one feature.
-        for start in _truncation_starts(sides[0]):
-            shorter = [_drop_turns(side, start) for side in sides]
-            encoded = self._encode_sides(shorter)
-            longest = max(map(len, encoded))
-            if longest <= self.max_length:
-                return EncodedRow(encoded, dropped_turns=len(sides[0]) - len(shorter[0]))
-        return (
-            f"too long: {longest} tokens > {self.limit_name} {self.max_length} even with only the system turn, the "
-            "last user turn and the response kept (responses are never cut; raise `--max-length`)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from scipy import linalg, stats
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from conversion.artifacts import head_fingerprint, save_regression
-from conversion.cli import Location, normalize_locations
-from conversion.features import folder_fingerprint, iter_shards, read_meta, shard_names
-from conversion.reports import report_for, report_path, write_report
+from armorm_io.artifacts import head_fingerprint, save_regression
+from armorm_io.features import folder_fingerprint, iter_shards, read_meta, shard_names
+from armorm_io.reports import report_for, report_path, write_report
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)

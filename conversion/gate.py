@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from conversion.artifacts import head_fingerprint, load_regression, load_transform, save_gating
-from conversion.cli import Location, normalize_locations
-from conversion.features import folder_fingerprint, load_pair_features
+from armorm_io.artifacts import head_fingerprint, load_regression, load_transform, save_gating
+from armorm_io.features import folder_fingerprint, load_pair_features
+from armorm_io.reports import report_path, write_report
 from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
-from conversion.heads import LENGTH_OBJECTIVE, pair_scores, transformed_rewards
-from conversion.reports import report_path, write_report
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
+from modeling_armorm.heads import LENGTH_OBJECTIVE, pair_scores, transformed_rewards
+from modeling_armorm.settings import Location, normalize_locations
 
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import modeling_armorm  # noqa: F401  (registers ArmoRM with the Auto classes)
-from conversion.cli import main as armorm
+from armorm_cli.cli import main as armorm
 
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 """A real-data report: an ArmoRM on SmolLM2-135M-Instruct built from ../shared/data, compared on held-out pairs.
 
 1. Every pair source (PandaLM, LLaMA-Factory DPO demo, Anthropic HH harmless, UltraFeedback train and eval samples)
-   is read with `conversion.data.load_pairs`, subsampled (seeded) and split by prompt, a seeded hash of the prompt
+   is read with `armorm_io.data.load_pairs`, subsampled (seeded) and split by prompt, a seeded hash of the prompt
    messages putting 20 % of the prompts on the held-out side: a prompt is never on both sides. Rating rows whose
    prompt is held out are dropped too (the UltraFeedback ratings rate the answers of the UltraFeedback pairs).
 2. `armorm build` runs every stage on the training side (three ratings files → one regression over the union of
@@ -10,7 +10,7 @@
    held-out pairs' features.
 3. On the held-out pairs it compares (pairwise accuracy, a tie counts as wrong) ArmoRM scored by `armorm evaluate`
    on the assembled checkpoint, the same gating recipe with T = I (`armorm decorrelate --verbosity none`, then
-   `armorm gate`; scored from the features by `conversion.evaluate.evaluate_features`), a Bradley-Terry linear probe
+   `armorm gate`; scored from the features by `evaluation.evaluate.evaluate_features`), a Bradley-Terry linear probe
    on the same features, each objective r_i alone and "the longer answer wins", over all pairs, per source and on the
    length-adversarial slice (the chosen answer is the shorter one). It writes README.md (side by side with
    `results_before.json`, the previous report's numbers), results.json, the gating heatmap and the gate's curves.
@@ -35,13 +35,13 @@ from demo import smollm2_gguf  # examples/demo.py, next to this script
 from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegressionCV
 
-from conversion.artifacts import load_regression
-from conversion.cli import main as armorm
-from conversion.data import load_pairs
-from conversion.evaluate import evaluate_features
-from conversion.features import load_features
-from conversion.files import atomic_write_text
-from conversion.heads import rewards
+from armorm_cli.cli import main as armorm
+from armorm_io.artifacts import load_regression
+from armorm_io.data import load_pairs
+from armorm_io.features import load_features
+from armorm_io.files import atomic_write_text
+from evaluation.evaluate import evaluate_features
+from modeling_armorm.heads import rewards
 
 
 HERE = Path(__file__).resolve().parent

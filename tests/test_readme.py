@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conversion.cli import COMMANDS, build_parser, command_line, flags_table
+from armorm_cli.cli import COMMANDS, build_parser
+from armorm_cli.reference import flags_table
+from armorm_io.reports import command_line
 from tests.utils import run_snippet_without_prompt, tiny_armorm, tiny_llama_config
 
 
@@ -60,7 +62,7 @@ def test_checkpoint_snippets_run_with_stdin_closed(tmp_path, smollm2_tokenizer):
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_flag_tables_are_the_settings_dataclasses(command):
     """Each command's flags table in the README is the one its settings dataclasses generate (same flags, defaults
-    and help): regenerate with `conversion.cli.flags_table(command)` when a setting changes."""
+    and help): regenerate with `armorm_cli.cli.flags_table(command)` when a setting changes."""
     assert flags_table(command) in README.read_text(), f"the README's `armorm {command}` table is stale"
 
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, pipeline
 
-from conversion import assemble, build, evaluate, extract, score
-from conversion.artifacts import save_gating, save_regression, save_transform
-from conversion.data import load_pairs, load_ratings
-from conversion.features import load_features, read_meta
+from armorm_cli import score
+from armorm_io.artifacts import save_gating, save_regression, save_transform
+from armorm_io.data import load_pairs, load_ratings
+from armorm_io.features import load_features, read_meta
+from conversion import assemble, build, extract
+from evaluation import evaluate
 from modeling_armorm import ArmoRMReward
 from modeling_armorm.scoring import ChatEncoder, score_conversations, score_encoded
 from tests.utils import tiny_armorm, tiny_llama_config
@@ -393,7 +395,7 @@ def test_an_empty_file_is_one_clear_error(tmp_path):
 def armorm(*args, env=None, cwd=None):
     command = [str(Path(sys.executable).with_name("armorm")), *args]
     if not Path(command[0]).exists():
-        command = [sys.executable, "-m", "conversion.cli", *args]
+        command = [sys.executable, "-m", "armorm_cli", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 

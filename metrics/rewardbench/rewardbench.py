@@ -9,14 +9,14 @@
     rewardbench2.compute(id=["12", "ref:3", ...], subset=["Math", "Ties", ...],
                          chosen_scores=[[2.0], [1.5], ...], rejected_scores=[[0.1, 0.4, 0.2], [1.1, 0.3], ...])
 
-The arithmetic is `conversion.rewardbench` (the one home of the official subset table and formulas; the `armorm`
+The arithmetic is `evaluation.rewardbench` (the one home of the official subset table and formulas; the `armorm`
 package must be installed), the same that `armorm evaluate` and `armorm rewardbench-score` use.
 """
 
 import datasets
 import evaluate
 
-from conversion.rewardbench import rewardbench2_scores, rewardbench_scores, subset_accuracy
+from evaluation.rewardbench import rewardbench2_scores, rewardbench_scores, subset_accuracy
 
 
 _DESCRIPTION = """RewardBench (v1): per-subset pairwise accuracy of a reward model (a tie is wrong), the sections Chat,

@@ -11,7 +11,7 @@ The backbone is whatever decoder the checkpoint nests (its vLLM `*ForCausalLM` c
 tensor and pipeline parallelism, paged attention, chunked prefill and prefix caching are vLLM's. The heads are tiny and
 run replicated in float32 (vLLM's `head_dtype` for pooling models), as `ArmoRMForRewardModeling` keeps them.
 Both checkpoint layouts load: this package's (`model_type: "armorm"`, the backbone under `text_config`) and the
-released `RLHFlow/ArmoRM-Llama3-8B-v0.1` one (a flat Llama config), read through the converter's `build_config`.
+released `RLHFlow/ArmoRM-Llama3-8B-v0.1` one (a flat Llama config), read through `modeling_armorm.rlhflow.rlhflow_config`.
 """
 
 from collections.abc import Iterable
@@ -35,6 +35,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
+from modeling_armorm.rlhflow import rlhflow_config
 
 from .pooler import ArmoRMPooler
 from .prompt_features import PromptFeatureStore
@@ -45,12 +46,10 @@ __all__ = ["ArmoRMRewardModel", "armorm_config"]
 
 
 def armorm_config(hf_config) -> ArmoRMConfig:
-    """The `ArmoRMConfig` of either checkpoint layout (the released flat Llama config goes through the converter)."""
+    """The `ArmoRMConfig` of either checkpoint layout (the released flat Llama config through `rlhflow_config`)."""
     if isinstance(hf_config, ArmoRMConfig):
         return hf_config
-    from conversion.convert_rlhflow import build_config
-
-    return build_config(hf_config.to_dict())
+    return rlhflow_config(hf_config.to_dict())
 
 
 class ArmoRMRewardModel(nn.Module, SupportsPP):

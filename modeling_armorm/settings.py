@@ -1,0 +1,172 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""The settings that several commands share, each declared once (as TRL shares `ModelConfig` across its scripts).
+
+    DtypeSettings     dtype                          the dtype a backbone or a checkpoint is loaded in
+    DeviceSettings    device                         where it runs
+    BatchSettings     batch_size                     conversations per forward pass
+    LengthSettings    max_length, truncate_prompt    the length policy of a scored conversation
+
+A command's settings dataclass inherits the groups it uses (`class ExtractSettings(LengthSettings, BatchSettings,
+DeviceSettings, DtypeSettings)`), so each knob has one declaration, one default, one help text and one flag name in every command
+(`HfArgumentParser` makes `--dtype`, `--batch-size`, `--max-length`, `--truncate-prompt` of them). The functions of
+the scoring path take their defaults from here (`DEFAULT_BATCH_SIZE`).
+
+`Location` types a setting that names a file, a folder or a Hub id: the stage reports write such values relative to
+their folder (`armorm_io.reports`).
+"""
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, NewType
+
+import torch
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_LENGTH",
+    "DTYPES",
+    "BatchSettings",
+    "DeviceSettings",
+    "DtypeSettings",
+    "LengthSettings",
+    "Location",
+    "fields_in_order",
+    "is_list_type",
+    "location_fields",
+    "normalize_locations",
+    "resolve_device",
+    "torch_dtype",
+]
+
+# The type of a setting that names a file, a folder or a Hub id.
+Location = NewType("Location", str)
+
+# "auto": the dtype the weights were saved in.
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_LENGTH = 4096
+
+
+def torch_dtype(name: str) -> "torch.dtype | str":
+    """The `dtype=` argument of `from_pretrained` for a `--dtype` value; a `ValueError` names the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {name!r}.")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
+    """`device` as given, else this process's GPU (`cuda:<local_rank>` under torchrun), else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{local_rank}" if local_rank is not None else "cuda")
+
+
+class _Settings:
+    """The end of the `__post_init__` chain: each group checks its own fields, then calls the next in the MRO."""
+
+    def __post_init__(self):
+        pass
+
+
+@dataclass(kw_only=True)
+class DtypeSettings(_Settings):
+    """The dtype a backbone or a checkpoint is loaded in."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Backbone dtype (`auto`: as saved); the heads stay float32, stored features are float32."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        torch_dtype(self.dtype)
+
+
+@dataclass(kw_only=True)
+class DeviceSettings(_Settings):
+    """Where the work runs."""
+
+    device: str | None = field(
+        default=None,
+        metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: this process's GPU under torchrun, a GPU, the CPU)."},
+    )
+
+
+@dataclass(kw_only=True)
+class BatchSettings(_Settings):
+    """How many conversations run in one forward pass (sorted by length first, so little padding)."""
+
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Conversations per forward pass."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {self.batch_size}.")
+
+
+@dataclass(kw_only=True)
+class LengthSettings(_Settings):
+    """The length policy: a conversation longer than `max_length` tokens is refused (a data row is skipped and
+    listed), or with `truncate_prompt` loses its earliest prompt turns until it fits. An answer is never cut."""
+
+    max_length: int = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata={
+            "help": "Longest conversation in tokens (the backbone's `max_position_embeddings` binds too); longer "
+            "ones are refused, or skipped and listed in a data set."
+        },
+    )
+    truncate_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop earlier prompt turns (never the system turn, the last user turn or an answer) to fit."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length < 1:
+            raise ValueError(f"`max_length` must be at least 1, got {self.max_length}.")
+
+
+def normalize_locations(config) -> None:
+    """Called by each settings dataclass's `__post_init__`: `Location` values as `str` (a `pathlib.Path` is
+    accepted), and a list-valued one given as a single value (`features="folder"`) as a one-item list."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        if name not in location_fields(type(config)) or (value := getattr(config, name)) is None:
+            continue
+        if is_list_type(hint) and isinstance(value, (str, os.PathLike)):
+            value = [value]
+        setattr(config, name, [os.fspath(v) for v in value] if is_list_type(hint) else os.fspath(value))
+
+
+def is_list_type(hint) -> bool:
+    """Whether a field's type is a list (or an optional list)."""
+    return typing.get_origin(hint) is list or any(typing.get_origin(arg) is list for arg in typing.get_args(hint))
+
+
+def location_fields(config_class) -> set[str]:
+    """The fields of a settings dataclass typed `Location` (or a list / optional of it)."""
+    names = set()
+    for name, hint in typing.get_type_hints(config_class).items():
+        args = typing.get_args(hint)
+        if hint is Location or Location in args or any(Location in typing.get_args(arg) for arg in args):
+            names.add(name)
+    return names
+
+
+def fields_in_order(config_class) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass, those its own class declares (what a command reads and writes) first, then
+    each inherited group's, from the most derived class to the shared groups above."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    ordered = []
+    for klass in config_class.__mro__:
+        for name in klass.__dict__.get("__annotations__", {}):
+            if name in fields and fields[name] not in ordered:
+                ordered.append(fields[name])
+    return ordered

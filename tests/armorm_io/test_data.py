@@ -1,0 +1,414 @@
+"""`armorm_io.data`: every layout of SPEC §3 read into message lists, checked against independent reads."""
+
+import csv
+import gzip
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from armorm_io.data import load_pairs, load_ratings, parse_hh_transcript
+from tests.utils import SHARED_DATA, requires_shared_data
+
+
+def read_jsonl(path) -> list[dict]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_rows(rows: list[dict], path) -> str:
+    """Write rows as jsonl, parquet or csv (by suffix); csv cells holding lists are JSON-encoded."""
+    path = str(path)
+    if path.endswith(".jsonl"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    elif path.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return path
+
+
+def hh_turns(text: str) -> list[dict]:
+    """An HH transcript's turns found with str.find (independent of the module's regex split)."""
+    markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+    found = sorted((pos, marker) for marker in markers for pos in _find_all(text, marker))
+    turns = []
+    for (pos, marker), end in zip(found, [p for p, _ in found[1:]] + [len(text)]):
+        turns.append({"role": markers[marker], "content": text[pos + len(marker) : end].strip()})
+    return turns
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    positions, start = [], text.find(sub)
+    while start >= 0:
+        positions.append(start)
+        start = text.find(sub, start + 1)
+    return positions
+
+
+def blank(messages: list[dict]) -> bool:
+    return any(not m["content"].strip() for m in messages)
+
+
+# ---------------------------------------------------------------- real data of ../shared/data
+
+
+@requires_shared_data
+@pytest.mark.parametrize("name", ["pandalm_test", "llama_factory_dpo_demo"])
+def test_real_message_pairs(name):
+    path = SHARED_DATA / "pairs" / f"{name}.jsonl"
+    raw = read_jsonl(path)
+    pairs = load_pairs(str(path))
+    assert pairs.layout == "implicit prompt"
+    assert pairs.skipped == [] and pairs.index == list(range(len(raw)))
+    assert pairs.chosen == [row["chosen"] for row in raw]
+    assert pairs.rejected == [row["rejected"] for row in raw]
+    assert pairs.subset == [row["source"] for row in raw]
+    roles = {m["role"] for row in pairs.chosen + pairs.rejected for m in row}
+    assert roles <= {"system", "user", "assistant"}
+    assert all(
+        c[-1]["role"] == r[-1]["role"] == "assistant" and c[:-1] == r[:-1]
+        for c, r in zip(pairs.chosen, pairs.rejected)
+    )
+    if name == "llama_factory_dpo_demo":
+        assert max(len(c) for c in pairs.chosen) > 3 and "system" in roles  # multi-turn with system turns
+
+
+@requires_shared_data
+def test_real_hh_transcripts():
+    path = SHARED_DATA / "raw" / "hh_rlhf_harmless_base_test.jsonl.gz"
+    raw = read_jsonl(path)
+    pairs = load_pairs(str(path))
+    expected_kept, expected_skipped = [], []
+    for i, row in enumerate(raw):
+        chosen, rejected = hh_turns(row["chosen"]), hh_turns(row["rejected"])
+        bad = blank(chosen) or blank(rejected) or chosen[:-1] != rejected[:-1]
+        (expected_skipped if bad else expected_kept).append((i, chosen, rejected))
+    assert len(raw) == 2312 and len(pairs) + len(pairs.skipped) == len(raw)
+    assert pairs.index == [i for i, _, _ in expected_kept]
+    assert pairs.chosen == [c for _, c, _ in expected_kept]
+    assert pairs.rejected == [r for _, _, r in expected_kept]
+    assert [s["index"] for s in pairs.skipped] == [i for i, _, _ in expected_skipped]
+    assert all(("empty content" in s["reason"]) or ("different prompts" in s["reason"]) for s in pairs.skipped)
+    assert pairs.subset == [None] * len(pairs)
+    # Turns alternate user/assistant as in the transcripts; multi-turn rows exist.
+    assert all(c[0]["role"] == "user" and c[-1]["role"] == "assistant" for c in pairs.chosen)
+    assert max(len(c) for c in pairs.chosen) >= 6
+
+
+@requires_shared_data
+@pytest.mark.parametrize("name", ["ultrafeedback_sample_train", "ultrafeedback_sample_eval"])
+def test_real_ultrafeedback_strings(name):
+    path = SHARED_DATA / "raw" / f"{name}.jsonl"
+    raw = read_jsonl(path)
+    pairs = load_pairs(str(path))
+    assert pairs.layout == "explicit prompt"
+    # Kept: every answer non-empty, two different answers, and not a tie of the pair's own ratings.
+    kept = [
+        i
+        for i, row in enumerate(raw)
+        if all(row[k].strip() for k in ("prompt", "chosen", "rejected"))
+        and row["chosen"] != row["rejected"]
+        and row["metadata"]["score_chosen"] != row["metadata"]["score_rejected"]
+    ]
+    assert pairs.index == kept
+    assert sorted(s["index"] for s in pairs.skipped) == sorted(set(range(len(raw))) - set(kept))
+    for i, chosen, rejected in zip(pairs.index, pairs.chosen, pairs.rejected):
+        prompt = {"role": "user", "content": raw[i]["prompt"]}
+        assert chosen == [prompt, {"role": "assistant", "content": raw[i]["chosen"]}]
+        assert rejected == [prompt, {"role": "assistant", "content": raw[i]["rejected"]}]
+    # `source_index` is an id, not a `source` group.
+    assert set(pairs.subset) == {None}
+
+
+def expected_ratings(rows: list[dict]):
+    """Objectives = float keys in order of first appearance; labels = the value or NaN when absent."""
+    objectives = []
+    for row in rows:
+        objectives += [k for k, v in row.items() if isinstance(v, float) and k not in objectives]
+    kept = [i for i, row in enumerate(rows) if not blank(row["messages"])]
+    labels = np.array([[rows[i].get(k, math.nan) for k in objectives] for i in kept], dtype=np.float32)
+    return objectives, kept, labels
+
+
+@requires_shared_data
+@pytest.mark.parametrize("name", ["helpsteer2_sample", "topical_chat", "ultrafeedback_sample_scores"])
+def test_real_ratings(name):
+    path = SHARED_DATA / "ratings" / f"{name}.jsonl"
+    raw = read_jsonl(path)
+    ratings = load_ratings(str(path))
+    objectives, kept, labels = expected_ratings(raw)
+    assert ratings.objectives == objectives and "system_id" not in objectives
+    assert ratings.index == kept and [s["index"] for s in ratings.skipped] == sorted(set(range(len(raw))) - set(kept))
+    assert ratings.messages == [raw[i]["messages"] for i in kept]
+    assert ratings.labels.dtype == np.float32 and ratings.labels.shape == (len(kept), len(objectives))
+    np.testing.assert_allclose(ratings.labels, labels, rtol=1e-6)
+
+
+@requires_shared_data
+def test_real_ratings_with_partial_objectives(tmp_path):
+    """The three ratings files interleaved row by row: each row carries one dataset's objectives, NaN elsewhere."""
+    files = [read_jsonl(SHARED_DATA / "ratings" / f"{n}.jsonl") for n in ("topical_chat", "helpsteer2_sample")]
+    files.append(read_jsonl(SHARED_DATA / "ratings" / "ultrafeedback_sample_scores.jsonl")[:400])
+    rows = [row for group in zip(*[f[:8] for f in files]) for row in group] + files[0][8:] + files[2][8:]
+    path = write_rows(rows, tmp_path / "mixed.jsonl")
+    ratings = load_ratings(path)
+    objectives, kept, labels = expected_ratings(rows)
+    assert ratings.objectives == objectives and len(objectives) == 6 + 5 + 1
+    assert ratings.index == kept
+    np.testing.assert_array_equal(np.isnan(ratings.labels), np.isnan(labels))
+    np.testing.assert_allclose(ratings.labels, labels, rtol=1e-6)
+    subset = load_ratings(path, objectives=["helpsteer-verbosity", "topicalchat-overall"])
+    np.testing.assert_allclose(subset.labels, labels[:, [objectives.index("helpsteer-verbosity"), 5]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- every layout, built in tmp_path
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+PAIRS = [  # (prompt messages, chosen answer, rejected answer, subset)
+    ([{"role": "user", "content": "What is 2+2?"}], "4", "5", "math"),
+    ([{"role": "user", "content": "Ça va ? 😀 Réponds en français."}], "Oui, très bien !", "No.", "chat"),
+    (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a colour"},
+        ],
+        "Blue",
+        "Seven",
+        "chat",
+    ),
+    ([SYSTEM, {"role": "user", "content": "A long answer please"}], "word " * 2000, "short", "chat"),
+]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def _transcript(messages):
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+LAYOUTS = {
+    # layout name: (which PAIRS it can express, row encoder)
+    "implicit": (
+        lambda p: True,
+        lambda p, c, r, s: {"chosen": p + _assistant(c), "rejected": p + _assistant(r), "subset": s},
+    ),
+    "explicit-messages": (
+        lambda p: True,
+        lambda p, c, r, s: {"prompt": p, "chosen": _assistant(c), "rejected": _assistant(r), "subset": s},
+    ),
+    "strings": (
+        lambda p: len(p) == 1,
+        lambda p, c, r, s: {"prompt": p[0]["content"], "chosen": c, "rejected": r, "subset": s},
+    ),
+    "hh": (
+        lambda p: all(m["role"] != "system" for m in p),
+        lambda p, c, r, s: {
+            "chosen": _transcript(p + _assistant(c)),
+            "rejected": _transcript(p + _assistant(r)),
+            "subset": s,
+        },
+    ),
+    "hh-prompt": (  # TRL's standard HH form: an HH prompt ending with "\n\nAssistant:" and bare answers
+        lambda p: all(m["role"] != "system" for m in p),
+        lambda p, c, r, s: {
+            "prompt": _transcript(p) + "\n\nAssistant:",
+            "chosen": " " + c,
+            "rejected": " " + r,
+            "subset": s,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet", "csv"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pair_layouts(tmp_path, layout, suffix):
+    fits, encode = LAYOUTS[layout]
+    examples = [pair for pair in PAIRS if fits(pair[0])]
+    path = write_rows([encode(*pair) for pair in examples], tmp_path / f"pairs.{suffix}")
+    pairs = load_pairs(path)
+    assert pairs.skipped == []
+    assert pairs.index == list(range(len(examples)))
+    strip = layout.startswith("hh")  # HH transcripts carry no surrounding whitespace
+    for (prompt, chosen, rejected, subset), got_c, got_r, got_s in zip(
+        examples, pairs.chosen, pairs.rejected, pairs.subset
+    ):
+        assert got_c == prompt + _assistant(chosen.strip() if strip else chosen)
+        assert got_r == prompt + _assistant(rejected.strip() if strip else rejected)
+        assert got_s == subset
+
+
+def test_pair_subset_falls_back_to_source(tmp_path):
+    rows = [{"chosen": PAIRS[0][0] + _assistant("4"), "rejected": PAIRS[0][0] + _assistant("5"), "source": "s"}]
+    assert load_pairs(write_rows(rows, tmp_path / "a.jsonl")).subset == ["s"]
+    rows[0]["subset"] = "sub"
+    assert load_pairs(write_rows(rows, tmp_path / "b.jsonl")).subset == ["sub"]
+
+
+RATING_ROWS = [  # (conversation, labels for "helpfulness" (int 0-4), "safe" (bool), "score" (float or missing))
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], 3, True, 0.25),
+    ([SYSTEM, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], 0, False, None),
+    (
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "ç"},
+            {"role": "assistant", "content": "d"},
+        ],
+        4,
+        True,
+        1.0,
+    ),
+]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet", "csv"])
+@pytest.mark.parametrize("layout", ["messages", "prompt-completion", "prompt-completion-strings"])
+def test_rating_layouts(tmp_path, layout, suffix):
+    examples = [row for row in RATING_ROWS if layout != "prompt-completion-strings" or len(row[0]) == 2]
+    rows = []
+    for j, (messages, helpfulness, safe, score) in enumerate(examples):
+        if layout == "messages":
+            conversation = {"messages": messages}
+        elif layout == "prompt-completion":
+            conversation = {"prompt": messages[:-1], "completion": messages[-1:]}
+        else:
+            conversation = {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+        # `row_id` (an id) and `note` (a string) are not objectives.
+        rows.append(
+            {"row_id": j, **conversation, "helpfulness": helpfulness, "safe": safe, "score": score, "note": "x"}
+        )
+    path = write_rows(rows, tmp_path / f"ratings.{suffix}")
+    ratings = load_ratings(path)
+    assert ratings.layout == layout.removesuffix("-strings")
+    assert ratings.objectives == ["helpfulness", "safe", "score"]
+    assert ratings.skipped == [] and ratings.index == list(range(len(examples)))
+    assert ratings.messages == [messages for messages, *_ in examples]
+    expected = [[h, float(s), math.nan if v is None else v] for _, h, s, v in examples]
+    np.testing.assert_array_equal(ratings.labels, np.array(expected, dtype=np.float32))
+    chosen = load_ratings(path, objectives=["score", "helpfulness"])
+    np.testing.assert_array_equal(chosen.labels, np.array(expected, dtype=np.float32)[:, [2, 0]])
+
+
+def test_local_split_name_and_slice(tmp_path):
+    rows = [{"messages": m, "score": 0.5} for m, *_ in RATING_ROWS]
+    path = write_rows(rows, tmp_path / "r.jsonl")
+    ratings = load_ratings(path, split="test[1:]")
+    assert ratings.index == [0, 1] and ratings.messages == [m for m, *_ in RATING_ROWS[1:]]
+
+
+# ---------------------------------------------------------------- malformed rows and files
+
+
+def test_malformed_pairs_are_recorded_and_good_rows_kept(tmp_path):
+    prompt = [{"role": "user", "content": "Q"}]
+    good = {"chosen": prompt + _assistant("yes"), "rejected": prompt + _assistant("no")}
+    bad = {
+        1: ({"chosen": prompt + _assistant("yes") + prompt, "rejected": good["rejected"]}, "ends with a user turn"),
+        2: (
+            {"chosen": good["chosen"], "rejected": prompt + _assistant("  ")},
+            "`rejected` message 1 (assistant) has empty content",
+        ),
+        3: (
+            {"chosen": prompt + [{"role": "assistant", "content": [{"type": "text"}]}], "rejected": good["rejected"]},
+            "list content",
+        ),
+        4: (
+            {"chosen": [{"role": "user", "content": "Other"}] + _assistant("yes"), "rejected": good["rejected"]},
+            "different prompts",
+        ),
+        5: (
+            {"chosen": [{"role": "bot", "content": "Q"}] + _assistant("yes"), "rejected": good["rejected"]},
+            "role 'bot'",
+        ),
+        7: ({"chosen": None, "rejected": good["rejected"]}, "`chosen` is null"),
+        8: ({"chosen": _assistant("yes"), "rejected": _assistant("no")}, "no system or user turn"),
+    }
+    rows = [bad[i][0] if i in bad else good for i in range(10)]
+    pairs = load_pairs(write_rows(rows, tmp_path / "pairs.jsonl"))
+    assert pairs.index == [0, 6, 9] and pairs.chosen == [good["chosen"]] * 3
+    assert [s["index"] for s in pairs.skipped] == sorted(bad)
+    for entry in pairs.skipped:
+        assert bad[entry["index"]][1] in entry["reason"], entry
+
+
+def test_malformed_hh_and_string_rows(tmp_path):
+    rows = [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"},
+        {"chosen": "Hi there, no markers", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Sure", "rejected": "\n\nHuman: Hi\n\nAssistant: No"},
+    ]
+    pairs = load_pairs(write_rows(rows, tmp_path / "hh.jsonl"))
+    assert pairs.index == [0, 3]
+    assert [s["index"] for s in pairs.skipped] == [1, 2]
+    assert "not an Anthropic HH transcript" in pairs.skipped[0]["reason"]
+    assert "ends with a user turn" in pairs.skipped[1]["reason"]
+
+
+def test_malformed_ratings(tmp_path):
+    messages = RATING_ROWS[0][0]
+    rows = [
+        {"messages": messages, "score": 0.5},
+        {"messages": messages, "score": "n/a"},
+        {"messages": "just a string", "score": 0.1},
+        {"messages": messages[:1], "score": 0.2},
+        {"messages": messages, "score": None},
+    ]
+    ratings = load_ratings(write_rows(rows, tmp_path / "r.jsonl"))
+    assert ratings.objectives == ["score"] and ratings.index == [0, 4]
+    np.testing.assert_array_equal(ratings.labels, np.array([[0.5], [np.nan]], dtype=np.float32))
+    reasons = {s["index"]: s["reason"] for s in ratings.skipped}
+    assert set(reasons) == {1, 2, 3}
+    assert "'n/a', not a number" in reasons[1]
+    assert "not a list of messages" in reasons[2]
+    assert "not the assistant's answer" in reasons[3]
+
+
+def test_unknown_layout_raises_one_clear_error(tmp_path):
+    path = write_rows([{"question": "q", "answer": "a"}], tmp_path / "qa.jsonl")
+    with pytest.raises(ValueError, match=r"(?s)Columns found: \['question', 'answer'\].*`chosen` \+ `rejected`"):
+        load_pairs(path)
+    with pytest.raises(ValueError, match=r"(?s)Columns found: \['question', 'answer'\].*`messages`"):
+        load_ratings(path)
+    with pytest.raises(ValueError, match=r"no objective column \['missing'\]"):
+        load_ratings(
+            write_rows([{"messages": RATING_ROWS[0][0], "a": 1.0}], tmp_path / "r.jsonl"), objectives=["missing"]
+        )
+    with pytest.raises(ValueError, match="no numeric objective column"):
+        load_ratings(write_rows([{"messages": RATING_ROWS[0][0], "a": "x"}], tmp_path / "s.jsonl"))
+
+
+def test_bad_paths(tmp_path):
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unknown file type"):
+        load_pairs(str(tmp_path / "data.txt"))
+    with pytest.raises(FileNotFoundError, match="No such data file"):
+        load_pairs(str(tmp_path / "absent.jsonl"))
+
+
+def test_parse_hh_transcript():
+    text = "\n\nHuman: Hi there\n\nAssistant:  Hello!\nHow can I help?\n\nHuman: Human: nested\n\nAssistant:"
+    assert parse_hh_transcript(text) == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!\nHow can I help?"},
+        {"role": "user", "content": "Human: nested"},
+        {"role": "assistant", "content": ""},
+    ]
+    assert parse_hh_transcript(text) == hh_turns(text)
+    for bad in ("no markers", "preamble\n\nHuman: hi\n\nAssistant: yo", "\n\nAssistant: first"):
+        with pytest.raises(ValueError, match="not an Anthropic HH transcript"):
+            parse_hh_transcript(bad)

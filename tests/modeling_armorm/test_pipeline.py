@@ -1,0 +1,317 @@
+"""The `reward-scoring` pipeline: its scores against a per-row forward written here, explain's arithmetic, compare
+and rank against score, batching, order, device/dtype/max_length, the text-classification pipeline and the chart."""
+
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from modeling_armorm import ArmoRMForRewardModeling, ArmoRMPipeline, ArmoRMReward, Explanation, plot_explanation
+from tests.utils import tiny_armorm, tiny_llama_config
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = ["helpfulness", "correctness", "verbosity", "answer-length"]
+VERBOSITY, LENGTH = 2, 3
+PENALTIES = [0.4, 0.7, 0.0, 0.2]
+SEPARATOR = "<|im_end|>\n<|im_start|>assistant\n"
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one, in French, with a sentence about it?"},
+        {"role": "assistant", "content": "Rouge : c'est la couleur des tomates mûres et des coquelicots."},
+    ],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+    [
+        {"role": "user", "content": "Explain recursion in one paragraph."},
+        {
+            "role": "assistant",
+            "content": "A function that calls itself on a smaller input until a base case stops it.",
+        },
+    ],
+    [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+def save_checkpoint(folder: Path, tokenizer) -> Path:
+    """A tiny ArmoRM as `armorm gate` leaves one: verbosity decorrelated (T from λ) and left out of the gate, plus
+    the answer-length objective, saved with the SmolLM2 tokenizer."""
+    model = tiny_armorm(
+        tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        num_objectives=len(NAMES),
+        tokenizer=tokenizer,
+        objective_names=NAMES,
+        verbosity_objective=VERBOSITY,
+        gated_objectives=[0, 1, 3],
+        length_objective=LENGTH,
+    )
+    # T = I; T[v, :] −= λ; T[v, v] = 0
+    matrix = torch.eye(len(NAMES))
+    matrix[VERBOSITY] -= torch.tensor(PENALTIES)
+    matrix[VERBOSITY, VERBOSITY] = 0.0
+    with torch.no_grad():
+        model.reward_transform_matrix.copy_(matrix)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return save_checkpoint(tmp_path_factory.mktemp("pipeline") / "ckpt", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def rm(checkpoint):
+    return pipeline("reward-scoring", model=str(checkpoint), device="cpu")
+
+
+def reference(model, tokenizer, conversations) -> list[dict]:
+    """The model's math, one conversation at a time and unpadded: apply_chat_template's tokens, h_x at the last
+    separator, r = W h with r_len = log(1 + n), g = β softmax over the gated objectives, s = Σ_i g_i (r T)_i."""
+    pattern = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    config, rows = model.config, []
+    torch.set_grad_enabled(False)
+    for messages in conversations:
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0].double()
+        start = max(i for i in range(len(ids) - len(pattern) + 1) if ids[i : i + len(pattern)] == pattern)
+        r = model.regression_layer.weight.double() @ hidden[-1]
+        r[config.length_objective] = math.log1p(len(ids) - 1 - start)
+        x = hidden[start]
+        for layer in model.gating.layers[:-1]:
+            x = torch.clamp(layer.weight.double() @ x + layer.bias.double(), min=0)
+        logits = (model.gating.layers[-1].weight.double() @ x + model.gating.layers[-1].bias.double()) / 10.0
+        gated = config.gated_objectives
+        weights = torch.zeros_like(logits)
+        weights[gated] = torch.softmax(logits[gated], -1)
+        g = model.gating.logit_scale.double() * weights
+        T = model.reward_transform_matrix.double()
+        r_t = r @ T
+        rows.append(
+            {
+                "score": float(sum(g[i] * r_t[i] for i in range(len(g)))),
+                "rewards": r.tolist(),
+                "gating": g.tolist(),
+                "coefficients": (T @ g).tolist(),
+            }
+        )
+    torch.set_grad_enabled(True)
+    return rows
+
+
+def assert_row(result: dict, expected: dict) -> None:
+    assert result["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-5)
+    assert list(result["rewards"]) == NAMES and list(result["gating"]) == NAMES
+    assert list(result["rewards"].values()) == pytest.approx(expected["rewards"], rel=1e-4, abs=1e-5)
+    assert list(result["gating"].values()) == pytest.approx(expected["gating"], rel=1e-4, abs=1e-5)
+
+
+def test_the_task_is_registered_on_import(rm):
+    assert "reward-scoring" in PIPELINE_REGISTRY.get_supported_tasks()
+    assert isinstance(rm, ArmoRMPipeline) and isinstance(rm.model, ArmoRMForRewardModeling)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_scores_equal_a_per_row_forward_in_input_order(rm, tokenizer, batch_size):
+    expected = reference(rm.model, tokenizer, CONVERSATIONS)
+    results = rm.score(CONVERSATIONS, batch_size=batch_size)
+    assert len(results) == len(CONVERSATIONS)
+    for result, row in zip(results, expected):
+        assert_row(result, row)
+    # Another order in, the same order out; `pipe(...)` is `score(...)`; one conversation gives one dict.
+    order = [3, 0, 4, 2, 1]
+    shuffled = rm([CONVERSATIONS[i] for i in order], batch_size=batch_size)
+    for result, i in zip(shuffled, order):
+        assert_row(result, expected[i])
+    assert_row(rm(CONVERSATIONS[1]), expected[1])
+
+
+def test_batch_size_does_not_change_a_score(rm):
+    one = [r["score"] for r in rm.score(CONVERSATIONS, batch_size=1)]
+    for batch_size in (2, 3, 5):
+        assert [r["score"] for r in rm.score(CONVERSATIONS, batch_size=batch_size)] == pytest.approx(one, abs=1e-5)
+
+
+def test_explain_takes_the_score_apart(rm, tokenizer):
+    expected = reference(rm.model, tokenizer, CONVERSATIONS)
+    explanations = rm.explain(CONVERSATIONS, top_k=2)
+    assert len(explanations) == len(CONVERSATIONS) and all(isinstance(e, Explanation) for e in explanations)
+    for explanation, row in zip(explanations, expected):
+        by_name = {o.name: o for o in explanation.objectives}
+        assert sorted(by_name) == sorted(NAMES)
+        assert explanation.score == pytest.approx(row["score"], rel=1e-4, abs=1e-5)
+        # The contributions c_i r_i sum to the score, as the model computes it.
+        assert sum(o.contribution for o in explanation.objectives) == pytest.approx(explanation.score, abs=1e-5)
+        for j, name in enumerate(NAMES):
+            o = by_name[name]
+            assert o.contribution == pytest.approx(o.coefficient * o.reward, rel=1e-12)
+            assert o.reward == pytest.approx(row["rewards"][j], rel=1e-4, abs=1e-5)
+            assert o.coefficient == pytest.approx(row["coefficients"][j], rel=1e-4, abs=1e-5)
+            assert explanation.gating[name] == pytest.approx(row["gating"][j], rel=1e-4, abs=1e-5)
+        # Verbosity is out of the gate (g_v = 0) but weighs −Σ λ_i g_i through T; the length reward is log(1 + n).
+        g = [explanation.gating[name] for name in NAMES]
+        assert g[VERBOSITY] == 0.0
+        assert by_name["verbosity"].coefficient == pytest.approx(-sum(p * w for p, w in zip(PENALTIES, g)), abs=1e-5)
+        sizes = [abs(o.contribution) for o in explanation.objectives]
+        assert sizes == sorted(sizes, reverse=True)
+        assert explanation.top == explanation.objectives[:2]
+    one = rm.explain(CONVERSATIONS[0])
+    assert isinstance(one, Explanation) and len(one.top) == 3
+    as_dict = json.loads(json.dumps(one.to_dict()))
+    assert set(as_dict) == {"score", "objectives", "gating", "top"}
+    assert set(as_dict["objectives"][0]) == {"name", "reward", "coefficient", "contribution"}
+    assert as_dict["score"] == one.score and list(as_dict["gating"]) == NAMES
+
+
+def test_compare_and_rank_agree_with_score(rm):
+    prompt = "Explain recursion in one paragraph."
+    answers = ["It calls itself.", "A function that calls itself on a smaller input until a base case stops it.", ""]
+    convs = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": a}] for a in answers]
+    scores = [r["score"] for r in rm.score(convs)]
+    compared = rm.compare(prompt, answers[0], answers[1])
+    assert compared["scores"] == pytest.approx(scores[:2], abs=1e-6)
+    assert compared["margin"] == pytest.approx(scores[0] - scores[1], abs=1e-6)
+    assert compared["preferred"] == ("a" if scores[0] > scores[1] else "b")
+    # A message-list prompt is the same prompt; the same answer twice is a tie.
+    assert rm.compare([{"role": "user", "content": prompt}], answers[1], answers[0])["preferred"] == (
+        "a" if scores[1] > scores[0] else "b"
+    )
+    tie = rm.compare(prompt, answers[0], answers[0])
+    assert tie["preferred"] == "tie" and tie["margin"] == 0.0
+    ranked = rm.rank(prompt, answers)
+    order = sorted(range(len(answers)), key=lambda i: -scores[i])
+    assert [r["index"] for r in ranked] == order and [r["rank"] for r in ranked] == [1, 2, 3]
+    for entry in ranked:
+        assert entry["answer"] == answers[entry["index"]]
+        assert entry["score"] == pytest.approx(scores[entry["index"]], abs=1e-6)
+
+
+def test_device_dtype_batch_size_and_max_length(checkpoint, tokenizer):
+    rm = pipeline(
+        "reward-scoring", model=str(checkpoint), device="cpu", dtype=torch.bfloat16, batch_size=2, max_length=400
+    )
+    assert rm.device == torch.device("cpu") and rm._batch_size == 2
+    assert rm.model.model.dtype == torch.bfloat16 and rm.model.regression_layer.weight.dtype == torch.float32
+    expected = reference(rm.model, tokenizer, CONVERSATIONS)  # the bfloat16 backbone, row by row
+    for result, row in zip(rm.score(CONVERSATIONS), expected):
+        assert result["score"] == pytest.approx(row["score"], rel=2e-2, abs=2e-2)
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in CONVERSATIONS]
+    limit = sorted(lengths)[-2]  # only the longest conversation is over it
+    longest = lengths.index(max(lengths))
+    with pytest.raises(ValueError, match=rf"Conversation {longest} has {max(lengths)} tokens, more than `max_length`"):
+        rm.score(CONVERSATIONS, max_length=limit)
+    assert len(rm.score(CONVERSATIONS, max_length=max(lengths))) == len(CONVERSATIONS)
+    # A loaded model and tokenizer work too.
+    model = ArmoRMForRewardModeling.from_pretrained(checkpoint)
+    direct = pipeline("reward-scoring", model=model, tokenizer=tokenizer, device="cpu")
+    assert isinstance(direct, ArmoRMPipeline) and direct(CONVERSATIONS[0])["score"] == pytest.approx(
+        reference(model, tokenizer, CONVERSATIONS[:1])[0]["score"], rel=1e-4, abs=1e-5
+    )
+
+
+def test_bad_input_names_the_conversation(rm):
+    bad = [CONVERSATIONS[0], [{"role": "user", "content": "No answer."}]]
+    with pytest.raises(ValueError, match="conversation 1 ends with a user turn"):
+        rm.score(bad)
+    with pytest.raises(ValueError, match="ends with an assistant turn"):
+        rm.compare(CONVERSATIONS[0], "a", "b")
+    with pytest.raises(ValueError, match="candidate 1 must be a string"):
+        rm.rank("Hi", ["ok", None])
+
+
+def test_the_other_scorers_share_the_pipeline_path(rm, tokenizer):
+    """`ArmoRMReward` and `armorm evaluate` score through the same `scoring` path: the same numbers, bit for bit."""
+    from evaluation.evaluate import EvalRow, score_rows
+
+    scores = [r["score"] for r in rm.score(CONVERSATIONS, batch_size=1)]
+    reward = ArmoRMReward(rm.model, tokenizer=tokenizer, batch_size=1)
+    assert reward([c[:-1] for c in CONVERSATIONS], [c[-1:] for c in CONVERSATIONS]) == scores
+    rows = [
+        EvalRow(id=0, subset="s", prompt=CONVERSATIONS[0][:-1], chosen=["4."], rejected=["Four."], index=0),
+        EvalRow(id=1, subset="s", prompt=CONVERSATIONS[4][:-1], chosen=["Yes."], rejected=["No."], index=1),
+    ]
+    scored, *_ = score_rows(rm.model, tokenizer, rows, batch_size=1)
+    assert [row.chosen_scores[0] for row in scored] == [scores[0], scores[4]]
+
+
+def test_text_classification_pipeline_returns_the_raw_score(checkpoint, rm, tokenizer):
+    """transformers' text-classification pipeline reads `problem_type`; "regression" means no sigmoid."""
+    assert json.loads((checkpoint / "config.json").read_text())["problem_type"] == "regression"
+    classify = pipeline("text-classification", model=str(checkpoint), device="cpu")
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
+    expected = [r["score"] for r in rm.score(CONVERSATIONS)]
+    for text, score in zip(texts, expected):
+        (result,) = classify(text)
+        assert result["score"] == pytest.approx(score, rel=1e-4, abs=1e-5)
+    assert any(abs(s - 1 / (1 + math.exp(-s))) > 1e-2 for s in expected)  # a sigmoid would have shown
+
+
+def test_plot_draws_each_contribution(rm, tmp_path):
+    from matplotlib.figure import Figure
+
+    explanation = rm.explain(CONVERSATIONS[1])
+    figure = plot_explanation(explanation, tmp_path / "chart.png", title="one answer")
+    assert isinstance(figure, Figure) and figure.axes[0].get_title() == "one answer"
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figure.axes[0]
+    bars = sorted(axes.patches, key=lambda bar: -bar.get_y())  # top to bottom
+    assert [bar.get_width() for bar in bars] == pytest.approx([o.contribution for o in explanation.objectives])
+    ticks = sorted(zip(axes.get_yticks(), (t.get_text() for t in axes.get_yticklabels())), key=lambda t: -t[0])
+    assert [name for _, name in ticks] == [o.name for o in explanation.objectives]
+    plot_explanation(explanation, tmp_path / "chart.svg")
+    svg = (tmp_path / "chart.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(rm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_explanation(rm.explain(CONVERSATIONS[0]))
+
+
+def test_the_package_imports_without_conversion_and_registers_the_task():
+    code = (
+        "import sys; sys.modules['conversion'] = None; sys.modules['matplotlib'] = None\n"
+        "import modeling_armorm\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "assert 'reward-scoring' in PIPELINE_REGISTRY.get_supported_tasks()\n"
+        "print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_no_module_imports_private_names_of_the_package():
+    """Only public names cross module boundaries into `modeling_armorm` (its own modules included)."""
+    offenders = []
+    # The project's own code, not the virtual environments (.venv, .venv-vllm) or derived files beside it.
+    folders = ("modeling_armorm", "conversion", "serving", "metrics", "examples", "benchmarks", "tests")
+    for path in (p for folder in folders for p in (ROOT / folder).glob("**/*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                inside = (node.module or "").startswith("modeling_armorm") or (
+                    node.level and path.parent.name == "modeling_armorm"
+                )
+                if inside:
+                    offenders += [f"{path}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders
