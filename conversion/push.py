@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+from transformers.dynamic_module_utils import get_relative_imports
 
 from modeling_armorm.settings import Location, normalize_locations
 
@@ -71,7 +72,7 @@ def check_checkpoint(folder: str | os.PathLike) -> dict:
     elif not (folder / "model.safetensors").is_file():
         raise ValueError(f"{folder} holds no weights (model.safetensors or its index). {_ASSEMBLE}")
     # Without these, `trust_remote_code=True` cannot load the model where the package is not installed.
-    missing = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+    missing = _missing_remote_code(folder)
     if missing or "AutoModelForSequenceClassification" not in config.get("auto_map", {}):
         raise ValueError(
             f"{folder} lacks the remote-code files {missing or list(REMOTE_CODE_FILES)} or the `auto_map` entry of "
@@ -80,6 +81,16 @@ def check_checkpoint(folder: str | os.PathLike) -> dict:
     if not (folder / "tokenizer_config.json").is_file():
         logger.warning("%s has no tokenizer: users will not get the chat template the model was trained with.", folder)
     return config
+
+
+def _missing_remote_code(folder: Path) -> list[str]:
+    """The files of `REMOTE_CODE_FILES` that `folder` lacks, then those that they import (`from .heads import`, as
+    transformers copies them on save) and that it lacks too. A checkpoint written before `heads.py` existed does
+    not import it."""
+    present = [name for name in REMOTE_CODE_FILES if (folder / name).is_file()]
+    imported = {f"{module}.py" for name in present for module in get_relative_imports(folder / name)}
+    absent = sorted(name for name in imported if not (folder / name).is_file())
+    return [name for name in REMOTE_CODE_FILES if name not in present] + absent
 
 
 def check_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:

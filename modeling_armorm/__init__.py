@@ -15,7 +15,8 @@ from .trl_reward import ArmoRMReward
 AutoConfig.register(ArmoRMConfig.model_type, ArmoRMConfig, exist_ok=True)
 AutoModel.register(ArmoRMConfig, ArmoRMForRewardModeling, exist_ok=True)
 AutoModelForSequenceClassification.register(ArmoRMConfig, ArmoRMForRewardModeling, exist_ok=True)
-# `save_pretrained` then writes `auto_map` and copies the two model files next to the weights (remote code).
+# `save_pretrained` then writes `auto_map` and copies the model files (configuration, modeling, heads) next to the
+# weights (remote code).
 ArmoRMConfig.register_for_auto_class()
 ArmoRMForRewardModeling.register_for_auto_class("AutoModelForSequenceClassification")
 # `transformers.pipeline("reward-scoring", model=PATH)`: score, compare, rank and explain conversations.

@@ -1,68 +1,185 @@
-"""The ArmoRM heads applied to stored features, in chunks (the features of a large dataset do not fit twice in memory):
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""The ArmoRM heads' math, written once (arXiv 2406.12845):
 
-    r  = W h                 rewards, one per objective          `rewards(embeddings, weight)`
-    r' = r T                 verbosity-decorrelated rewards      `transformed_rewards(embeddings, weight, matrix)`
-    s  = g(h_x) · r'         the score of both answers of a pair `pair_scores(gating, prompt_embeddings, rewards)`
+    t    = rightmost position with mask 1                the last real token        `last_token_positions`
+    n    = t − gating position                           the answer's length        `answer_lengths`
+    r    = W h                                           k objective rewards        `rewards`
+    r_len = log(1 + n)                                   the length objective       `length_reward`
+    r'   = r T                                           decorrelated rewards       `transform`
+    s    = g · r' = g · (r T)                            the score                  `scores`
+    c    = g Tᵀ                                          coefficients, s = c · r    `coefficients`
 
-With `answer_lengths` the rewards gain a last column, the length objective r_len = log(1 + n) (n = the answer's tokens
-after the gating position), which the model computes in its forward (`ArmoRMConfig.length_objective`).
+(g = β · softmax(MLP(h_x) / temperature) is `ArmoRMGatingNetwork`.) Three callers share these functions:
+`ArmoRMForRewardModeling.forward` (one batch of hidden states), the vLLM plugin's heads, and the conversion and
+evaluation stages, which apply the heads to stored features (`chunked_rewards`, `chunked_transformed_rewards`,
+`pair_scores`: CHUNK_ROWS rows at a time, since the features of a large dataset do not fit twice in memory).
 
-The model computes the same from a forward pass (`ArmoRMForRewardModeling.forward`); the stages work on features.
+The length objective enters r in two ways, one function each, with the same value r_len = log(1 + n):
+* in a checkpoint, W has a row for it (zeros, written by `armorm assemble`) and `set_length_objective` replaces
+  that column, `config.length_objective`, in W h;
+* on stored features, the regression file has no row for it: `append_length_objective` adds it as a last column,
+  the objective `LENGTH_OBJECTIVE` of `armorm decorrelate --verbosity length`. `armorm assemble` puts it last too
+  (`length_objective` = k), so both give the same r.
+
+This file is copied next to every saved checkpoint (remote code): it imports only torch.
 """
 
 import torch
+from torch import nn
 
 
-__all__ = ["LENGTH_OBJECTIVE", "length_reward", "pair_scores", "rewards", "transformed_rewards"]
+__all__ = [
+    "CHUNK_ROWS",
+    "LENGTH_OBJECTIVE",
+    "answer_lengths",
+    "append_length_objective",
+    "chunked_rewards",
+    "chunked_transformed_rewards",
+    "coefficients",
+    "last_pattern_positions",
+    "last_token_positions",
+    "length_reward",
+    "pair_scores",
+    "position_ids_from_mask",
+    "rewards",
+    "scores",
+    "set_length_objective",
+    "transform",
+]
 
 CHUNK_ROWS = 65536
 # The name of the length objective, the verbosity stand-in of `armorm decorrelate --verbosity length`.
 LENGTH_OBJECTIVE = "answer-length"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Positions from the attention mask
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """The last real token of each row: the rightmost position with mask 1, whatever the padding side or pad id.
+    (batch, seq) → (batch,)"""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (seq,)
+    return (positions * attention_mask.bool()).argmax(-1)  # (batch,)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions counted over the real tokens only, so a padded row (left or right) sees the unpadded row's positions.
+    (batch, seq) → (batch, seq)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_pattern_positions(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]
+) -> torch.LongTensor:
+    """Start of the last occurrence of `pattern` among each row's real tokens, -1 where it is absent. (batch,)"""
+    batch_size, seq_len = input_ids.shape
+    n = len(pattern)
+    if seq_len < n:
+        return torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
+    pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
+    windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
+    real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
+    found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
+    starts = torch.arange(found.shape[1], device=input_ids.device)
+    return torch.where(found, starts, -1).amax(-1)
+
+
+def answer_lengths(last_positions, gating_positions):
+    """n = t − gating position: the answer's length in tokens (those after the gating position, up to the last real
+    token t). Tensors of any one shape, or ints."""
+    return last_positions - gating_positions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The heads on one batch: h (..., d), h_x → g (..., k)
+
+
+def rewards(h: torch.Tensor, regression: nn.Module | torch.Tensor) -> torch.Tensor:
+    """r = W h: (..., d) → (..., k). `regression` is W as the model holds it, `nn.Linear(d, k, bias=False)` (called,
+    so that hooks that gather or move its weight, DeepSpeed ZeRO-3's or accelerate's, run), or W itself (k, d)."""
+    if isinstance(regression, nn.Module):
+        return regression(h)
+    return nn.functional.linear(h, regression)
+
+
 def length_reward(answer_lengths: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """r_len = log(1 + n): the answer's length in tokens, on a scale where doubling a long answer adds a constant."""
-    return torch.log1p(answer_lengths.to(dtype))
+    """r_len = log(1 + n): the answer's length in tokens, on a scale where doubling a long answer adds a constant.
+    (...,) → (...,)"""
+    return torch.log1p(torch.as_tensor(answer_lengths).to(dtype))
 
 
-def rewards(
+def set_length_objective(r: torch.Tensor, answer_lengths: torch.Tensor, column: int) -> torch.Tensor:
+    """r with column `column` (`config.length_objective`) replaced by r_len = log(1 + n): a checkpoint's W has a row
+    for the length objective, unused. r (..., k), n (...,) → (..., k)"""
+    _check_lengths(r, answer_lengths)
+    is_length = torch.arange(r.shape[-1], device=r.device) == column  # (k,)
+    return torch.where(is_length, length_reward(answer_lengths, r.dtype).to(r.device)[..., None], r)
+
+
+def append_length_objective(r: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+    """r with r_len = log(1 + n) appended as a last column (`LENGTH_OBJECTIVE`): a regression file has no row for the
+    length objective. r (..., k), n (...,) → (..., k + 1)"""
+    _check_lengths(r, answer_lengths)
+    return torch.cat([r, length_reward(answer_lengths, r.dtype).to(r.device)[..., None]], dim=-1)
+
+
+def _check_lengths(r: torch.Tensor, answer_lengths: torch.Tensor) -> None:
+    if answer_lengths.shape != r.shape[:-1]:
+        raise ValueError(
+            f"`answer_lengths` has shape {tuple(answer_lengths.shape)}, the rewards {tuple(r.shape[:-1])}: give one "
+            "length per answer."
+        )
+
+
+def transform(r: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """r' = r T: rows are row vectors, so T multiplies on the right. (..., k) → (..., k)"""
+    return r @ matrix
+
+
+def scores(g: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+    """s = g · r' = Σ_i g_i (r T)_i, with `transformed` = r' (`transform(r, T)`). (..., k) → (...,)"""
+    return (g * transformed).sum(-1)
+
+
+def coefficients(g: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """c = g Tᵀ, the weight of each raw reward in the score: s = c · r. (..., k) → (..., k)"""
+    return g @ matrix.T
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The heads on stored features, in chunks
+
+
+def chunked_rewards(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     answer_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """r = W h for every row: embeddings (..., d) → (..., k), computed in `dtype` (the features may be bfloat16);
-    with `answer_lengths` (...,) → (..., k + 1), the length objective last."""
+    """r = W h for every row of stored features, CHUNK_ROWS rows at a time in `dtype` (the features may be
+    bfloat16): embeddings (N, ..., d) → (N, ..., k); with `answer_lengths` (N, ...) → (N, ..., k + 1), the length
+    objective last (`append_length_objective`)."""
     weight = weight.to(dtype)
-    chunks = [embeddings[i : i + CHUNK_ROWS].to(dtype) @ weight.T for i in range(0, len(embeddings), CHUNK_ROWS)]
-    if not chunks:
-        r = embeddings.new_zeros((*embeddings.shape[:-1], weight.shape[0]), dtype=dtype)
-    else:
-        r = torch.cat(chunks)
-    if answer_lengths is None:
-        return r
-    if answer_lengths.shape != r.shape[:-1]:
-        raise ValueError(
-            f"`answer_lengths` has shape {tuple(answer_lengths.shape)}, the rewards {tuple(r.shape[:-1])}."
-        )
-    return torch.cat([r, length_reward(answer_lengths, dtype)[..., None]], dim=-1)
+    r = torch.cat([rewards(chunk.to(dtype), weight) for chunk in embeddings.split(CHUNK_ROWS)])  # (N, ..., k)
+    return r if answer_lengths is None else append_length_objective(r, answer_lengths)
 
 
-def transformed_rewards(
+def chunked_transformed_rewards(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     matrix: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     answer_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """r' = (W h) T: rows are row vectors, so T multiplies on the right. (..., d) → (..., k)."""
-    return rewards(embeddings, weight, dtype, answer_lengths) @ matrix.to(dtype)
+    """r' = (W h) T for every row of stored features (`chunked_rewards`, then `transform`). (N, ..., d) → (N, ..., k)"""
+    return transform(chunked_rewards(embeddings, weight, dtype, answer_lengths), matrix.to(dtype))
 
 
-def pair_scores(gating, prompt_embeddings: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """s = g(h_x) · r' for both answers: prompt_embeddings (B, d), rewards (B, 2, k) → scores (B, 2).
+def pair_scores(gating: nn.Module, prompt_embeddings: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+    """s = g(h_x) · r' for both answers of each pair: prompt_embeddings (B, d), transformed r' (B, 2, k) → (B, 2).
 
     The gating runs once per pair: both answers share the prompt, hence h_x and the weights g.
     """
     g = gating(prompt_embeddings)  # (B, k), softmax over the objectives, β included
-    return (g.unsqueeze(1) * rewards).sum(-1)  # (B, 2)
+    return scores(g[:, None], transformed)  # (B, 2)

@@ -24,6 +24,8 @@ import torch
 from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
 from vllm.v1.pool.metadata import PoolingMetadata
 
+from modeling_armorm.heads import answer_lengths
+
 from .outputs import GATING_POSITION_KEY, ErrorCode, output_size
 from .prompt_features import PromptFeatureStore, candidate_positions, prefix_keys
 
@@ -157,7 +159,11 @@ class ArmoRMPooler(Pooler):
             last = torch.tensor([rows[i] + scheduled[i] - 1 for i in scored], device=device)
             h = hidden_states[last]  # (n, d), the last prompt token (computed in the request's final step)
             h_x = torch.stack([plans[i].prompt_feature for i in scored])  # (n, d)
-            answer = torch.tensor([prompt_lens[i] - 1 - plans[i].gating_position for i in scored], device=device)
+            # n = the answer's tokens after the gating position; the last prompt token is at prompt_len - 1
+            answer = answer_lengths(
+                torch.tensor([prompt_lens[i] - 1 for i in scored], device=device),
+                torch.tensor([plans[i].gating_position for i in scored], device=device),
+            )  # (n,)
             values = self.score_fn(h, h_x, answer)  # (n, 1 + 3k)
             status = torch.zeros(len(scored), 1, dtype=values.dtype, device=device)
             for i, vector in zip(scored, torch.cat([status, values], dim=-1)):

@@ -64,6 +64,8 @@ def test_converted_checkpoint_scores_like_per_row_math(tmp_path, shards):
     original = released_layout(tmp_path / "released", shards=shards)
     cli(["convert-rlhflow", "--src-dir", str(tmp_path / "released"), "--out-dir", str(tmp_path / "converted")])
 
+    converted = {path.name for path in (tmp_path / "converted").iterdir()}
+    assert {"configuration_armorm.py", "modeling_armorm.py", "heads.py"} <= converted  # the remote code, complete
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "converted").eval()
     assert model.config.gating_token_pattern == LLAMA3_GATING_PATTERN
     assert model.config.objective_names == RLHFLOW_OBJECTIVES and model.config.verbosity_objective == 4

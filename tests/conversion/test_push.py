@@ -189,10 +189,11 @@ def _bad_card(folder):
         (_retype, "model_type 'llama', not 'armorm'"),
         (_remove("model.safetensors"), "holds no weights"),
         (_remove("modeling_armorm.py"), r"lacks the remote-code files \['modeling_armorm.py'\]"),
+        (_remove("heads.py"), r"lacks the remote-code files \['heads.py'\]"),  # imported by modeling_armorm.py
         (_remove("README.md"), r"has no model card \(README.md\)"),
         (_bad_card, "`library_name` is 'timm', not 'transformers'"),
     ],
-    ids=["no-config", "not-armorm", "no-weights", "no-remote-code", "no-card", "bad-card"],
+    ids=["no-config", "not-armorm", "no-weights", "no-remote-code", "no-heads-code", "no-card", "bad-card"],
 )
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_a_folder_that_is_not_an_armorm_checkpoint_is_refused(checkpoint, hub, edit, message, dry_run):
