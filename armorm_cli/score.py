@@ -8,7 +8,8 @@ Input (`--input FILE`, or stdin): JSON Lines, each line a `{"messages": [...]}` 
 that ends with the assistant's answer; a file holding one JSON message list (or one `{"messages": [...]}` object),
 even over several lines, is one conversation. Scoring goes through the `reward-scoring` pipeline
 (`modeling_armorm.ArmoRMPipeline`): the gating position from the rendering, length-sorted batches, results in input
-order. `--json` prints one object per conversation and line: `{"score", "rewards": {objective: r_i}, "gating":
+order. A conversation longer than `--max-length` tokens (or the backbone's limit) is refused with an error naming it,
+or with `--truncate-prompt` loses its earliest prompt turns until it fits (as `armorm extract` does). `--json` prints one object per conversation and line: `{"score", "rewards": {objective: r_i}, "gating":
 {objective: g_i}}`.
 """
 
@@ -16,14 +17,22 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
 
 from transformers import pipeline
 
 from modeling_armorm import ArmoRMPipeline
 from modeling_armorm.pipeline import TASK
 from modeling_armorm.scoring import validate_messages
-from modeling_armorm.settings import DTYPES, Location, normalize_locations
+from modeling_armorm.settings import (
+    BatchSettings,
+    DeviceSettings,
+    DtypeSettings,
+    LengthSettings,
+    Location,
+    normalize_locations,
+    resolve_device,
+    torch_dtype,
+)
 
 
 __all__ = [
@@ -39,29 +48,11 @@ __all__ = [
 
 
 @dataclass(kw_only=True)
-class ScoreSettings:
-    """How `armorm score` and `armorm explain` run the model and print."""
+class ScoreSettings(LengthSettings, BatchSettings, DeviceSettings, DtypeSettings):
+    """How `armorm score` and `armorm explain` print, with the shared length policy, batch size, device and dtype
+    the model runs with."""
 
     json: bool = field(default=False, metadata={"help": "Print JSON, one object per conversation and line."})
-    batch_size: int = field(default=8, metadata={"help": "Conversations per forward pass (sorted by length)."})
-    max_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Refuse a conversation longer than this many tokens (default: the backbone's position limit)."
-        },
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "Backbone dtype (`auto`: as saved); the heads stay float32."}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: the first GPU if any, else the CPU)."}
-    )
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
-        if self.batch_size < 1 or (self.max_length is not None and self.max_length < 1):
-            raise ValueError(f"`batch_size` and `max_length` must be >= 1, got {self.batch_size}, {self.max_length}.")
 
 
 @dataclass(kw_only=True)
@@ -142,10 +133,15 @@ def read_conversations(path: str | os.PathLike | None) -> list[list[dict]]:
 
 def load_pipeline(config: ScoreSettings) -> ArmoRMPipeline:
     """The `reward-scoring` pipeline of `config.model` with the run settings."""
-    options = {"dtype": DTYPES[config.dtype], "batch_size": config.batch_size, "max_length": config.max_length}
-    if config.device is not None:
-        options["device"] = config.device
-    return pipeline(TASK, model=config.model, **options)
+    return pipeline(
+        TASK,
+        model=config.model,
+        dtype=torch_dtype(config.dtype),
+        device=resolve_device(config.device),
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        truncate_prompt=config.truncate_prompt,
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

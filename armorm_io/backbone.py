@@ -11,7 +11,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from armorm_io.files import Fingerprint, check_location, file_sha256, hub_unreachable
-from modeling_armorm.settings import DTYPES
+from modeling_armorm.settings import torch_dtype
 
 
 def split_gguf(source: str) -> tuple[str, str | None]:
@@ -31,11 +31,10 @@ def load_backbone(backbone: str, dtype: str = "auto") -> PreTrainedModel:
 
     A GGUF file is dequantized to float32 on load; its quantizer flag stays on this model, which is why
     `armorm assemble` copies only its state dict into a checkpoint."""
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
+    dtype = torch_dtype(dtype)
     check_backbone(backbone)
     source, gguf_file = split_gguf(backbone)
-    return _from_local_or_hub(AutoModel, source, gguf_file=gguf_file, dtype=DTYPES[dtype]).eval()
+    return _from_local_or_hub(AutoModel, source, gguf_file=gguf_file, dtype=dtype).eval()
 
 
 def load_tokenizer(source: str):

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from modeling_armorm.settings import resolve_device
+
 
 __all__ = ["init_distributed"]
 
@@ -17,11 +19,9 @@ def init_distributed(device: str | None) -> tuple[int, int, bool, torch.device]:
     """Join the process group that `torchrun` / `accelerate launch` describe in the environment, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and world_size > 1:
+    if device == "cuda" and world_size > 1:  # under torchrun, "cuda" is this rank's GPU
         device = f"cuda:{local_rank}"
-    device = torch.device(device)
+    device = resolve_device(device, local_rank)
     created = False
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":

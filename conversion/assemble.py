@@ -21,13 +21,12 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from armorm_io.artifacts import head_fingerprint, load_gating, load_regression, load_transform
-from armorm_io.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
+from armorm_io.backbone import backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
 from armorm_io.files import Fingerprint, file_sha256, make_readable
 from armorm_io.reports import (
     command_line,
@@ -44,7 +43,7 @@ from evaluation.rewardbench import rewardbench_scores
 from evaluation.rewardbench_score import read_accuracies
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
 from modeling_armorm.scoring import pad_token_id
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.settings import DtypeSettings, Location, normalize_locations, torch_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -65,14 +64,12 @@ __all__ = [
 
 
 @dataclass(kw_only=True)
-class AssembleSettings:
-    """The knobs of `armorm assemble` (the ones `armorm build` passes on as `--assemble-<name>`)."""
+class AssembleSettings(DtypeSettings):
+    """The knobs of `armorm assemble` (the ones `armorm build` passes on as `--assemble-<name>`), with the shared
+    dtype: the one the backbone is loaded and saved in."""
 
     tokenizer: Location | None = field(
         default=None, metadata={"help": "Tokenizer with the chat template (default: the backbone's)."}
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "dtype of the saved backbone (`auto`: its own); the heads stay float32."}
     )
     datasets: list[str] | None = field(default=None, metadata={"help": "Hub ids of the training data, for the card."})
     eval_results: Location | None = field(
@@ -98,9 +95,8 @@ class AssembleConfig(AssembleSettings):
     out: Location = field(metadata={"help": "Folder of the checkpoint to write."})
 
     def __post_init__(self):
+        super().__post_init__()
         normalize_locations(self)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
 
 
 ARGUMENTS = (AssembleConfig,)
@@ -444,9 +440,9 @@ def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardMo
     tokenizer = load_tokenizer(config.tokenizer or config.backbone)
 
     # build
-    torch_dtype = backbone_model.dtype if config.dtype == "auto" else DTYPES[config.dtype]
-    model_config = build_config(backbone_model.config, heads, tokenizer, dtype=torch_dtype)
-    model = assemble_model(model_config, backbone_model, heads, dtype=torch_dtype)
+    dtype = backbone_model.dtype if config.dtype == "auto" else torch_dtype(config.dtype)
+    model_config = build_config(backbone_model.config, heads, tokenizer, dtype=dtype)
+    model = assemble_model(model_config, backbone_model, heads, dtype=dtype)
     del backbone_model
 
     # save

@@ -34,15 +34,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from armorm_io.backbone import DTYPES, backbone_fingerprint, load_backbone, load_tokenizer
+from armorm_io.backbone import backbone_fingerprint, load_backbone, load_tokenizer
 from armorm_io.data import PairRows, RatingRows, data_fingerprint, load_pairs, load_ratings
 from armorm_io.distributed import init_distributed
 from armorm_io.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
 from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
 from armorm_io.reports import write_report
+from modeling_armorm.heads import last_token_positions
 from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
 from modeling_armorm.scoring import EncodedConversation, Progress, pad_token_id, run_in_batches
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.settings import (
+    BatchSettings,
+    DeviceSettings,
+    DtypeSettings,
+    LengthSettings,
+    Location,
+    normalize_locations,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -77,8 +85,9 @@ __all__ = [
 
 
 @dataclass(kw_only=True)
-class ExtractSettings:
-    """The knobs of `armorm extract` (the ones `armorm build` passes on as `--extract-<name>`)."""
+class ExtractSettings(LengthSettings, BatchSettings, DeviceSettings, DtypeSettings):
+    """The knobs of `armorm extract` (the ones `armorm build` passes on as `--extract-<name>`), with the shared
+    length policy, batch size, device and dtype."""
 
     split: str = field(default="train", metadata={"help": "Dataset split; slices such as `train[:1000]` work."})
     name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
@@ -86,28 +95,13 @@ class ExtractSettings:
         default=None,
         metadata={"help": "Ratings: the label columns, in order (space- or comma-separated; default: every numeric)."},
     )
-    max_length: int = field(
-        default=4096, metadata={"help": "Longest conversation in tokens; longer ones are skipped."}
-    )
-    batch_size: int = field(default=8, metadata={"help": "Responses per forward pass."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "Backbone dtype (`auto`: as saved); features are stored as float32."}
-    )
-    truncate_prompt: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop earlier prompt turns (never the system turn, the last user turn or the answer) to fit."
-        },
-    )
     shard_rows: int = field(default=4096, metadata={"help": "Rows per shard (memory and resume granularity)."})
-    device: str | None = field(
-        default=None, metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: the rank's GPU, else the CPU)."}
-    )
     overwrite: bool = field(
         default=False, metadata={"help": "Start again in an `--out` folder that holds another extraction."}
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.objectives is not None:
             self.objectives = [name for item in self.objectives for name in item.split(",") if name]
 
@@ -126,8 +120,6 @@ class ExtractConfig(ExtractSettings):
         normalize_locations(self)
         if self.kind not in KINDS:
             raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
         if self.kind == "pairs" and self.objectives:
             raise ValueError("`objectives` only applies to `--kind ratings`; pairs have no label columns.")
 
@@ -237,7 +229,7 @@ def forward_features(
         gating_positions = inputs.pop("gating_positions")
         hidden = model(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = inputs["attention_mask"].sum(-1) - 1  # right padding: the last real token is at length - 1
+        last = last_token_positions(inputs["attention_mask"])  # (batch,), as the model reads h
         features = {"h": hidden[rows, last].float()}
         if with_prompt:
             features["h_x"] = hidden[rows, gating_positions].float()
@@ -275,7 +267,7 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
     d = model.config.hidden_size
     tensors = {"index": torch.tensor([rows.index[i] for i, _ in kept], dtype=torch.int64)}
     # n = tokens after the gating position up to the last one: the answer's length, as the model's forward counts it.
-    lengths = torch.tensor([len(side) - 1 - side.gating_position for side in sequences], dtype=torch.int64)
+    lengths = torch.tensor([side.answer_length for side in sequences], dtype=torch.int64)
     tensors["answer_lengths"] = lengths.view(len(kept), n_sides) if pairs else lengths  # (rows, 2) or (rows,)
     if pairs:
         tensors["embeddings"] = last.view(len(kept), n_sides, d)  # (rows, 2, d): 0 chosen, 1 rejected

@@ -32,7 +32,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import datasets
 import numpy as np
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from armorm_io.artifacts import load_gating, load_regression, load_transform
-from armorm_io.backbone import DTYPES, backbone_fingerprint, load_tokenizer
+from armorm_io.backbone import backbone_fingerprint, load_tokenizer
 from armorm_io.data import data_fingerprint, load_pairs, load_table
 from armorm_io.distributed import init_distributed
 from armorm_io.files import Fingerprint, file_sha256
@@ -56,7 +55,7 @@ from evaluation.rewardbench import (
     subset_accuracy,
 )
 from modeling_armorm import ArmoRMForRewardModeling, ArmoRMGatingNetwork
-from modeling_armorm.heads import LENGTH_OBJECTIVE, pair_scores, rewards, transformed_rewards
+from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_rewards, chunked_transformed_rewards, pair_scores
 from modeling_armorm.length_policy import ConversationEncoder
 from modeling_armorm.scoring import (
     EncodedConversation,
@@ -68,7 +67,17 @@ from modeling_armorm.scoring import (
     pad_token_id,
     score_encoded,
 )
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_LENGTH,
+    BatchSettings,
+    DeviceSettings,
+    DtypeSettings,
+    LengthSettings,
+    Location,
+    normalize_locations,
+    torch_dtype,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -97,8 +106,9 @@ NOT_SCORED = ("README.md", "assemble.json")
 
 
 @dataclass(kw_only=True)
-class EvaluateSettings:
-    """The knobs of `armorm evaluate` (the ones `armorm build` passes on as `--evaluate-<name>`)."""
+class EvaluateSettings(LengthSettings, BatchSettings, DeviceSettings, DtypeSettings):
+    """The knobs of `armorm evaluate` (the ones `armorm build` passes on as `--evaluate-<name>`), with the shared
+    length policy, batch size, device and dtype."""
 
     split: str = field(
         default="train",
@@ -110,30 +120,11 @@ class EvaluateSettings:
     subsets: list[str] | None = field(
         default=None, metadata={"help": "Only these subsets (space- or comma-separated; default: every subset)."}
     )
-    max_length: int = field(
-        default=4096, metadata={"help": "Longest conversation in tokens; longer rows are skipped and listed."}
-    )
-    truncate_prompt: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop earlier prompt turns (never the system turn, the last user turn or an answer) to fit."
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "Conversations per forward pass."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "Model dtype (`auto`: as saved)."}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: the rank's GPU, else the CPU)."}
-    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.subsets is not None:
             self.subsets = [name for item in self.subsets for name in item.split(",") if name]
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
-        if self.batch_size < 1 or self.max_length < 1:
-            raise ValueError(f"`batch_size` and `max_length` must be >= 1, got {self.batch_size}, {self.max_length}.")
 
 
 @dataclass(kw_only=True)
@@ -302,8 +293,8 @@ def score_rows(
     tokenizer,
     rows: Sequence[EvalRow],
     *,
-    batch_size: int = 8,
-    max_length: int = 4096,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
     truncate_prompt: bool = False,
 ) -> tuple[list[ScoredRow], list[dict], list[dict], dict]:
     """Score every answer of `rows`, each distinct conversation once; returns the scored rows, the skipped ones
@@ -338,8 +329,7 @@ def score_rows(
     for row, positions in kept:
         n = len(row.chosen)
         g = outputs.gating_output[positions[0]].double().numpy()  # every answer shares the prompt, hence g
-        # n = the tokens after the gating position, as the model's length objective and `extract` count an answer
-        lengths = [len(conversations[i]) - 1 - conversations[i].gating_position for i in positions]
+        lengths = [conversations[i].answer_length for i in positions]  # n, as the length objective counts it
         scored.append(
             ScoredRow(
                 id=row.id,
@@ -524,8 +514,8 @@ def evaluate(
     tokenizer,
     data: EvalData,
     *,
-    batch_size: int = 8,
-    max_length: int = 4096,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
     truncate_prompt: bool = False,
 ) -> dict:
     """Score `data` (from `load_eval_data`) with a loaded ArmoRM and its tokenizer; returns the results dict."""
@@ -577,9 +567,9 @@ def evaluate_features(
     with_length = lengths if LENGTH_OBJECTIVE in objectives else None
     with torch.no_grad():
         h, h_x = features["embeddings"], features["prompt_embeddings"].float()  # (N, 2, d), (N, d)
-        r_t = transformed_rewards(h, weight, matrix, answer_lengths=with_length)  # (N, 2, k)
+        r_t = chunked_transformed_rewards(h, weight, matrix, answer_lengths=with_length)  # (N, 2, k)
         s = pair_scores(network.eval(), h_x, r_t).double()  # (N, 2)
-        r = rewards(h, weight, answer_lengths=with_length).double()  # (N, 2, k)
+        r = chunked_rewards(h, weight, answer_lengths=with_length).double()  # (N, 2, k)
         g = network(h_x).double()  # (N, k)
     n = len(s)
     subsets = list(subsets) if subsets is not None else [DEFAULT_SUBSET] * n
@@ -620,7 +610,7 @@ def model_fingerprint(model: str) -> Fingerprint:
 
 
 def load_model(model: str, dtype: str = "auto") -> ArmoRMForRewardModeling:
-    return ArmoRMForRewardModeling.from_pretrained(model, dtype=DTYPES[dtype]).eval()
+    return ArmoRMForRewardModeling.from_pretrained(model, dtype=torch_dtype(dtype)).eval()
 
 
 def _headline(results: dict) -> dict:

@@ -13,7 +13,8 @@ position from the rendering, markup in an answer kept as text), `_forward` score
 with `scoring.score_encoded` (length-sorted, right-padded batches of `batch_size`, outputs put back in input order),
 and `postprocess` turns the per-row heads into plain dicts. `__call__` runs the three over the whole input at once
 rather than one item at a time, so the batches are sorted by length across every conversation given; `device`,
-`dtype` and `batch_size` are the base class's arguments, `max_length` this pipeline's.
+`dtype` and `batch_size` are the base class's arguments, `max_length` and `truncate_prompt` this pipeline's (the
+length policy of `length_policy.ConversationEncoder`, which `armorm extract` and `armorm evaluate` apply too).
 """
 
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from transformers import Pipeline
 
 from .explanation import Explanation, explanation_from_heads
+from .length_policy import ConversationEncoder
 from .scoring import (
     ChatEncoder,
     EncodedConversation,
@@ -30,14 +32,13 @@ from .scoring import (
     pad_token_id,
     score_encoded,
 )
+from .settings import DEFAULT_BATCH_SIZE
 
 
 __all__ = ["ArmoRMPipeline", "TASK"]
 
 TASK = "reward-scoring"
 Message = dict[str, str]
-# `transformers.Pipeline` defaults to batch_size=1; scoring's own default is 8 conversations per forward.
-DEFAULT_BATCH_SIZE = 8
 
 
 def is_conversation(value) -> bool:
@@ -75,6 +76,9 @@ class ArmoRMPipeline(Pipeline):
         batch_size (`int`, defaults to 8): conversations per forward pass, sorted by length first.
         max_length (`int`, *optional*): refuse (a `ValueError` naming it) a conversation longer than this many
             tokens; the backbone's `max_position_embeddings` always binds.
+        truncate_prompt (`bool`, defaults to `False`): instead of refusing a conversation that is too long, drop its
+            earliest prompt turns (never the system turn, the last user turn or the answer) until it fits; one that
+            does not fit even then still raises the `ValueError`.
     """
 
     _load_tokenizer = True
@@ -93,8 +97,12 @@ class ArmoRMPipeline(Pipeline):
         self.encoder = ChatEncoder(self.tokenizer, model_gating_pattern(self.model, self.tokenizer))
         self.objective_names = objective_names(self.model.config)
 
-    def _sanitize_parameters(self, max_length: int | None = None, batch_size: int | None = None):
-        forward_params = {}
+    def _sanitize_parameters(
+        self, max_length: int | None = None, batch_size: int | None = None, truncate_prompt: bool | None = None
+    ):
+        preprocess_params, forward_params = {}, {}
+        if truncate_prompt is not None:
+            preprocess_params["truncate_prompt"] = truncate_prompt
         if max_length is not None:
             if max_length < 1:
                 raise ValueError(f"`max_length` must be >= 1, got {max_length}.")
@@ -103,7 +111,7 @@ class ArmoRMPipeline(Pipeline):
             if batch_size < 1:
                 raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
             forward_params["batch_size"] = batch_size
-        return {}, forward_params, {}
+        return preprocess_params, forward_params, {}
 
     # The three stages of a transformers pipeline, over the one scoring path.
 
@@ -128,27 +136,72 @@ class ArmoRMPipeline(Pipeline):
             )
         ]
 
-    def _run(self, conversations: list, batch_size: int | None, max_length: int | None) -> ScoreOutput:
+    def _run(
+        self, conversations: list, batch_size: int | None, max_length: int | None, truncate_prompt: bool | None
+    ) -> ScoreOutput:
         """Encode every conversation, then score them all in length-sorted batches; outputs in input order."""
-        _, call_params, _ = self._sanitize_parameters(max_length=max_length, batch_size=batch_size)
+        call_preprocess, call_params, _ = self._sanitize_parameters(
+            max_length=max_length, batch_size=batch_size, truncate_prompt=truncate_prompt
+        )
+        # `transformers.Pipeline` defaults to batch_size=1; this pipeline to scoring's `DEFAULT_BATCH_SIZE`.
         params = {"batch_size": self._batch_size or DEFAULT_BATCH_SIZE, **self._forward_params, **call_params}
         encoded = [self.preprocess(c, where=f"conversation {i}") for i, c in enumerate(conversations)]
+        if {**self._preprocess_params, **call_preprocess}.get("truncate_prompt"):
+            encoded = self._truncate_prompts(conversations, encoded, params.get("max_length"))
         return self.forward(encoded, **params)
+
+    def _truncate_prompts(
+        self, conversations: list, encoded: list[EncodedConversation], max_length: int | None
+    ) -> list[EncodedConversation]:
+        """`encoded`, each conversation longer than the limit (`max_length` or the backbone's positions, the smaller)
+        encoded again without its earliest prompt turns, as few as make it fit (`ConversationEncoder`, the policy
+        of `armorm extract`). One that does not fit even then raises a `ValueError` naming it."""
+        position_limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if max_length is None and position_limit is None:
+            return encoded
+        policy = ConversationEncoder(
+            self.tokenizer,
+            max_length or position_limit,
+            truncate_prompt=True,
+            position_limit=position_limit,
+            pattern=self.encoder.pattern,
+        )
+        fitted = list(encoded)
+        for i, (conversation, row) in enumerate(zip(conversations, encoded)):
+            if len(row) > policy.max_length:
+                (result,) = policy.encode([[conversation]])
+                if isinstance(result, str):
+                    raise ValueError(f"Conversation {i}: {result}.")
+                fitted[i] = result.sides[0]
+        return fitted
 
     # The public API.
 
-    def __call__(self, conversations, batch_size: int | None = None, max_length: int | None = None):
+    def __call__(
+        self,
+        conversations,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        truncate_prompt: bool | None = None,
+    ):
         """`score(conversations)`."""
-        return self.score(conversations, batch_size=batch_size, max_length=max_length)
+        return self.score(conversations, batch_size=batch_size, max_length=max_length, truncate_prompt=truncate_prompt)
 
-    def score(self, conversations, *, batch_size: int | None = None, max_length: int | None = None):
+    def score(
+        self,
+        conversations,
+        *,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        truncate_prompt: bool | None = None,
+    ):
         """Score one conversation (a message list ending with the assistant's answer) or a list of them.
 
         Returns `{"score": s, "rewards": {objective: r_i}, "gating": {objective: g_i}}` per conversation (a list, in
         input order, for a list)."""
         single = is_conversation(conversations)
         rows = [conversations] if single else list(conversations)
-        results = self.postprocess(self._run(rows, batch_size, max_length))
+        results = self.postprocess(self._run(rows, batch_size, max_length, truncate_prompt))
         return results[0] if single else results
 
     def compare(self, prompt, answer_a: str, answer_b: str, **kwargs) -> dict:
@@ -180,7 +233,9 @@ class ArmoRMPipeline(Pipeline):
         the gating weights g, and the `top_k` objectives by |contribution|. One conversation or a list of them."""
         single = is_conversation(conversations)
         rows = [conversations] if single else list(conversations)
-        out = self._run(rows, kwargs.pop("batch_size", None), kwargs.pop("max_length", None))
+        out = self._run(
+            rows, kwargs.pop("batch_size", None), kwargs.pop("max_length", None), kwargs.pop("truncate_prompt", None)
+        )
         if kwargs:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kwargs)}.")
         explanations = [

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
-from .modeling_armorm import position_ids_from_mask
+from .heads import answer_lengths, position_ids_from_mask
+from .settings import DEFAULT_BATCH_SIZE
 
 
 __all__ = [
@@ -112,6 +113,12 @@ class EncodedConversation:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def answer_length(self) -> int:
+        """n, the answer's tokens after the gating position (the last token, len - 1, unpadded), as the model's length
+        objective r_len = log(1 + n) counts them."""
+        return answer_lengths(len(self.input_ids) - 1, self.gating_position)
 
 
 class ChatEncoder:
@@ -262,7 +269,7 @@ class ScoreOutput:
 def score_encoded(
     model,
     encoded: Sequence[EncodedConversation],
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     pad_id: int = 0,
     progress=None,
     max_length: int | None = None,
@@ -305,7 +312,7 @@ def score_conversations(
     model,
     tokenizer,
     conversations: Sequence[list[Message]],
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress=None,
     max_length: int | None = None,
 ) -> ScoreOutput:

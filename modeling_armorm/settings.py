@@ -33,6 +33,7 @@ __all__ = [
     "DtypeSettings",
     "LengthSettings",
     "Location",
+    "SettingsGroup",
     "fields_in_order",
     "is_list_type",
     "location_fields",
@@ -66,15 +67,16 @@ def resolve_device(device: str | None, local_rank: int | None = None) -> torch.d
     return torch.device(f"cuda:{local_rank}" if local_rank is not None else "cuda")
 
 
-class _Settings:
-    """The end of the `__post_init__` chain: each group checks its own fields, then calls the next in the MRO."""
+class SettingsGroup:
+    """The base of every settings group and the end of their `__post_init__` chain: each group checks its own fields,
+    then calls the next in the MRO. A group declared elsewhere (`conversion.support.SupportSettings`) inherits it too."""
 
     def __post_init__(self):
         pass
 
 
 @dataclass(kw_only=True)
-class DtypeSettings(_Settings):
+class DtypeSettings(SettingsGroup):
     """The dtype a backbone or a checkpoint is loaded in."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -88,7 +90,7 @@ class DtypeSettings(_Settings):
 
 
 @dataclass(kw_only=True)
-class DeviceSettings(_Settings):
+class DeviceSettings(SettingsGroup):
     """Where the work runs."""
 
     device: str | None = field(
@@ -98,7 +100,7 @@ class DeviceSettings(_Settings):
 
 
 @dataclass(kw_only=True)
-class BatchSettings(_Settings):
+class BatchSettings(SettingsGroup):
     """How many conversations run in one forward pass (sorted by length first, so little padding)."""
 
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Conversations per forward pass."})
@@ -110,7 +112,7 @@ class BatchSettings(_Settings):
 
 
 @dataclass(kw_only=True)
-class LengthSettings(_Settings):
+class LengthSettings(SettingsGroup):
     """The length policy: a conversation longer than `max_length` tokens is refused (a data row is skipped and
     listed), or with `truncate_prompt` loses its earliest prompt turns until it fits. An answer is never cut."""
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.settings import (
+    DeviceSettings,
+    DtypeSettings,
+    Location,
+    normalize_locations,
+    resolve_device,
+    torch_dtype,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -38,8 +45,8 @@ BACKENDS = ("transformers", "vllm")
 
 
 @dataclass(kw_only=True)
-class ServeSettings:
-    """The knobs of `armorm serve`."""
+class ServeSettings(DeviceSettings, DtypeSettings):
+    """The knobs of `armorm serve`, with the shared device (the transformers backend's) and dtype (both backends')."""
 
     backend: Literal["transformers", "vllm"] = field(
         default="transformers",
@@ -56,12 +63,6 @@ class ServeSettings:
     )
     max_request_rows: int = field(
         default=8192, metadata={"help": "Most conversations one request may hold; a larger one gets a 422."}
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "Backbone dtype (`auto`: as saved); the heads stay float32."}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "Transformers backend: `cpu`, `cuda`, `cuda:1`, … (default: CUDA if any)."}
     )
     vllm_engine_args: str = field(
         default="{}",
@@ -81,6 +82,7 @@ class ServeConfig(ServeSettings):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         normalize_locations(self)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {self.backend!r}.")
@@ -299,20 +301,17 @@ def build_service(config: ServeConfig) -> RewardService:
             engine_args.setdefault("dtype", config.dtype)
         backend = VllmBackend(config.model, engine_args)
     else:
-        import torch
-
         from modeling_armorm import ArmoRMForRewardModeling
         from modeling_armorm.scoring import pad_token_id
-        from modeling_armorm.settings import DTYPES
         from serving.backends import TransformersBackend
 
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if json.loads((Path(config.model) / "config.json").read_text()).get("model_type") != "armorm":
             raise ValueError(
                 f"{config.model} is in the released RLHFlow layout, which the transformers backend does not load: "
                 "convert it (`armorm convert-rlhflow --src-dir SRC --out-dir OUT`) or serve it with `--backend vllm`."
             )
-        model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=DTYPES[config.dtype]).to(device).eval()
+        model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
+        model = model.to(resolve_device(config.device)).eval()
         backend = TransformersBackend(model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms)
     return RewardService(config, tokenizer, armorm_config, backend)
 

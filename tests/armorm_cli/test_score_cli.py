@@ -69,6 +69,23 @@ def test_one_json_conversation_over_several_lines_is_one_conversation(checkpoint
     assert row["score"] == pytest.approx(expected[1]["score"], abs=1e-5)
 
 
+def test_score_max_length_and_truncate_prompt(checkpoint, tmp_path, capsys):
+    """`--max-length` refuses a longer conversation, naming it; `--truncate-prompt` scores it without its earliest
+    prompt turns, as the pipeline does."""
+    short = [*CONVERSATIONS[1][:1], *CONVERSATIONS[1][3:]]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    limit = len(tokenizer.apply_chat_template(short, tokenize=True)["input_ids"])
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(CONVERSATIONS[1]))
+    argv = ["score", "--model", checkpoint, "--input", str(path), "--json", "--max-length", str(limit)]
+    with pytest.raises(ValueError, match=r"Conversation 0 has \d+ tokens, more than `max_length`"):
+        cli.main(argv)
+    cli.main([*argv, "--truncate-prompt"])
+    (row,) = json_lines(capsys.readouterr().out)
+    want = pipeline("reward-scoring", model=checkpoint, device="cpu").score(short)
+    assert row["score"] == pytest.approx(want["score"], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

@@ -228,6 +228,33 @@ def test_device_dtype_batch_size_and_max_length(checkpoint, tokenizer):
     )
 
 
+def test_truncate_prompt_drops_the_earliest_prompt_turns(checkpoint, rm, tokenizer):
+    """Conversation 1 (system, user, assistant, user, assistant) is the only one over `max_length`: refused without
+    `truncate_prompt`, and with it scored as its system turn, last user turn and answer (`armorm extract`'s policy);
+    the others are scored as they are."""
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in CONVERSATIONS]
+    short = [*CONVERSATIONS[1][:1], *CONVERSATIONS[1][3:]]
+    short_length = len(tokenizer.apply_chat_template(short, tokenize=True)["input_ids"])
+    limit = max(short_length, *lengths[:1], *lengths[2:])
+    assert lengths[1] > limit  # only conversation 1 is too long, and without its first exchange it fits
+    with pytest.raises(ValueError, match=rf"Conversation 1 has {lengths[1]} tokens, more than `max_length`"):
+        rm.score(CONVERSATIONS, max_length=limit)
+    expected = reference(rm.model, tokenizer, [*CONVERSATIONS[:1], short, *CONVERSATIONS[2:]])
+    for result, row in zip(rm.score(CONVERSATIONS, max_length=limit, truncate_prompt=True), expected):
+        assert_row(result, row)
+    # Set on the pipeline (as `armorm score --max-length --truncate-prompt` does), and through explain.
+    truncating = pipeline(
+        "reward-scoring", model=str(checkpoint), device="cpu", max_length=limit, truncate_prompt=True
+    )
+    assert_row(truncating(CONVERSATIONS[1]), expected[1])
+    assert truncating.explain(CONVERSATIONS[1]).score == pytest.approx(expected[1]["score"], rel=1e-4, abs=1e-5)
+    assert rm.score(CONVERSATIONS, truncate_prompt=True)[1]["score"] != pytest.approx(expected[1]["score"])
+    # Shorter than the turns it keeps: still refused, naming the conversation.
+    assert lengths[0] < short_length - 1
+    with pytest.raises(ValueError, match=r"Conversation 1: too long: .* even with only the system turn"):
+        truncating(CONVERSATIONS[:2], max_length=short_length - 1)
+
+
 def test_bad_input_names_the_conversation(rm):
     bad = [CONVERSATIONS[0], [{"role": "user", "content": "No answer."}]]
     with pytest.raises(ValueError, match="conversation 1 ends with a user turn"):
@@ -304,7 +331,18 @@ def test_no_module_imports_private_names_of_the_package():
     """Only public names cross module boundaries into `modeling_armorm` (its own modules included)."""
     offenders = []
     # The project's own code, not the virtual environments (.venv, .venv-vllm) or derived files beside it.
-    folders = ("modeling_armorm", "conversion", "serving", "metrics", "examples", "benchmarks", "tests")
+    folders = (
+        "modeling_armorm",
+        "armorm_io",
+        "evaluation",
+        "conversion",
+        "serving",
+        "armorm_cli",
+        "metrics",
+        "examples",
+        "benchmarks",
+        "tests",
+    )
     for path in (p for folder in folders for p in (ROOT / folder).glob("**/*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
