@@ -20,9 +20,11 @@ from armorm_io.files import Fingerprint, atomic_write, tensors_sha256
 
 __all__ = [
     "CONTENT_HASH",
+    "SUPPORT_METRICS",
     "head_fingerprint",
     "load_gating",
     "load_regression",
+    "load_support_metrics",
     "load_transform",
     "save_gating",
     "save_regression",
@@ -42,6 +44,8 @@ def _decode(value: str):
 
 
 CONTENT_HASH = "content_sha256"
+# The metadata key of a regression file's per-objective support metrics (written by `armorm fit`).
+SUPPORT_METRICS = "support_metrics"
 
 
 def _save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> str:
@@ -102,15 +106,24 @@ def save_regression(
     alpha: torch.Tensor,
     objectives: list[str],
     extra_metadata: dict | None = None,
+    support_metrics: dict[str, dict] | None = None,
 ) -> str:
-    """`weight` (k, d) float32 = W, `alpha` (k,) = each objective's ridge penalty; metadata `objectives`."""
+    """`weight` (k, d) float32 = W, `alpha` (k,) = each objective's ridge penalty; metadata `objectives` and, when
+    given, `support_metrics` (objective → the rows and held-out correlations `armorm decorrelate` and `armorm gate`
+    judge it by, see `conversion.support`)."""
     weight, alpha = torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(alpha, dtype=torch.float64)
     if weight.ndim != 2 or alpha.shape != (weight.shape[0],):
         raise ValueError(
             f"`weight` must be (k, d) and `alpha` (k,); got {tuple(weight.shape)} and {tuple(alpha.shape)}."
         )
     objectives = _objective_list(objectives, weight.shape[0])
-    return _save(path, {"weight": weight, "alpha": alpha}, {**(extra_metadata or {}), "objectives": objectives})
+    metadata = {**(extra_metadata or {}), "objectives": objectives}
+    if support_metrics is not None:
+        unknown = sorted(set(support_metrics) - set(objectives))
+        if unknown:
+            raise ValueError(f"`support_metrics` names {unknown}, which are not among the objectives {objectives}.")
+        metadata[SUPPORT_METRICS] = support_metrics
+    return _save(path, {"weight": weight, "alpha": alpha}, metadata)
 
 
 def load_regression(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -119,6 +132,13 @@ def load_regression(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     weight = tensors["weight"].float()
     objectives = metadata.get("objectives") or [str(i) for i in range(weight.shape[0])]
     return weight, tensors["alpha"], _objective_list(objectives, weight.shape[0])
+
+
+def load_support_metrics(path: str | os.PathLike) -> dict[str, dict] | None:
+    """The `support_metrics` a regression file records (objective → rows, val_rows, pearson, spearman), or None for a
+    file without them (written by armorm 0.1 or another tool)."""
+    _, metadata = _load(path)
+    return metadata.get(SUPPORT_METRICS)
 
 
 # ---------------------------------------------------------------- transform: r' = r T

@@ -32,14 +32,15 @@ from conversion.decorrelate import DecorrelateSettings
 from conversion.extract import ExtractSettings
 from conversion.fit import FitSettings
 from conversion.gate import GateSettings
+from conversion.support import find_support
 from evaluation import evaluate
 from evaluation.evaluate import EvaluateSettings, model_fingerprint
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.settings import Location, fields_in_order, normalize_locations
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARGUMENTS", "BuildConfig", "BuildInputs", "main", "stage_flags"]
+__all__ = ["ARGUMENTS", "BuildConfig", "BuildInputs", "RENAMED_FLAGS", "main", "stage_flags"]
 
 # The settings dataclass of every stage `build` runs, in order.
 STAGES = {
@@ -87,10 +88,11 @@ class BuildConfig(BuildInputs):
 
 def stage_flags(stage: str, settings_class: type) -> type:
     """`settings_class` with every field renamed `<stage>_<name>` (the flag `--<stage>-<name>`): the same types,
-    defaults and help, so that `HfArgumentParser` gives `armorm build` every stage's flags without a copy."""
+    defaults and help, so that `HfArgumentParser` gives `armorm build` every stage's flags without a copy. The
+    stage's own fields come first, then the shared groups' (`--extract-max-length`, `--extract-dtype`, …)."""
     hints = typing.get_type_hints(settings_class)
     fields = []
-    for f in dataclasses.fields(settings_class):
+    for f in fields_in_order(settings_class):
         default = (
             {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
         )
@@ -102,6 +104,8 @@ def stage_flags(stage: str, settings_class: type) -> type:
 
 STAGE_FLAGS = {stage: stage_flags(stage, settings) for stage, settings in STAGES.items()}
 ARGUMENTS = (BuildInputs, *STAGE_FLAGS.values())
+# A stage's renamed flags keep working here too, with the stage's prefix (`--decorrelate-min-verbosity-rows`).
+RENAMED_FLAGS = {f"decorrelate-{old}": f"decorrelate-{new}" for old, new in decorrelate.RENAMED_FLAGS.items()}
 
 
 def _from_flags(inputs: BuildInputs, flags) -> BuildConfig:
@@ -203,9 +207,12 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
         **dataclasses.asdict(config.decorrelate), regression=heads["regression"], reference=reference,
         out=heads["transform"],
     )  # fmt: skip
+    # A regression file of armorm 0.1 has its support metrics in the `fit.json` beside it: that file is an input too.
+    support_inputs = find_support(heads["regression"]).inputs
     inputs = {
         "regression": head_fingerprint(heads["regression"]),
         "reference": [folder_fingerprint(f) for f in reference],
+        **support_inputs,
     }
     reusable = _reusable(
         report_path("decorrelate", heads["transform"]), decorrelate_config, inputs, _head("transform", heads)
@@ -220,6 +227,7 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
         "features": [folder_fingerprint(f) for f in folders["pairs"]],
         "regression": head_fingerprint(heads["regression"]),
         "transform": head_fingerprint(heads["transform"]),
+        **support_inputs,
     }
     reusable = _reusable(report_path("gate", heads["gating"]), gate_config, inputs, _head("gating", heads))
     _run("gate", "gate", reusable, lambda: gate.main(gate_config))

@@ -9,6 +9,11 @@ Spearman(r_i − λ r_v, r_v) ≤ τ, found by bisection; then T = I, T[v, :] �
 The verbosity objective is chosen here and only here (`--verbosity`: a name, `auto` for the one objective named
 `*verbosity*`, `none` for T = I); the transform file records its name. Writes `transform.safetensors`
 (`reward_transform_matrix`, `penalties`) and the report `decorrelate.json` with the correlations.
+
+A verbosity objective the rating data does not support (`--min-objective-rows`, `--min-objective-z`) is refused by
+name, or passed over by `auto`. Its support metrics come from the regression file's metadata (`armorm fit` records
+them); for a file without them, from the `fit.json` beside it if it was written for that very file (then listed
+among the report's inputs as `fit_report`), else no floor applies and a warning says so (`conversion.support`).
 """
 
 import logging
@@ -22,9 +27,8 @@ from tqdm.auto import tqdm
 from armorm_io.artifacts import head_fingerprint, load_regression, save_transform
 from armorm_io.features import folder_fingerprint, load_pair_features
 from armorm_io.reports import report_path, write_report
-from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
-from modeling_armorm.heads import LENGTH_OBJECTIVE
-from modeling_armorm.heads import rewards as compute_rewards
+from conversion.support import SupportSettings, find_support, unsupported_reason
+from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_rewards
 from modeling_armorm.settings import Location, normalize_locations
 
 
@@ -35,6 +39,7 @@ __all__ = [
     "DecorrelateConfig",
     "DecorrelateSettings",
     "DecorrelationResult",
+    "RENAMED_FLAGS",
     "decorrelate",
     "find_penalty",
     "main",
@@ -45,8 +50,12 @@ __all__ = [
 ]
 
 
+# The support floor is one setting with `armorm gate` (`conversion.support.SupportSettings`): its old flags still work.
+RENAMED_FLAGS = {"min-verbosity-rows": "min-objective-rows", "min-verbosity-z": "min-objective-z"}
+
+
 @dataclass(kw_only=True)
-class DecorrelateSettings:
+class DecorrelateSettings(SupportSettings):
     """The knobs of `armorm decorrelate` (the ones `armorm build` passes on as `--decorrelate-<name>`)."""
 
     verbosity: str = field(
@@ -55,17 +64,6 @@ class DecorrelateSettings:
             "help": "The verbosity objective v: an objective's name; `length` (the answer's length in tokens, "
             "log(1 + n), added as the objective `answer-length`); `auto` (the one objective named *verbosity* if the "
             "data supports it, else `length`); or `none` (T = I, no decorrelation)."
-        },
-    )
-    min_verbosity_rows: int = field(
-        default=MIN_SUPPORT_ROWS,
-        metadata={"help": "Refuse a verbosity objective fitted on fewer rated rows (see `conversion.fit`)."},
-    )
-    min_verbosity_z: float = field(
-        default=MIN_SUPPORT_Z,
-        metadata={
-            "help": "Refuse a verbosity objective whose held-out correlation with its labels is fewer standard "
-            "errors above zero (negative: no check)."
         },
     )
     threshold: float = field(default=0.03, metadata={"help": "τ: the Spearman correlation with r_v to reach."})
@@ -87,6 +85,7 @@ class DecorrelateConfig(DecorrelateSettings):
     out: Location = field(metadata={"help": "The `transform.safetensors` to write (`decorrelate.json` beside it)."})
 
     def __post_init__(self):
+        super().__post_init__()
         normalize_locations(self)
 
 
@@ -98,10 +97,10 @@ def resolve_verbosity(
 ) -> tuple[str | None, str]:
     """The verbosity objective (a name, `LENGTH_OBJECTIVE`, or None for T = I) and the reason for the choice.
 
-    `metrics` are the regression's `armorm fit` metrics (None: unknown, no floor applied); `lengths` says whether
-    the reference features hold the answers' lengths.
+    `metrics` are the regression's support metrics (`conversion.support.find_support`; None: unknown, no floor
+    applied); `lengths` says whether the reference features hold the answers' lengths.
     """
-    floors = (config.min_verbosity_rows, config.min_verbosity_z)
+    floors = (config.min_objective_rows, config.min_objective_z)
     if config.verbosity == "none":
         return None, "`--verbosity none`: no decorrelation asked for, T = I"
     if config.verbosity == "length":
@@ -117,7 +116,7 @@ def resolve_verbosity(
             raise ValueError(
                 f"{problem}: too little to trust as the verbosity every other objective is decorrelated from. Pass "
                 "`--verbosity length` (the answer's length), `--verbosity none` (T = I), or lower the floor "
-                "explicitly (`--min-verbosity-rows 0 --min-verbosity-z -1`)."
+                "explicitly (`--min-objective-rows 0 --min-objective-z -1`)."
             )
         return config.verbosity, f"`--verbosity {config.verbosity}`"
     named = [name for name in objectives if "verbosity" in name.lower()]
@@ -306,9 +305,10 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
     config = config or DecorrelateConfig(**kwargs)
     weight, _, objectives = load_regression(config.regression)
     features = load_pair_features(config.reference)[0] if config.reference else {}
-    verbosity, reason = resolve_verbosity(
-        config, objectives, fit_metrics(config.regression), "answer_lengths" in features
-    )
+    support = find_support(config.regression)
+    if support.warning:
+        logger.warning(support.warning)
+    verbosity, reason = resolve_verbosity(config, objectives, support.metrics, "answer_lengths" in features)
     if verbosity == LENGTH_OBJECTIVE:
         if "answer_lengths" not in features:
             raise ValueError(
@@ -326,6 +326,8 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
         "spearman_before": dict(zip(objectives, result.correlations_before)),
         "spearman_after": dict(zip(objectives, result.correlations_after)),
         "unreachable": unreachable,
+        "support_source": support.source,
+        "warnings": [support.warning] if support.warning else [],
     }
     extra = {key: metrics[key] for key in ("spearman_after", "unreachable", "reference_responses", "verbosity_reason")}
     if verbosity == LENGTH_OBJECTIVE:
@@ -334,7 +336,7 @@ def main(config: DecorrelateConfig | None = None, /, **kwargs) -> dict:
         config.out, result.matrix, result.penalties, objectives, verbosity=verbosity,
         extra_metadata={"threshold": config.threshold, **extra},
     )  # fmt: skip
-    inputs = {"regression": head_fingerprint(config.regression)}
+    inputs = {"regression": head_fingerprint(config.regression), **support.inputs}
     if config.reference:
         inputs["reference"] = [folder_fingerprint(folder) for folder in config.reference]
     return write_report(
@@ -383,4 +385,4 @@ def _reference_rewards(features: dict, weight: torch.Tensor, regression: str, le
             f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
             f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
         )
-    return compute_rewards(embeddings, weight, dtype=torch.float64, answer_lengths=lengths)
+    return chunked_rewards(embeddings, weight, dtype=torch.float64, answer_lengths=lengths)

@@ -5,7 +5,9 @@
 Each objective is a ridge regression without intercept on the rows where its label exists; its α is the one of
 `--alphas` with the lowest MSE on a seeded held-out split, and the final weight is refitted on all its labelled rows.
 Writes `weight` (k, d), `alpha` (k,) and, next to it, the stage report `fit.json` (rows, validation MSE, Pearson,
-Spearman per objective, at the chosen α).
+Spearman per objective, at the chosen α). The regression file's metadata records `objectives` and, per objective,
+the `support_metrics` (rows, held-out rows, Pearson, Spearman) that `armorm decorrelate` and `armorm gate` judge it by
+(`conversion.support`).
 
 The features are streamed: only the Gram statistics XᵀX, Xᵀy, yᵀy (float64) of each group of objectives that
 share a label mask are kept, so memory is O(groups · d²) whatever the number of rows, and one eigendecomposition of
@@ -14,7 +16,6 @@ a group's training Gram matrix gives the validation MSE of every α at once. The
 """
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +27,9 @@ from tqdm.auto import tqdm
 
 from armorm_io.artifacts import head_fingerprint, save_regression
 from armorm_io.features import folder_fingerprint, iter_shards, read_meta, shard_names
-from armorm_io.reports import report_for, report_path, write_report
+from armorm_io.reports import report_path, write_report
+from conversion.support import support_metrics
+from modeling_armorm.heads import rewards
 from modeling_armorm.settings import Location, normalize_locations
 
 
@@ -36,48 +39,6 @@ logger = logging.getLogger(__name__)
 ALPHAS = tuple(10.0**e for e in range(-4, 5))
 # Rows per Gram update: bounds the float64 copy of a block (4096 x 4096 float64 = 128 MB).
 BLOCK_ROWS = 4096
-
-# When the data supports an objective (the floor `armorm decorrelate` applies to the verbosity objective and
-# `armorm gate` to every objective it gates). A ridge fit on few rows of d-dimensional features can match its
-# training labels and still predict noise: only held-out rows tell, and only if there are enough of them and their
-# correlation with the labels is clearly above zero. So: at least 50 rated rows (the default 20 % split then holds
-# out about 10, the fewest on which a correlation can be told from zero at all), and a held-out correlation at least
-# 1.645 standard errors above zero (Fisher's z: se = 1 / sqrt(n_val − 3); a one-sided 5 % test; with 10 held-out rows
-# that is r ≥ 0.58, with 60 r ≥ 0.21). The correlation is the larger of Pearson's and Spearman's: Spearman is blind to
-# a binary objective (its labels are mostly ties), Pearson to a monotone but curved one.
-MIN_SUPPORT_ROWS = 50
-MIN_SUPPORT_Z = 1.645
-
-
-def heldout_correlation(metrics: dict) -> float | None:
-    values = [metrics.get(key) for key in ("pearson", "spearman") if metrics.get(key) is not None]
-    return max(values) if values else None
-
-
-def unsupported_reason(name: str, metrics: dict | None, min_rows: int, min_z: float) -> str | None:
-    """Why the data does not support objective `name` (from its `armorm fit` metrics), or None when it does."""
-    if metrics is None:
-        return None
-    rows, correlation, n_val = metrics.get("rows", 0), heldout_correlation(metrics), metrics.get("val_rows") or 0
-    if rows < min_rows:
-        return f"`{name}` is fitted on {rows} rated rows (fewer than {min_rows})"
-    if min_z < 0:  # the correlation check turned off
-        return None
-    if correlation is None or n_val <= 3:
-        return f"`{name}` has no held-out correlation with its labels ({n_val} held-out rows)"
-    floor = math.tanh(min_z / math.sqrt(n_val - 3))
-    if correlation < floor:
-        return (
-            f"`{name}` has a held-out correlation of {correlation:.3f} with its labels over {n_val} rows, below "
-            f"{floor:.3f} ({min_z:g} standard errors above zero)"
-        )
-    return None
-
-
-def fit_metrics(regression: str | os.PathLike) -> dict[str, dict] | None:
-    """The per-objective metrics of the `armorm fit` run that wrote `regression` (None: no report for this file)."""
-    report = report_for("fit", regression, "regression")
-    return None if report is None else report["metrics"]["objectives"]
 
 
 def validation_mask(index: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
@@ -149,6 +110,7 @@ class HeldOutRidge:
     Works on `GramStats`, not on rows, so the data can be streamed. Learned state: `alpha_` (m,), `coef_` (m, d)
     refitted on all rows, `val_coef_` (m, d) fitted on the training rows at `alpha_` (what the validation metrics
     judge), `val_mse_` (m,) its validation MSE and `val_mse_path_` (a, m) that of every α.
+    A tie (equal held-out MSE, or equal GCV) goes to the α listed first: the smallest on an ascending grid (`ALPHAS`).
     """
 
     def __init__(self, alphas):
@@ -174,7 +136,7 @@ class HeldOutRidge:
         quadratic = np.einsum("dam,dam->am", path, (val.xtx @ path.reshape(d, -1)).reshape(d, a, m))
         with np.errstate(invalid="ignore", divide="ignore"):
             self.val_mse_path_ = (val.yty[None, :] - 2 * cross + quadratic) / val.n
-        best = np.zeros(m, dtype=np.int64) if a == 1 else self.val_mse_path_.argmin(0)  # ties: the smallest α
+        best = np.zeros(m, dtype=np.int64) if a == 1 else self.val_mse_path_.argmin(0)  # ties: the first α listed
         self.alpha_, self.val_mse_ = alphas[best], self.val_mse_path_[best, np.arange(m)]
         self.val_coef_ = path[:, best, np.arange(m)].T
         # The refit on all labelled rows needs only the chosen α (one or two per group): a Cholesky solve each,
@@ -338,7 +300,7 @@ def fit_regression(features, *, alphas, val_fraction: float, seed: int) -> Regre
     if val_fraction > 0:
         for x, y, rows in _row_blocks(folders, metas, objectives, "fit: validation"):
             x, y = x[held_out[rows]].astype(np.float64), y[held_out[rows]]
-            scores = x @ val_weight.T  # (n_val, k)
+            scores = rewards(torch.from_numpy(x), torch.from_numpy(val_weight)).numpy()  # r = W h, (n_val, k)
             for j in range(k):
                 rows = ~np.isnan(y[:, j])
                 predictions[j].append(scores[rows, j])
@@ -418,7 +380,12 @@ def main(config: FitConfig | None = None, /, **kwargs) -> dict:
     result = fit_regression(config.features, alphas=alphas, val_fraction=config.val_fraction, seed=config.seed)
     backbone = read_meta(config.features[0]).get("backbone")
     save_regression(
-        config.out, result.weight, result.alpha, result.objectives, extra_metadata={"backbone": backbone or ""}
+        config.out,
+        result.weight,
+        result.alpha,
+        result.objectives,
+        extra_metadata={"backbone": backbone or ""},
+        support_metrics=support_metrics(result.metrics),
     )
     report = write_report(
         report_path("fit", config.out),

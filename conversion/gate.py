@@ -9,10 +9,12 @@ once; each step then runs only the MLP on the shared prompt feature h_x and mini
 
 The softmax runs over the gated objectives only: an objective whose column of T is zero (the verbosity objective
 after decorrelation: r'_v ≡ 0) can only shrink every score toward zero, so it gets weight 0 by construction, and so
-does an objective the rating data cannot support (too few rated rows, or no held-out correlation: see
-`conversion.fit.unsupported_reason`). β starts where the Bradley-Terry loss is informative for the rewards actually
-fitted (from the spread of their differences over the training pairs) unless `--gating-logit-scale-init` gives it
-(100 is the paper's); the gate starts with equal weights on the gated objectives (its last layer at zero) and trains
+does an objective the rating data cannot support (`--min-objective-rows`, `--min-objective-z`: see
+`conversion.support`). Its support metrics come from the regression file's metadata; for a file without them, from
+the `fit.json` beside it if it was written for that very file (then listed among the report's inputs as
+`fit_report`), else no floor applies and a warning and the report say so. β starts where the Bradley-Terry loss is
+informative for the rewards actually fitted (from the spread of their differences over the training pairs) unless
+`--gating-logit-scale-init` gives it (100 is the paper's); the gate starts with equal weights on the gated objectives (its last layer at zero) and trains
 on standardized prompt features, the standardization folded into its first layer at the end. The learning rate warms up, then decays with a cosine; the parameters of the best validation
 step are kept. Writes `gating.safetensors` (the model's `gating.*`), the report `gate.json` (curves, the best step,
 what was left out) and `gate.png` (the curves).
@@ -32,10 +34,10 @@ from transformers import get_cosine_schedule_with_warmup
 from armorm_io.artifacts import head_fingerprint, load_regression, load_transform, save_gating
 from armorm_io.features import folder_fingerprint, load_pair_features
 from armorm_io.reports import report_path, write_report
-from conversion.fit import MIN_SUPPORT_ROWS, MIN_SUPPORT_Z, fit_metrics, unsupported_reason
+from conversion.support import SupportSettings, find_support, unsupported_reason
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
-from modeling_armorm.heads import LENGTH_OBJECTIVE, pair_scores, transformed_rewards
-from modeling_armorm.settings import Location, normalize_locations
+from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_transformed_rewards, pair_scores
+from modeling_armorm.settings import DeviceSettings, Location, normalize_locations, resolve_device
 
 
 logger = logging.getLogger(__name__)
@@ -58,12 +60,15 @@ INITIAL_MARGIN = 1.0
 
 
 @dataclass(kw_only=True)
-class GateSettings:
-    """The knobs of `armorm gate` (the ones `armorm build` passes on as `--gate-<name>`). The gating network's own
-    hyper-parameters take their defaults from `ArmoRMConfig` (the paper's values)."""
+class GateSettings(SupportSettings, DeviceSettings):
+    """The knobs of `armorm gate` (the ones `armorm build` passes on as `--gate-<name>`), with the shared device.
+    The gating network's own hyper-parameters take their defaults from `ArmoRMConfig` (the paper's values)."""
 
     steps: int = field(default=10_000, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=1024, metadata={"help": "Pairs per step."})
+    # Not `BatchSettings.batch_size` (conversations per backbone forward): this trains on stored features.
+    batch_size: int = field(
+        default=1024, metadata={"help": "Pairs per optimizer step (not a forward pass's conversations)."}
+    )
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, then a cosine decay to 0."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps the learning rate warms up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -83,20 +88,9 @@ class GateSettings:
             "paper's, for rewards whose differences are about 0.01)."
         },
     )
-    min_objective_rows: int = field(
-        default=MIN_SUPPORT_ROWS, metadata={"help": "Leave out of the gate an objective fitted on fewer rated rows."}
-    )
-    min_objective_z: float = field(
-        default=MIN_SUPPORT_Z,
-        metadata={
-            "help": "Leave out an objective whose held-out correlation with its labels is fewer standard errors "
-            "above zero (negative: no check)."
-        },
-    )
     val_fraction: float = field(default=0.1, metadata={"help": "Share of the pairs held out for validation."})
     eval_every: int = field(default=500, metadata={"help": "Steps between two validation passes."})
     seed: int = field(default=0, metadata={"help": "Seed of the split, the initialisation and the batches."})
-    device: str | None = field(default=None, metadata={"help": "`cpu`, `cuda`, `cuda:1`, … (default: cuda if any)."})
 
 
 @dataclass(kw_only=True)
@@ -109,6 +103,7 @@ class GateConfig(GateSettings):
     out: Location = field(metadata={"help": "The `gating.safetensors` to write (`gate.json` beside it)."})
 
     def __post_init__(self):
+        super().__post_init__()
         normalize_locations(self)
 
 
@@ -153,7 +148,8 @@ def gated_objectives(
     """The objectives the softmax runs over, and every objective left out with the reason.
 
     Left out: a zero column of T (r'_j ≡ 0, e.g. the verbosity objective after decorrelation), and an objective the
-    rating data does not support (`metrics`: the `armorm fit` metrics; None = unknown, no floor applied).
+    rating data does not support (`metrics`: its support metrics, `conversion.support.find_support`; None = unknown,
+    no floor applied).
     """
     left_out = {}
     for j, name in enumerate(objectives):
@@ -259,7 +255,7 @@ def train_gating(
     """
     _check_shapes(prompt_embeddings, rewards, settings)
     n, d = prompt_embeddings.shape
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(settings.device)
     # One seed fixes the split, the initialisation and the batches; the generator stays on CPU so a seed gives the
     # same split and batches on every device.
     generator = torch.Generator().manual_seed(settings.seed)
@@ -419,17 +415,21 @@ def main(config: GateConfig | None = None, /, **kwargs) -> dict:
     tensors = _load_pairs(config, weight, lengths)
     answer_lengths = tensors["answer_lengths"] if lengths else None
     # (N, 2, k): W, T frozen, so computed once
-    rewards = transformed_rewards(tensors["embeddings"], weight, matrix, answer_lengths=answer_lengths)
-    gated, left_out = gated_objectives(matrix, objectives, fit_metrics(config.regression), config)
+    rewards = chunked_transformed_rewards(tensors["embeddings"], weight, matrix, answer_lengths=answer_lengths)
+    support = find_support(config.regression)
+    if support.warning:
+        logger.warning(support.warning)
+    gated, left_out = gated_objectives(matrix, objectives, support.metrics, config)
     gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated)
     metrics = {
         "objectives": objectives,
         "gated_objectives": [objectives[j] for j in gated],
         "left_out": left_out,
+        "support_source": support.source,
         **gating_summary(gating, tensors["prompt_embeddings"], objectives),
         **metrics,
     }
-    metrics["warnings"] = _warnings(metrics, left_out)
+    metrics["warnings"] = ([support.warning] if support.warning else []) + _warnings(metrics, left_out)
 
     final, settings = metrics["final"], asdict(config)
     extra = {key: settings[key] for key in ("steps", "batch_size", "lr", "weight_decay", "val_fraction", "seed")}
@@ -449,6 +449,7 @@ def main(config: GateConfig | None = None, /, **kwargs) -> dict:
             "features": [folder_fingerprint(folder) for folder in config.features],
             "regression": head_fingerprint(config.regression),
             "transform": head_fingerprint(config.transform),
+            **support.inputs,
         },
         outputs={"gating": head_fingerprint(config.out)},
         metrics=metrics,

@@ -1,8 +1,8 @@
 # make demo   (or: python examples/demo.py [--work DIR])
 """The main job end to end on an embedded default: an ArmoRM on SmolLM2-135M-Instruct from examples/data.
 
-Builds the checkpoint with `armorm build` (features → ridge → verbosity decorrelation → gating → checkpoint), loads
-it with `AutoModelForSequenceClassification`, then scores and explains two answers to one prompt. Offline, on CPU,
+Builds the checkpoint with `conversion.build` (`armorm build`'s function: features → ridge → verbosity
+decorrelation → gating → checkpoint), loads it with `AutoModelForSequenceClassification`, then scores and explains two answers to one prompt. Offline, on CPU,
 a few minutes on 2 cores; a rerun reuses the finished stages.
 """
 
@@ -16,7 +16,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import modeling_armorm  # noqa: F401  (registers ArmoRM with the Auto classes)
-from armorm_cli.cli import main as armorm
+from conversion import build
+from conversion.assemble import AssembleSettings
+from conversion.extract import ExtractSettings
+from conversion.gate import GateSettings
 
 
 HERE = Path(__file__).resolve().parent
@@ -53,13 +56,21 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stages log their progress and results
     checkpoint = os.path.join(args.work, "armorm-smollm2-demo")
-    armorm([
-        "build", "--backbone", smollm2_gguf(),
-        "--ratings", str(HERE / "data" / "ratings.jsonl"), "--pairs", str(HERE / "data" / "pairs.jsonl"),
-        "--out", checkpoint, "--work", os.path.join(args.work, "work"),
-        "--extract-batch-size", "16", "--gate-steps", "1500", "--gate-batch-size", "128",
-        "--gate-gating-hidden-dim", "256", "--gate-eval-every", "250", "--assemble-model-id", "armorm-smollm2-demo",
-    ])  # fmt: skip
+    # = armorm build --backbone GGUF --ratings data/ratings.jsonl --pairs data/pairs.jsonl --out CKPT --work WORK \
+    #     --extract-batch-size 16 --gate-steps 1500 --gate-batch-size 128 --gate-gating-hidden-dim 256 \
+    #     --gate-eval-every 250 --assemble-model-id armorm-smollm2-demo
+    build.main(
+        build.BuildConfig(
+            backbone=smollm2_gguf(),
+            ratings=[str(HERE / "data" / "ratings.jsonl")],
+            pairs=[str(HERE / "data" / "pairs.jsonl")],
+            out=checkpoint,
+            work=os.path.join(args.work, "work"),
+            extract=ExtractSettings(batch_size=16),
+            gate=GateSettings(steps=1500, batch_size=128, gating_hidden_dim=256, eval_every=250),
+            assemble=AssembleSettings(model_id="armorm-smollm2-demo"),
+        )
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

@@ -35,13 +35,17 @@ from demo import smollm2_gguf  # examples/demo.py, next to this script
 from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegressionCV
 
-from armorm_cli.cli import main as armorm
 from armorm_io.artifacts import load_regression
 from armorm_io.data import load_pairs
 from armorm_io.features import load_features
 from armorm_io.files import atomic_write_text
+from conversion import build, decorrelate, extract, gate
+from conversion.assemble import AssembleSettings
+from conversion.extract import ExtractSettings
+from conversion.gate import GateSettings
+from evaluation import evaluate
 from evaluation.evaluate import evaluate_features
-from modeling_armorm.heads import rewards
+from modeling_armorm.heads import chunked_rewards
 
 
 HERE = Path(__file__).resolve().parent
@@ -179,15 +183,18 @@ def train_identity_gating(build_work: Path, ablation: Path, args: argparse.Names
     """The ablation: T = I from `armorm decorrelate --verbosity none`, then `armorm gate` with the build's settings
     on the same features and W."""
     transform = ablation / "transform-identity.safetensors"
-    armorm([
-        "decorrelate", "--regression", str(build_work / "regression.safetensors"), "--verbosity", "none",
-        "--out", str(transform),
-    ])  # fmt: skip
-    armorm([
-        "gate", "--features", str(build_work / "features" / "pairs-0"),
-        "--regression", str(build_work / "regression.safetensors"), "--transform", str(transform),
-        "--out", str(ablation / "gating.safetensors"), "--steps", str(args.steps), "--seed", str(args.seed),
-    ])  # fmt: skip
+    regression = str(build_work / "regression.safetensors")
+    decorrelate.main(decorrelate.DecorrelateConfig(regression=regression, verbosity="none", out=str(transform)))
+    gate.main(
+        gate.GateConfig(
+            features=[str(build_work / "features" / "pairs-0")],
+            regression=regression,
+            transform=str(transform),
+            out=str(ablation / "gating.safetensors"),
+            steps=args.steps,
+            seed=args.seed,
+        )
+    )
 
 
 def evaluate_heldout(work: Path, build_work: Path, heldout_features: Path, checkpoint: Path, ablation: Path,
@@ -196,11 +203,17 @@ def evaluate_heldout(work: Path, build_work: Path, heldout_features: Path, check
     scoring path, a forward per answer); T = I from the features and its head files (`evaluate_features`, the same
     arithmetic); the probe and the length baseline from the features."""
     data = work / "data" / "heldout.jsonl"
-    armorm([
-        "evaluate", "--model", str(checkpoint), "--data", str(data), "--out", str(work / "evaluate.json"),
-        "--dtype", "bfloat16", "--max-length", str(args.max_length), "--truncate-prompt",
-        "--batch-size", str(args.batch_size),
-    ])  # fmt: skip
+    evaluate.main(
+        evaluate.EvaluateConfig(
+            model=str(checkpoint),
+            data=str(data),
+            out=str(work / "evaluate.json"),
+            dtype="bfloat16",
+            max_length=args.max_length,
+            truncate_prompt=True,
+            batch_size=args.batch_size,
+        )
+    )
     results = json.loads((work / "evaluate.json").read_text())
     heldout, _ = load_features(heldout_features)
     train, _ = load_features(build_work / "features" / "pairs-0")
@@ -229,7 +242,7 @@ def evaluate_heldout(work: Path, build_work: Path, heldout_features: Path, check
         PROBE: probe.decision_function(diff) > 0,
         LONGER: lengths[:, 0] > lengths[:, 1],
     }
-    raw = rewards(heldout["embeddings"], load_regression(heads["regression"])[0]).numpy()  # (N, 2, k)
+    raw = chunked_rewards(heldout["embeddings"], load_regression(heads["regression"])[0]).numpy()  # (N, 2, k)
     for j, name in enumerate(load_regression(heads["regression"])[2]):
         correct[f"r: {name}"] = raw[:, 0, j] > raw[:, 1, j]
     agreement = float(np.mean((margins > 0) == np.array([row["correct"] for row in features["rows"]])))
@@ -515,7 +528,10 @@ def main():
         settings_file.write_text(json.dumps({"settings": split_settings, **data}, indent=2) + "\n")
 
     backbone = smollm2_gguf()
-    extract_options = {"dtype": "bfloat16", "max-length": str(args.max_length), "batch-size": str(args.batch_size)}
+    # The extraction's dtype and length policy, in the build and for the held-out pairs alike.
+    extract_options = dict(
+        dtype="bfloat16", max_length=args.max_length, batch_size=args.batch_size, truncate_prompt=True
+    )
     build_work, checkpoint = work / "build", work / "armorm-smollm2-real-data"
     build_started = time.time()
     with timed(
@@ -523,13 +539,18 @@ def main():
     ):
         # The package's defaults for every stage (verbosity `auto`, β from the rewards, the paper's gate), except the
         # extraction's dtype and length policy and the number of gating steps (2 CPU cores).
-        armorm([
-            "build", "--backbone", backbone, "--ratings", *data["ratings_files"],
-            "--pairs", str(work / "data" / "train.jsonl"), "--out", str(checkpoint), "--work", str(build_work),
-            *(item for key, value in extract_options.items() for item in (f"--extract-{key}", value)),
-            "--extract-truncate-prompt", "--gate-steps", str(args.steps), "--gate-seed", str(args.seed),
-            "--assemble-model-id", "armorm-smollm2-real-data",
-        ])  # fmt: skip
+        build.main(
+            build.BuildConfig(
+                backbone=backbone,
+                ratings=list(data["ratings_files"]),
+                pairs=[str(work / "data" / "train.jsonl")],
+                out=str(checkpoint),
+                work=str(build_work),
+                extract=ExtractSettings(**extract_options),
+                gate=GateSettings(steps=args.steps, seed=args.seed),
+                assemble=AssembleSettings(model_id="armorm-smollm2-real-data"),
+            )
+        )
     record_stage_times(build_work, build_started, work / "build-stages.json")
     ablation = work / "ablation-identity-transform"
     with timed(timings, "ablation: armorm gate with T = I", timings_file):
@@ -537,11 +558,15 @@ def main():
             train_identity_gating(build_work, ablation, args)
     heldout_features = work / "features" / "heldout"
     with timed(timings, "armorm extract (held-out pairs)", timings_file):
-        armorm([
-            "extract", "--backbone", backbone, "--data", str(work / "data" / "heldout.jsonl"), "--kind", "pairs",
-            "--out", str(heldout_features), "--truncate-prompt",
-            *(item for key, value in extract_options.items() for item in (f"--{key}", value)),
-        ])  # fmt: skip
+        extract.main(
+            extract.ExtractConfig(
+                backbone=backbone,
+                data=str(work / "data" / "heldout.jsonl"),
+                kind="pairs",
+                out=str(heldout_features),
+                **extract_options,
+            )
+        )
 
     with timed(timings, "armorm evaluate (checkpoint), features baselines, probe", timings_file):
         results = evaluate_heldout(work, build_work, heldout_features, checkpoint, ablation, args)

@@ -120,7 +120,9 @@ def violations(root: Path) -> list[str]:
                     problems.append(f"{name} imports {imported}: the model package imports torch and transformers")
             if name in REMOTE_CODE:
                 outside = [t for t in targets if t not in REMOTE_CODE]
-                problems += [f"{name} (remote code) imports {t}: copy it next to the checkpoint or drop it" for t in outside]
+                problems += [
+                    f"{name} (remote code) imports {t}: copy it next to the checkpoint or drop it" for t in outside
+                ]
     problems += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph)]
     for client in CLIENTS:
         for path in sorted((root / client).glob("**/*.py")):
@@ -171,7 +173,9 @@ def test_every_package_is_seen():
     known = modules(ROOT)
     for package in PACKAGES:
         assert any(package_of(name) == package for name in known), package
-    edges = {(n, t) for n, p in known.items() for i, names, _ in imports(p, n) for t in project_target(i, names, known)}
+    edges = {
+        (n, t) for n, p in known.items() for i, names, _ in imports(p, n) for t in project_target(i, names, known)
+    }
     assert ("conversion.build", "evaluation.evaluate") in edges
     assert ("vllm_armorm.model", "modeling_armorm.heads") in edges or ("vllm_armorm.model", "modeling_armorm") in edges
 
@@ -186,7 +190,11 @@ def test_every_package_is_seen():
         ("evaluation/evaluate.py", "from conversion import fit", "`evaluation` may not import `conversion`"),
         ("conversion/fit.py", "from armorm_cli.cli import COMMANDS", "may not import `armorm_cli`"),
         ("examples/demo.py", "from armorm_cli.cli import main", "imports the dispatcher"),
-        ("conversion/gate.py", "from conversion.fit import _private", "imports the private name conversion.fit._private"),
+        (
+            "conversion/gate.py",
+            "from conversion.fit import _private",
+            "imports the private name conversion.fit._private",
+        ),
         ("armorm_io/files.py", "from armorm_io.reports import write_report", "import cycle"),
     ],
 )

@@ -17,7 +17,7 @@ from armorm_io.data import load_pairs
 from armorm_io.features import write_features
 from conversion import decorrelate, fit, gate
 from conversion.gate import GateSettings, initial_beta, train_gating
-from modeling_armorm.heads import LENGTH_OBJECTIVE, transformed_rewards
+from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_transformed_rewards
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,7 @@ def test_a_verbosity_objective_fitted_on_few_rows_is_refused_and_the_override_is
 
     # The explicit override decorrelates from it anyway.
     report = decorrelate.main(
-        **paths, verbosity="verbosity", min_verbosity_rows=0, min_verbosity_z=-1,
+        **paths, verbosity="verbosity", min_objective_rows=0, min_objective_z=-1,
         out=str(tmp_path / "override.safetensors"),
     )  # fmt: skip
     assert report["metrics"]["verbosity"] == "verbosity"
@@ -137,11 +137,11 @@ def test_decorrelating_from_the_answer_length_removes_a_planted_length_bias(tmp_
     prompts = torch.randn(400, D)
     accuracy = {}
     for name, transform in (("T", matrix), ("I", torch.eye(3))):
-        rewards = transformed_rewards(embeddings, weight, transform, answer_lengths=tokens)
+        rewards = chunked_transformed_rewards(embeddings, weight, transform, answer_lengths=tokens)
         gated = [0, 1]
         gating, _ = train_gating(torch.randn(800, D), rewards, GateSettings(**FAST), gated)
         scores = torch.einsum("nk,nsk->ns", gating(prompts).detach(),
-                              transformed_rewards(held_out, weight, transform, answer_lengths=held_out_tokens))  # fmt: skip
+                              chunked_transformed_rewards(held_out, weight, transform, answer_lengths=held_out_tokens))  # fmt: skip
         right = scores[:, 0] > scores[:, 1]
         accuracy[name] = float(right[shorter].float().mean())
     assert accuracy["T"] >= 0.8 > 0.3 >= accuracy["I"], accuracy
