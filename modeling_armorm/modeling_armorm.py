@@ -7,8 +7,8 @@
     g    = β · softmax(MLP(h_x) / temperature)           gating weights over the gated objectives (0 elsewhere)
     s    = g · (r T)  =  (g Tᵀ) · r                      score; T removes the verbosity component
 
-This file is copied next to every saved checkpoint (remote code): it imports only torch, transformers and
-`configuration_armorm`.
+This file is copied next to every saved checkpoint (remote code), with the two it imports besides torch and
+transformers: `configuration_armorm` and `heads` (the heads' math, shared with the stages and the vLLM plugin).
 """
 
 from dataclasses import dataclass
@@ -20,15 +20,29 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_armorm import ArmoRMConfig
+from .heads import (
+    answer_lengths,
+    coefficients,
+    last_pattern_positions,
+    last_token_positions,
+    position_ids_from_mask,
+    rewards,
+    scores,
+    set_length_objective,
+    transform,
+)
 
 
-# Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here.
-_IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "labels", "return_dict", "num_items_in_batch")
+# Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here (`labels` do: a loss).
+_IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "return_dict", "num_items_in_batch")
 
 
 @dataclass
 class ArmoRMRewardOutput(ModelOutput):
     r"""
+    loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
+        transformers' sequence-classification loss of the one logit (`problem_type="regression"`): the mean squared
+        error between the score s and `labels`, mean((s - labels)²) over the batch.
     logits (`torch.FloatTensor` of shape `(batch_size, 1)`):
         The score as a one-label classification output, the form TRL reads (`.logits[:, 0]`).
     score (`torch.FloatTensor` of shape `(batch_size,)`):
@@ -47,6 +61,7 @@ class ArmoRMRewardOutput(ModelOutput):
         The backbone's, when asked for with `output_hidden_states` / `output_attentions`.
     """
 
+    loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     score: torch.FloatTensor | None = None
     rewards: torch.FloatTensor | None = None
@@ -93,27 +108,6 @@ class ArmoRMGatingNetwork(nn.Module):
         return self.logit_scale * torch.softmax(logits, dim=-1)  # (batch, k)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Positions counted over the real tokens only, so a padded row (left or right) sees the unpadded row's positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_pattern_positions(
-    input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]
-) -> torch.LongTensor:
-    """Start of the last occurrence of `pattern` among each row's real tokens, -1 where it is absent. (batch,)"""
-    batch_size, seq_len = input_ids.shape
-    n = len(pattern)
-    if seq_len < n:
-        return torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
-    pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
-    windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
-    real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
-    found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
-    starts = torch.arange(found.shape[1], device=input_ids.device)
-    return torch.where(found, starts, -1).amax(-1)
-
-
 class ArmoRMPreTrainedModel(PreTrainedModel):
     config: ArmoRMConfig
     base_model_prefix = "model"
@@ -137,6 +131,8 @@ class ArmoRMPreTrainedModel(PreTrainedModel):
 class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
     def __init__(self, config: ArmoRMConfig):
         super().__init__(config)
+        # transformers picks the loss from the class name, which does not end in "ForSequenceClassification".
+        self.loss_type = "ForSequenceClassification"
         text_config = config.get_text_config()
         self.model = AutoModel.from_config(text_config)
         self.regression_layer = nn.Linear(text_config.hidden_size, config.num_objectives, bias=False)
@@ -187,12 +183,17 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         gating_positions: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.FloatTensor | None = None,
         **kwargs,
     ) -> ArmoRMRewardOutput:
         r"""
         gating_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Where to read the prompt feature h_x in each row; found from `config.gating_token_pattern` when not
             given. Required with `inputs_embeds`.
+        labels (`torch.FloatTensor` of shape `(batch_size,)` or `(batch_size, 1)`, *optional*):
+            A target score per row. The output's `loss` is then the mean squared error between s and the labels
+            (transformers' regression loss for one label); it trains W, the gating network and the backbone where
+            they require gradients, never T (a buffer).
         """
         for key in _IGNORED_KWARGS:
             kwargs.pop(key, None)
@@ -213,8 +214,7 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         hidden = outputs.last_hidden_state  # (batch, seq, d)
 
         # The last real token is the rightmost position with mask 1, whatever the padding side or pad id.
-        token_index = torch.arange(seq_len, device=hidden.device)
-        last_positions = (token_index * attention_mask.to(hidden.device)).argmax(-1)  # (batch,)
+        last_positions = last_token_positions(attention_mask.to(hidden.device))  # (batch,)
         if gating_positions is None:
             if input_ids is None:
                 raise ValueError("`gating_positions` is required with `inputs_embeds`: no token ids to search.")
@@ -229,24 +229,25 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
             h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
 
-            # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ
-            rewards = self.regression_layer(h)  # (batch, k)
+            # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ  (the math: `heads.py`)
+            r = rewards(h, self.regression_layer)  # (batch, k)
             if self.config.length_objective is not None:
-                # r_len = log(1 + n), n = the tokens after the gating position: the answer's length, not W h.
-                n = (last_positions - gating_positions).to(head_dtype)  # (batch,)
-                column = torch.arange(rewards.shape[-1], device=rewards.device) == self.config.length_objective
-                rewards = torch.where(column, torch.log1p(n)[:, None], rewards)
+                # r_len = log(1 + n), n = the answer's tokens after the gating position, in place of W h.
+                n = answer_lengths(last_positions, gating_positions)  # (batch,)
+                r = set_length_objective(r, n, self.config.length_objective)
             gating_output = self.gating(h_x)  # (batch, k)
-            transform = self.reward_transform_matrix.to(head_dtype)  # (k, k)
-            score = (gating_output * (rewards @ transform)).sum(-1)  # (batch,)
-            coefficients = gating_output @ transform.T  # (batch, k)
+            T = self.reward_transform_matrix.to(head_dtype)  # (k, k)
+            score = scores(gating_output, transform(r, T))  # (batch,)
+            c = coefficients(gating_output, T)  # (batch, k)
 
+        loss = None if labels is None else self._regression_loss(score[:, None], labels)
         return ArmoRMRewardOutput(
+            loss=loss,
             logits=score[:, None],
             score=score,
-            rewards=rewards,
+            rewards=r,
             gating_output=gating_output,
-            coefficients=coefficients,
+            coefficients=c,
             prompt_embedding=h_x,
             hidden_state=h,
             hidden_states=outputs.hidden_states,
@@ -282,6 +283,21 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             )
         return attention_mask
 
+    def _regression_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """transformers' `ForSequenceClassification` loss of the one logit s: MSE(s, labels), averaged over the rows."""
+        if labels.shape not in (logits.shape[:1], logits.shape):
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)}; give one target score per row, of shape "
+                f"{tuple(logits.shape[:1])} or {tuple(logits.shape)}."
+            )
+        if self.config.problem_type != "regression":
+            raise ValueError(
+                f"`config.problem_type` is {self.config.problem_type!r}, but the model has one output, the score s, "
+                'and `labels` are target scores: set `config.problem_type = "regression"` (the default).'
+            )
+        labels = labels.view_as(logits)  # (batch, 1)
+        return self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+
     @staticmethod
     def _check_gating_positions(gating_positions: torch.Tensor, last_positions: torch.Tensor) -> None:
         if gating_positions.shape != last_positions.shape:
@@ -312,14 +328,12 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # Every Auto class this checkpoint answers to, so it loads as remote code wherever the package is absent.
+        # `register_for_auto_class` makes transformers write `auto_map` for the config and for one Auto class. This
+        # class answers to two (AutoModel and AutoModelForSequenceClassification): both go in the map, which
+        # transformers completes with the config's entry (and which drops any other checkpoint's entries).
         if self._auto_class is not None:
-            module = type(self).__module__.split(".")[-1]
-            self.config.auto_map = {
-                "AutoConfig": f"{type(self.config).__module__.split('.')[-1]}.{type(self.config).__name__}",
-                "AutoModel": f"{module}.{type(self).__name__}",
-                "AutoModelForSequenceClassification": f"{module}.{type(self).__name__}",
-            }
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            self.config.auto_map = {"AutoModel": name, "AutoModelForSequenceClassification": name}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -328,6 +342,4 @@ __all__ = [
     "ArmoRMGatingNetwork",
     "ArmoRMPreTrainedModel",
     "ArmoRMRewardOutput",
-    "last_pattern_positions",
-    "position_ids_from_mask",
 ]

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .configuration_armorm import ArmoRMConfig
 from .modeling_armorm import ArmoRMForRewardModeling
 from .scoring import (
     ChatEncoder,
@@ -40,6 +39,7 @@ from .scoring import (
     pad_token_id,
     score_encoded,
 )
+from .settings import DEFAULT_BATCH_SIZE, resolve_device
 
 
 Message = dict[str, str]
@@ -67,6 +67,26 @@ def encode_prompt_completion(
     return encoder.encode(messages, where)
 
 
+# The client of `armorm serve` is these standard-library lines beside `ArmoRMReward`, not a module beside the server:
+# `modeling_armorm` stands below `serving` and may not import it, and a trainer that scores through a server should
+# not need the server's dependencies (FastAPI, uvicorn, vLLM).
+def _request_json(url: str, payload: dict | None, timeout: float) -> dict:
+    """GET `url`, or POST `payload` to it as JSON; the JSON answer, or an error that names the fix."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # POST with data
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # the server answered: a 422 names the row and the fix
+        detail = error.read().decode(errors="replace")[:2000]
+        raise ValueError(f"The reward server refused {url} ({error.code}): {detail}") from None
+    except OSError as error:  # unreachable, refused or timed out
+        raise ConnectionError(
+            f"No answer from the reward server at {url} ({error}): start it with `armorm serve --model CKPT --port N` "
+            "and pass `url='http://host:N'`."
+        ) from None
+
+
 class ArmoRMReward:
     """A picklable TRL reward function (`__call__(prompts, completions, **kwargs) -> list[float]`) backed by ArmoRM.
 
@@ -88,7 +108,7 @@ class ArmoRMReward:
         url (`str`, *optional*):
             Score through an `armorm serve` server at this address (`http://host:port`) instead of a local model:
             each call posts the prompts and completions to its `/score` endpoint. The objective names are read from
-            its `/info` when the function is built.
+            its `/info` on the first call.
         timeout (`float`, defaults to 600):
             Seconds to wait for the server's answer to one call (with `url`).
 
@@ -96,13 +116,16 @@ class ArmoRMReward:
     with the reward model's chat template as a user turn followed by the completion as the assistant's answer; a
     plain prompt that already holds the template's markup (it contains the gating pattern's text) is kept as is and
     the completion is closed with the template's end-of-turn text.
+
+    Building the function reads nothing and sends no request: the checkpoint (or the server's `/info`) is read on the
+    first call, where an unknown objective fails before anything is scored.
     """
 
     def __init__(
         self,
         model_or_path: ArmoRMForRewardModeling | str | os.PathLike | None = None,
         objectives: Sequence[str | int] | None = None,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         tokenizer=None,
         device: str | torch.device | None = None,
         url: str | None = None,
@@ -121,28 +144,33 @@ class ArmoRMReward:
         self.device = device
         self.url = url.rstrip("/") if url is not None else None
         self.timeout = timeout
-        # Resolved once here (the config is small) so that a wrong objective name fails before training starts.
-        if self.url is not None:
-            self.objective_names_ = list(self._request("/info")["objective_names"])
-        else:
-            config = model_or_path.config if isinstance(model_or_path, PreTrainedModel) else None
-            config = config or ArmoRMConfig.from_pretrained(model_or_path)
-            self.objective_names_ = objective_names(config)
-        self.objective_indices_ = self._resolve_objectives(self.objectives, self.objective_names_)
-        # TRL names each reward function by its `__name__` in its logs (`rewards/<name>/mean`).
-        selected = [self.objective_names_[i] for i in self.objective_indices_ or []]
-        self.__name__ = "armorm" + (f"[{'+'.join(selected)}]" if selected else "")
+        if self.objectives == []:
+            raise ValueError("`objectives` is empty; pass None for the gated score, or at least one objective.")
+        # TRL names each reward function by its `__name__` (`rewards/<name>/mean`) when it builds the trainer: the
+        # objectives as given, so that naming needs no checkpoint.
+        self.__name__ = "armorm" + (f"[{'+'.join(map(str, self.objectives))}]" if self.objectives else "")
+        self.objective_names_ = None  # the checkpoint's, read on the first call
+        self.objective_indices_ = None
         self._lock = threading.Lock()
         self._model = None
         self._tokenizer = None
         self._encoder = None
 
+    def _resolve_objectives(self) -> None:
+        """Read the objective names (the server's `/info`, or the model's config) and find `objectives` among them."""
+        if self.objective_names_ is not None:
+            return
+        if self.url is not None:
+            names = list(_request_json(self.url + "/info", None, self.timeout)["objective_names"])
+        else:
+            names = objective_names(self._load()[0].config)
+        self.objective_indices_ = self._objective_indices(self.objectives, names)
+        self.objective_names_ = names  # last: other threads read it as "resolved"
+
     @staticmethod
-    def _resolve_objectives(objectives: list[str | int] | None, names: list[str]) -> list[int] | None:
+    def _objective_indices(objectives: list[str | int] | None, names: list[str]) -> list[int] | None:
         if objectives is None:
             return None
-        if not objectives:
-            raise ValueError("`objectives` is empty; pass None for the gated score, or at least one objective.")
         indices = []
         for objective in objectives:
             if isinstance(objective, int) and 0 <= objective < len(names):
@@ -169,8 +197,7 @@ class ArmoRMReward:
                 return self._model, self._tokenizer
             model = self.model_or_path
             if not isinstance(model, PreTrainedModel):
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                model = ArmoRMForRewardModeling.from_pretrained(model).to(device).eval()
+                model = ArmoRMForRewardModeling.from_pretrained(model).to(resolve_device(self.device)).eval()
             elif self.device is not None:
                 model = model.to(self.device)
             tokenizer = self.tokenizer
@@ -185,34 +212,15 @@ class ArmoRMReward:
         self._load()
         return encode_prompt_completion(self._encoder, prompt, completion, where)
 
-    def _request(self, route: str, payload: dict | None = None) -> dict:
-        """GET (or POST `payload` as JSON to) the server's `route`; its JSON answer, or an error naming the fix."""
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.url + route,
-            data=data,
-            headers={"Content-Type": "application/json"},
-            method="GET" if data is None else "POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:2000]
-            raise ValueError(f"The reward server at {self.url} refused {route} ({error.code}): {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            raise ConnectionError(
-                f"No answer from the reward server at {self.url}{route} ({error}): start it with `armorm serve --model "
-                "CKPT --port N` and pass `url='http://host:N'`."
-            ) from None
-
     def score(self, prompts: list, completions: list) -> ScoreOutput:
         """Score each (prompt, completion): `score` (n,), `rewards`, `gating_output`, `coefficients` (n, k), on the
         CPU, in the callers' order."""
         if len(prompts) != len(completions):
             raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one of each.")
+        self._resolve_objectives()
         if self.url is not None:
-            answer = self._request("/score", {"prompts": list(prompts), "completions": list(completions)})
+            payload = {"prompts": list(prompts), "completions": list(completions)}
+            answer = _request_json(self.url + "/score", payload, self.timeout)
             k = len(self.objective_names_)
             heads = {
                 key: torch.tensor(answer[key], dtype=torch.float32).reshape(-1, k)

@@ -110,6 +110,52 @@ def test_trl_keyword_arguments_are_accepted(model):
     torch.testing.assert_close(plain.score, extra.score)
 
 
+# --- Labels: transformers' regression loss of the one logit ---------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["(batch,)", "(batch, 1)"])
+def test_labels_give_the_mean_squared_error_of_the_score(model, shape):
+    """loss = (1/B) Σ_b (s_b − y_b)², with s from the independent per-row reference."""
+    rows = conversations()
+    expected_score = reference_armorm_outputs(model, rows, PATTERN)["score"]
+    labels = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    ids, mask = padded(rows, EOT, "left")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels if shape == "(batch,)" else labels[:, None])
+        without = model(input_ids=ids, attention_mask=mask, labels=None)
+        as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    torch.testing.assert_close(out.loss, ((expected_score - labels) ** 2).mean(), atol=1e-5, rtol=1e-5)
+    assert out.loss.shape == () and without.loss is None
+    torch.testing.assert_close(without.score, out.score)
+    torch.testing.assert_close(as_tuple[0], out.loss)  # transformers' order: the loss first
+
+
+def test_the_loss_trains_W_and_the_gating_but_not_T():
+    """s = c · r = c · (W h) with c = g Tᵀ independent of W, so ∂loss/∂W = (2/B) Σ_b (s_b − y_b) c_b h_bᵀ."""
+    model = tiny_armorm(tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN).train()
+    ids, mask = padded(conversations(), EOT, "right")
+    labels = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    residual = 2 * (out.score - labels).detach() / len(labels)  # (B,)
+    expected = torch.einsum("b,bk,bd->kd", residual, out.coefficients.detach(), out.hidden_state.detach())
+    torch.testing.assert_close(model.regression_layer.weight.grad, expected, atol=1e-5, rtol=1e-4)
+    for name, parameter in model.gating.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert not model.reward_transform_matrix.requires_grad and model.reward_transform_matrix.grad is None
+
+
+def test_labels_of_the_wrong_shape_or_problem_type_are_refused(model):
+    ids, mask = padded(conversations(), EOT, "right")  # 4 rows
+    for labels in (torch.zeros(2, 2), torch.zeros(4, 2), torch.zeros(3), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"`labels` has shape .*one target score per row, of shape \(4,\)"):
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+    config = ArmoRMConfig.from_dict(model.config.to_dict())
+    config.problem_type = "single_label_classification"
+    with pytest.raises(ValueError, match='set `config.problem_type = "regression"`'):
+        ArmoRMForRewardModeling(config)(input_ids=ids, attention_mask=mask, labels=torch.zeros(4))
+
+
 def test_missing_pattern_config_is_an_error():
     model = tiny_armorm(tiny_llama_config(vocab_size=64))
     with pytest.raises(ValueError, match="gating_token_pattern` is not set"):

@@ -5,7 +5,9 @@ rendered with the tokenizer's chat template, and the gating position chosen by t
 `<|im_end|>` that closes the prompt's last message), passed to the model explicitly.
 """
 
+import builtins
 import pickle
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from modeling_armorm import ArmoRMForRewardModeling
+from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling
 from modeling_armorm.trl_reward import ArmoRMReward
 from tests.utils import tiny_armorm, tiny_llama_config
 
@@ -143,7 +145,8 @@ def test_callable_objectives_and_logging(reward_model, tok):
 
     single = ArmoRMReward(reward_model, objectives=["correctness"], tokenizer=tok)
     subset = ArmoRMReward(reward_model, objectives=["helpfulness", 2], tokenizer=tok)
-    assert single.__name__ == "armorm[correctness]" and subset.__name__ == "armorm[helpfulness+coherence]"
+    # Named from the objectives as given (TRL reads `__name__` when it builds the trainer, before any call).
+    assert single.__name__ == "armorm[correctness]" and subset.__name__ == "armorm[helpfulness+2]"
     torch.testing.assert_close(torch.tensor(single(PROMPTS, completions)), rewards[:, 1])
     torch.testing.assert_close(torch.tensor(subset(PROMPTS, completions)), rewards[:, 0] + rewards[:, 2])
 
@@ -158,8 +161,11 @@ def test_callable_objectives_and_logging(reward_model, tok):
     contributions = (gating @ reward_model.reward_transform_matrix.T) * rewards
     assert extra["armorm/top_objective"] == [OBJECTIVES[i] for i in contributions.abs().argmax(-1)]
 
-    with pytest.raises(ValueError, match="Unknown objective 'honesty'"):
-        ArmoRMReward(reward_model, objectives=["honesty"], tokenizer=tok)
+    unknown = ArmoRMReward(reward_model, objectives=["honesty"], tokenizer=tok)  # checked on the first call
+    with pytest.raises(ValueError, match=r"Unknown objective 'honesty' in `objectives`; choose names among \['help"):
+        unknown(PROMPTS, completions)
+    with pytest.raises(ValueError, match="`objectives` is empty"):
+        ArmoRMReward(reward_model, objectives=[], tokenizer=tok)
 
 
 def test_callable_pickles_without_weights_and_reloads(reward_model, tok, checkpoint):
@@ -178,6 +184,32 @@ def test_callable_pickles_without_weights_and_reloads(reward_model, tok, checkpo
     torch.testing.assert_close(torch.tensor(by_value(PROMPTS, ANSWERS)), torch.tensor(first))
 
 
+def test_construction_does_no_io_and_the_first_call_fails_clearly(monkeypatch):
+    """Building the function, naming it (TRL reads `__name__` when it builds the trainer) and pickling it send no
+    request and read no file; the first call reads the server or the checkpoint and fails there, naming the fix."""
+
+    def no_io(*args, **kwargs):
+        raise AssertionError(f"I/O while building the reward function: {args}")
+
+    with monkeypatch.context() as patch:
+        for owner, name in [
+            (urllib.request, "urlopen"),
+            (builtins, "open"),
+            (ArmoRMConfig, "from_pretrained"),
+            (ArmoRMForRewardModeling, "from_pretrained"),
+            (AutoTokenizer, "from_pretrained"),
+        ]:
+            patch.setattr(owner, name, no_io)
+        remote = ArmoRMReward(url="http://127.0.0.1:9", objectives=["safety"], timeout=5)
+        local = ArmoRMReward("/nonexistent/abs/path", objectives=["safety", 3])
+        assert (remote.__name__, local.__name__) == ("armorm[safety]", "armorm[safety+3]")
+        remote, local = pickle.loads(pickle.dumps(remote)), pickle.loads(pickle.dumps(local))
+    with pytest.raises(ConnectionError, match=r"reward server at http://127.0.0.1:9/info .*`armorm serve --model"):
+        remote(["Hi"], ["Hello"])
+    with pytest.raises(OSError, match="/nonexistent/abs/path"):
+        local(["Hi"], ["Hello"])
+
+
 # --- Online trainers ---------------------------------------------------------------------------------------------
 
 
@@ -193,12 +225,13 @@ def grpo_args(tmp_path, **kwargs):
 
 
 def test_grpo_with_model_object_and_callable(reward_model, tok, tmp_path):
-    """Both TRL paths (the model as reward model, and the callable) give the reference reward of each completion."""
+    """Both TRL paths (the model as reward model, and the callable) give the reference reward of each completion, and
+    TRL's `reward_weights` combine them (docs/trl.md)."""
     callable_reward = ArmoRMReward(reward_model, tokenizer=tok)
     trainer = trl.GRPOTrainer(
         model=tiny_policy(tok),
         reward_funcs=[reward_model, callable_reward],
-        args=grpo_args(tmp_path),
+        args=grpo_args(tmp_path, reward_weights=[1.0, 0.5]),
         train_dataset=conversational_prompts(),
         processing_class=tok,
         reward_processing_classes=[tok, None],
@@ -210,6 +243,8 @@ def test_grpo_with_model_object_and_callable(reward_model, tok, tmp_path):
     torch.testing.assert_close(torch.tensor(from_model), torch.tensor(expected), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(from_callable), torch.tensor(expected), rtol=1e-4, atol=1e-5)
     logged = trainer.state.log_history[0]
+    weighted = [1.0 * a + 0.5 * b for a, b in zip(from_model, from_callable)]
+    assert logged["reward"] == pytest.approx(sum(weighted) / len(weighted), rel=1e-4, abs=1e-5)
     for name in OBJECTIVES:
         assert f"armorm/rewards/{name}" in logged and f"armorm/gating/{name}" in logged
     assert sum(logged[f"armorm/gating/{name}"] for name in OBJECTIVES) == pytest.approx(1.0, abs=1e-4)

@@ -183,13 +183,15 @@ def test_armorm_reward_scores_through_the_server(server, checkpoint):
     assert got == pytest.approx(expected, abs=1e-5) and remote.__name__ == "armorm[safety]"
     assert logged_remote.keys() == logged_local.keys()
     assert [logged_remote[k] for k in logged_local] == pytest.approx(list(logged_local.values()), abs=1e-5)
-    with pytest.raises(ValueError, match="Unknown objective"):
-        ArmoRMReward(url=f"http://127.0.0.1:{server}", objectives=["kindness"])
+    unknown = ArmoRMReward(url=f"http://127.0.0.1:{server}", objectives=["kindness"])  # checked on the first call
+    with pytest.raises(ValueError, match=r"Unknown objective 'kindness' in `objectives`; choose names among \['help"):
+        unknown(prompts, completions)
 
 
 def test_unreachable_server_and_bad_settings_are_clear_errors(tmp_path):
+    unreachable = ArmoRMReward(url=f"http://127.0.0.1:{free_port()}", timeout=5)  # no request yet
     with pytest.raises(ConnectionError, match="armorm serve"):
-        ArmoRMReward(url=f"http://127.0.0.1:{free_port()}", timeout=5)
+        unreachable(["Hi"], ["Hello"])
     with pytest.raises(ValueError, match="either `model_or_path`"):
         ArmoRMReward()
     with pytest.raises(ValueError, match="`backend`"):
