@@ -25,7 +25,7 @@ from conversion import assemble, build, extract
 from evaluation import evaluate
 from modeling_armorm import ArmoRMReward
 from modeling_armorm.scoring import ChatEncoder, score_conversations, score_encoded
-from tests.utils import tiny_armorm, tiny_llama_config
+from tests.utils import file_stamps, spy_on_stages, tiny_armorm, tiny_llama_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,8 +208,7 @@ def test_rows_reordered_mid_resume_are_refused_not_mixed(backbone, tmp_path, mon
     assert not (Path(out) / "meta.json").exists()  # no mixed folder was finished
 
 
-def test_build_recomputes_every_stage_when_the_data_shrinks_in_place(backbone, tmp_path, caplog):
-    caplog.set_level("INFO", logger="conversion.build")
+def test_build_recomputes_every_stage_when_the_data_shrinks_in_place(backbone, tmp_path, monkeypatch):
     ratings = write_ratings(tmp_path / "ratings.jsonl", example_ratings(60))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join((EXAMPLES / "pairs.jsonl").read_text().splitlines(keepends=True)[:40]))
@@ -222,32 +221,45 @@ def test_build_recomputes_every_stage_when_the_data_shrinks_in_place(backbone, t
     )
     settings = dict(
         gate=build.GateSettings(steps=10, batch_size=16, gating_hidden_dim=8, eval_every=5, device="cpu"),
-        decorrelate=build.DecorrelateSettings(min_verbosity_rows=0), fit=build.FitSettings(),
+        decorrelate=build.DecorrelateSettings(min_objective_rows=0), fit=build.FitSettings(),
     )  # fmt: skip
     settings["gate"].min_objective_rows = 0
     build.main(**argv, **settings)
     write_ratings(tmp_path / "ratings.jsonl", example_ratings(50))  # the data cut in place
-    caplog.clear()
+    pairs_features = file_stamps(tmp_path / "work" / "features" / "pairs-0")
+    runs = spy_on_stages(monkeypatch)
     build.main(**argv, **settings)
-    assert "done earlier, reused" not in caplog.text.replace("extract-pairs-0: done earlier, reused", "")
+    # Every stage that depends on the ratings runs again; the pairs' extraction, which does not, is kept as it was.
+    assert runs == ["extract:ratings-0", "fit", "decorrelate", "gate", "assemble"]
+    assert file_stamps(tmp_path / "work" / "features" / "pairs-0") == pairs_features
     assert read_meta(tmp_path / "work" / "features" / "ratings-0")["counts"]["rows"] == 50
     assert (
         json.loads((tmp_path / "work" / "fit.json").read_text())["metrics"]["objectives"]["demo-safety"]["rows"] == 50
     )
 
 
-def test_a_corrupt_or_truncated_shard_is_extracted_again(backbone, tmp_path, caplog):
+def test_a_corrupt_or_truncated_shard_is_extracted_again(backbone, tmp_path, caplog, monkeypatch):
     data = write_ratings(tmp_path / "ratings.jsonl", example_ratings(12))
     out = tmp_path / "features"
     extract.main(backbone=backbone, data=data, kind="ratings", out=str(out), shard_rows=4)
     clean = {p.name: p.read_bytes() for p in out.glob("shard-*")}
-    first, second = sorted(out.glob("shard-*"))[:2]
+    first, second, third = sorted(out.glob("shard-*"))
     flipped = bytearray(first.read_bytes())
     flipped[-10] ^= 0xFF
     first.write_bytes(bytes(flipped))
     second.write_bytes(second.read_bytes()[:100])
+    intact = file_stamps(out)[third]
+    forward, forwarded = extract.forward_features, []
+
+    def counting_forward(model, sequences, *args, **kwargs):
+        forwarded.append(len(sequences))
+        return forward(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "forward_features", counting_forward)
     extract.main(backbone=backbone, data=data, kind="ratings", out=str(out), shard_rows=4)
-    assert caplog.text.count("is corrupt") == 2
+    # The two damaged shards' rows, and only those, pass through the backbone again; the intact shard is kept.
+    assert forwarded == [4, 4] and file_stamps(out)[third] == intact
+    assert "is corrupt" in caplog.text
     assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == clean
 
 

@@ -1,6 +1,7 @@
 """Helpers the tests share: tiny random backbones built in-process, the offline real tokenizer, shared data."""
 
 import functools
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -152,3 +153,48 @@ def run_snippet_without_prompt(args: list[str], cwd: Path, env: dict, what: obje
     assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
     assert process.returncode == 0, (what, process.stderr[-3000:])
     return process.stdout
+
+
+class StageRuns(list):
+    """The stages `armorm build` ran, in order: `extract:<features folder>`, `fit`, `decorrelate`, `gate`,
+    `assemble`, `evaluate`, `card` (the card rewritten with the evaluation). With `forbidden` set, a stage that
+    starts raises instead: a run that should reuse everything then fails at the first stage it runs."""
+
+    forbidden = False
+
+
+def spy_on_stages(monkeypatch) -> StageRuns:
+    """Wrap every stage's work function (what `conversion.build` calls) to record it in the returned `StageRuns`."""
+    from conversion import assemble, decorrelate, extract, fit, gate
+    from evaluation import evaluate
+
+    runs = StageRuns()
+    work = [(extract, "main", "extract"), (fit, "main", "fit"), (decorrelate, "main", "decorrelate")]
+    work += [(gate, "main", "gate"), (assemble, "main", "assemble"), (evaluate, "main", "evaluate")]
+    work += [(assemble, "update_card", "card")]
+
+    def spy(function, stage: str):
+        def run(*args, **kwargs):
+            name = f"extract:{Path(args[0].out).name}" if stage == "extract" else stage
+            if runs.forbidden:
+                raise AssertionError(f"`{name}` ran, but every stage should have been reused")
+            runs.append(name)
+            return function(*args, **kwargs)
+
+        return run
+
+    for module, attribute, stage in work:
+        monkeypatch.setattr(module, attribute, spy(getattr(module, attribute), stage))
+    return runs
+
+
+def file_stamps(*folders) -> dict[Path, tuple[str, int, int]]:
+    """Every file under `folders`: (sha256 of its bytes, mtime_ns, inode). A file written again, even with the same
+    bytes, gets another stamp: the package writes atomically (a new file renamed over the old one)."""
+    stamps = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                status = path.stat()
+                stamps[path] = (hashlib.sha256(path.read_bytes()).hexdigest(), status.st_mtime_ns, status.st_ino)
+    return stamps

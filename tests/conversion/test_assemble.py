@@ -166,7 +166,8 @@ def assert_outputs(output, expected):
 def test_checkpoint_loads_with_the_package_and_scores_as_the_heads_math(built, smollm2_tokenizer):
     checkpoint = built["checkpoint"]
     names = set(os.listdir(checkpoint))
-    assert {"config.json", "model.safetensors", "configuration_armorm.py", "modeling_armorm.py", "README.md"} <= names
+    remote_code = {"configuration_armorm.py", "modeling_armorm.py", "heads.py"}
+    assert {"config.json", "model.safetensors", "README.md", *remote_code} <= names
     assert {"tokenizer.json", "tokenizer_config.json"} <= names
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     assert type(model).__module__ == "modeling_armorm.modeling_armorm"

@@ -1,7 +1,6 @@
 """`armorm build`: every stage in one command, the checkpoint made of the work folder's files, reruns reuse stages."""
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from armorm_cli.cli import main as cli
 from armorm_io.artifacts import load_gating, load_regression, load_transform
 from conversion.build import main as build
-from tests.utils import tiny_llama_config
+from tests.utils import file_stamps, spy_on_stages, tiny_llama_config
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -38,10 +37,13 @@ def run_build(backbone, tmp_path, *extra):
     ])  # fmt: skip
 
 
-def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="conversion.build")
+def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_path, monkeypatch):
+    """Every stage runs once; a rerun runs none and writes no file; a change runs exactly the stages that depend on
+    it (what ran is seen by each stage's work function, what was kept by each file's bytes, mtime and inode)."""
+    runs = spy_on_stages(monkeypatch)
     run_build(backbone, tmp_path)
-    work = tmp_path / "work"
+    assert runs == ["extract:ratings-0", "extract:pairs-0", "fit", "decorrelate", "gate", "assemble"]
+    work, checkpoint = tmp_path / "work", tmp_path / "ckpt"
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
 
     weight, _, objectives = load_regression(work / "regression.safetensors")
@@ -61,32 +63,43 @@ def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_
         torch.testing.assert_close(model.gating.state_dict()[name], tensor, rtol=0, atol=0)
     assert {p.name for p in (work / "features").iterdir()} == {"ratings-0", "pairs-0"}
 
-    # A rerun reuses every finished stage: nothing is rewritten.
-    files = sorted(p for p in work.rglob("*") if p.is_file())
-    stamps = {p: p.stat().st_mtime_ns for p in files}
-    caplog.clear()
+    # A rerun reuses every finished stage: no stage runs (one that starts raises), no file is written again.
+    stamps = file_stamps(work, checkpoint)
+    runs.forbidden = True
     run_build(backbone, tmp_path)
-    printed = caplog.text
-    assert printed.count("done earlier, reused") == 6, printed
-    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert file_stamps(work, checkpoint) == stamps
+    runs.forbidden = False
+
+    def under(folder: Path, stamps: dict, *but: str) -> dict:
+        return {p: s for p, s in stamps.items() if folder in p.parents and p.name not in but}
 
     # A stage whose report is gone (interrupted there) runs again and gives the same result; reuse follows content,
-    # so the stage after it, whose inputs did not change, is reused.
+    # so the stage after it, whose inputs did not change, is reused: the checkpoint is not written again.
     (work / "gate.json").unlink()
-    caplog.clear()
+    runs.clear()
     run_build(backbone, tmp_path)
-    printed = caplog.text
-    assert "[build] gate ..." in printed and printed.count("done earlier, reused") == 5
+    assert runs == ["gate"]
+    gate_files = ("gating.safetensors", "gate.json", "gate.png")
+    now = file_stamps(work, checkpoint)
+    assert under(work, now, *gate_files) == under(work, stamps, *gate_files)
+    assert under(checkpoint, now) == under(checkpoint, stamps)
     again, _ = load_gating(work / "gating.safetensors")
     for name, tensor in gating.items():
         torch.testing.assert_close(again[name], tensor, rtol=0, atol=0)
 
     # Another gating seed: a new gating file, so assemble runs again too; the stages before it are reused.
-    caplog.clear()
+    runs.clear()
     run_build(backbone, tmp_path, "--gate-seed", "1")
-    printed = caplog.text
-    assert "[build] gate ..." in printed and "[build] assemble ..." in printed
-    assert printed.count("done earlier, reused") == 4
+    assert runs == ["gate", "assemble"]
+    assert under(work, file_stamps(work), *gate_files) == under(work, stamps, *gate_files)
+    assert not torch.equal(load_gating(work / "gating.safetensors")[0]["layers.0.weight"], gating["layers.0.weight"])
+
+    # Another ridge grid: a new regression, so every stage that reads it, directly or not, runs again; the features
+    # are reused.
+    runs.clear()
+    run_build(backbone, tmp_path, "--gate-seed", "1", "--fit-alphas", "0.5")
+    assert runs == ["fit", "decorrelate", "gate", "assemble"]
+    assert file_stamps(work / "features") == under(work / "features", stamps) != {}
 
 
 def test_build_rejects_an_unknown_option():

@@ -241,3 +241,27 @@ def test_a_group_without_held_out_rows_chooses_alpha_by_gcv():
         assert ridge.alpha_[j] == best
         reference = Ridge(alpha=best, fit_intercept=False).fit(x, y[:, j])
         np.testing.assert_allclose(ridge.coef_[j], reference.coef_, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("alphas", [list(ALPHAS), list(ALPHAS)[::-1], [1.0, 1e-2, 100.0]], ids=["up", "down", "mixed"])
+def test_an_alpha_tie_goes_to_the_alpha_listed_first(alphas):
+    """Training labels y ≡ 0 give w(α) = (XᵀX + αI)⁻¹ Xᵀ0 = 0 for every α: every α predicts 0 on the held-out rows,
+    so every α has the same held-out MSE, mean(y_val²), to the last bit. The tie goes to the α listed first (the
+    smallest on the paper's ascending grid), and the refit on all rows, whose labels are not all zero, uses it.
+    Without held-out rows, y ≡ 0 ties GCV(α) = n · 0 / (n − df(α))² = 0 the same way."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6))
+    y = np.concatenate([np.zeros((30, 1)), rng.normal(size=(10, 1))])
+    train, val = GramStats.zeros(6, 1), GramStats.zeros(6, 1)
+    train.update(x[:30], y[:30])
+    val.update(x[30:], y[30:])
+    ridge = HeldOutRidge(alphas).fit(train, val)
+    assert ridge.selection_ == "held-out MSE"
+    assert np.all(ridge.val_mse_path_ == np.mean(y[30:] ** 2)), "the data must tie every α exactly"
+    assert ridge.alpha_[0] == alphas[0]
+    np.testing.assert_allclose(ridge.coef_[0], np.linalg.solve(x.T @ x + alphas[0] * np.eye(6), x.T @ y[:, 0]))
+
+    full = GramStats.zeros(6, 1)
+    full.update(x, np.zeros((40, 1)))
+    ridge = HeldOutRidge(alphas).fit(full, GramStats.zeros(6, 1))
+    assert ridge.selection_.startswith("GCV") and ridge.alpha_[0] == alphas[0]

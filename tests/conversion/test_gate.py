@@ -1,18 +1,22 @@
 """`armorm gate`: the stage-2 gating network, trained with Bradley-Terry on frozen rewards r' = (W h) T."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 
 from armorm_cli.cli import main as cli_main
-from armorm_io.artifacts import load_gating, save_regression, save_transform
+from armorm_io.artifacts import load_gating, save_gating, save_regression, save_transform
 from armorm_io.features import write_features
+from conversion import gate as gate_module
 from conversion.gate import GateSettings, bradley_terry_loss, main, train_gating
 from modeling_armorm import ArmoRMGatingNetwork
-from modeling_armorm.heads import transformed_rewards
+from modeling_armorm.heads import chunked_transformed_rewards
+from tests.utils import tiny_armorm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,7 +137,7 @@ def test_loss_is_bradley_terry_on_transformed_rewards():
     torch.nn.init.constant_(gating.logit_scale, 3.0)
     embeddings, weight, matrix = torch.randn(n, 2, D), torch.randn(k, D), torch.randn(k, k)
     prompts = torch.randn(n, D)
-    rewards = transformed_rewards(embeddings, weight, matrix)
+    rewards = chunked_transformed_rewards(embeddings, weight, matrix)
     loss = bradley_terry_loss(gating, prompts, rewards)
     with torch.no_grad():
         g = gating(prompts).double().numpy()
@@ -205,22 +209,118 @@ def test_same_seed_same_files_and_cli(tmp_path):
 
 
 def test_gating_state_dict_loads_into_the_model(tmp_path):
-    from tests.utils import tiny_armorm
-
+    """The trained network's state dict, written by `save_gating` and read back by `load_gating`, is the model's
+    `gating.*`: the same names, shapes, dtypes and values, the metadata its hyper-parameters; loaded (strictly) into
+    the model, the model's gating gives the trained network's weights. A state dict with a missing or extra tensor,
+    or layers of another width than its metadata says, is refused, naming it."""
     model = tiny_armorm(num_objectives=3)
     prompts, rewards = prompt_dependent_pairs(n=200)
-    hidden_dim, n_hidden = model.config.gating_hidden_dim, model.config.gating_n_hidden
+    config = model.config
+    shape = {"gating_hidden_dim": config.gating_hidden_dim, "gating_n_hidden": config.gating_n_hidden}
     gating, _ = train_gating(
         torch.tensor(prompts, dtype=torch.float32),
         torch.tensor(rewards, dtype=torch.float32),
         GateSettings(
-            **{**FAST, "steps": 5, "gating_hidden_dim": hidden_dim, "gating_n_hidden": n_hidden},
-            gating_temperature=model.config.gating_temperature,
+            **{**FAST, "steps": 5, **shape},
+            gating_temperature=config.gating_temperature,
             gating_logit_scale_init=100.0,
             device="cpu",
         ),
     )
-    model.gating.load_state_dict(gating.state_dict())  # strict: the same names and shapes as the model's `gating.*`
+    trained = gating.state_dict()
+    path = tmp_path / "gating.safetensors"
+    save_gating(
+        path, trained, config.gating_temperature, config.gating_hidden_dim, config.gating_n_hidden,
+        extra_metadata={"seed": 0, "gated_objectives": ["a", "b", "c"]},
+    )  # fmt: skip
+    state_dict, metadata = load_gating(path)
+    assert state_dict.keys() == trained.keys() == model.gating.state_dict().keys()
+    for name, tensor in trained.items():
+        assert state_dict[name].dtype == tensor.dtype and torch.equal(state_dict[name], tensor), name
+    assert metadata == {
+        "temperature": config.gating_temperature, "hidden_dim": config.gating_hidden_dim,
+        "n_hidden": config.gating_n_hidden, "seed": 0, "gated_objectives": ["a", "b", "c"],
+    }  # fmt: skip
+
+    model.gating.load_state_dict(state_dict)  # strict
+    x = torch.tensor(prompts, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model.gating(x), gating(x))
+
+    # Refused before anything is written: a tensor missing, one the network does not have, layers of another width.
+    missing = {name: tensor for name, tensor in trained.items() if name != "logit_scale"}
+    extra = {**trained, "logit_bias": torch.zeros(1)}
+    width, n_hidden = config.gating_hidden_dim, config.gating_n_hidden
+    narrow = f"`layers.0.weight` has {width} rows, hidden_dim = 7"
+    for state_dict, hidden_dim, on_saving, on_loading in [
+        (missing, width, "logit_scale", "not a gating file"),
+        (extra, width, "logit_bias", "logit_bias"),
+        (trained, 7, narrow, narrow),
+    ]:
+        with pytest.raises(ValueError, match=on_saving):
+            save_gating(tmp_path / "bad.safetensors", state_dict, 10.0, hidden_dim, n_hidden)
+        assert not (tmp_path / "bad.safetensors").exists()
+        # The same file written by another tool (metadata values are strings) is refused on loading.
+        metadata = {"temperature": "10.0", "hidden_dim": str(hidden_dim), "n_hidden": str(n_hidden)}
+        save_file(state_dict, tmp_path / "other.safetensors", metadata=metadata)
+        with pytest.raises(ValueError, match=on_loading):
+            load_gating(tmp_path / "other.safetensors")
+
+
+def scale_100_prompts(prompts: np.ndarray) -> np.ndarray:
+    """h_x as a backbone whose features sit in the hundreds gives them (SmolLM2's final hidden states): every coordinate
+    about 100 on average; all but the first spread by about 100, the first, which carries the prompt's type (see
+    `prompt_dependent_pairs`), by about 2. Stored as float32, as features are."""
+    features = 100.0 + 100.0 * prompts
+    features[:, 0] = 100.0 + prompts[:, 0]
+    return features.astype(np.float32)
+
+
+def test_the_standardization_is_folded_into_the_saved_first_layer(tmp_path, monkeypatch):
+    """The gate trains on z = (h_x − μ) / σ, μ and σ the per-feature mean and sample standard deviation of the
+    training prompts, and saves layer₀ rewritten as (W₀/σ) h_x + b₀ − (W₀/σ) μ: the saved network on the raw h_x is
+    the trained network on z. μ and σ are computed here from the rows (no validation split: every row trains)."""
+    as_trained = []
+    fold = gate_module.fold_standardization
+
+    def keep_the_trained_network(gating, mean, std):
+        as_trained.append(copy.deepcopy(gating))
+        fold(gating, mean, std)
+
+    monkeypatch.setattr(gate_module, "fold_standardization", keep_the_trained_network)
+    prompts, rewards = prompt_dependent_pairs(n=400)
+    h_x = scale_100_prompts(prompts)
+    paths = write_pipeline(tmp_path, rewards, h_x, np.eye(3, dtype=np.float32))
+    main(out=str(tmp_path / "gating.safetensors"), device="cpu", **paths, **{**FAST, "steps": 50, "val_fraction": 0})
+    state_dict, metadata = load_gating(tmp_path / "gating.safetensors")
+    saved = ArmoRMGatingNetwork(D, 3, metadata["hidden_dim"], metadata["n_hidden"], metadata["temperature"])
+    saved.load_state_dict(state_dict)
+    (trained,) = as_trained
+
+    rows = h_x.astype(np.float64)
+    z = torch.tensor((rows - rows.mean(0)) / rows.std(0, ddof=1), dtype=torch.float32)
+    raw = torch.from_numpy(h_x)
+    with torch.no_grad():
+        torch.testing.assert_close(saved.layers[0](raw), trained.layers[0](z), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(saved(raw), trained(z), rtol=1e-5, atol=1e-5)
+        # The trained network itself is far off on raw features: without the fold the saved gate would be wrong.
+        assert (trained(raw) - saved(raw)).abs().max() > 0.1 * float(saved.logit_scale)
+
+
+def test_standardized_training_finds_the_prompt_type_that_raw_features_of_scale_100_hide(monkeypatch):
+    """Why the gate trains on standardized features: the prompt's type is a coordinate of spread ~2 beside fifteen of
+    spread ~100 (`scale_100_prompts`). Standardized, every coordinate weighs alike and the gate learns the type; on
+    the raw features (the same training with μ = 0, σ = 1) the first layer sees the type under noise fifty times
+    larger and the gate stays near chance, on held-out pairs."""
+    prompts, rewards = prompt_dependent_pairs(n=1200)
+    h_x, rewards = torch.from_numpy(scale_100_prompts(prompts)), torch.tensor(rewards, dtype=torch.float32)
+    settings = GateSettings(**FAST, device="cpu")
+    _, standardized = train_gating(h_x, rewards, settings)
+    monkeypatch.setattr(gate_module, "standardization", lambda x: (torch.zeros(x.shape[1]), torch.ones(x.shape[1])))
+    _, raw = train_gating(h_x, rewards, settings)
+    assert standardized["final"]["val_accuracy"] >= 0.95, standardized["final"]
+    assert raw["final"]["val_accuracy"] <= 0.65, raw["final"]
+    assert standardized["final"]["val_loss"] < raw["final"]["val_loss"] - 0.2
 
 
 def test_mismatched_objectives_are_an_error(tmp_path):

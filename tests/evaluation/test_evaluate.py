@@ -11,7 +11,6 @@ each objective alone, the mean g/β, the length-bias block) is recomputed here f
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -27,7 +26,15 @@ from armorm_cli.cli import main as cli_main
 from conversion.assemble import load_eval_results
 from evaluation import evaluate as evaluate_stage
 from evaluation.rewardbench import EXAMPLE_COUNTS, ties_score
-from tests.utils import SHARED_DATA, reference_armorm_outputs, requires_shared_data, tiny_armorm, tiny_llama_config
+from tests.utils import (
+    SHARED_DATA,
+    file_stamps,
+    reference_armorm_outputs,
+    requires_shared_data,
+    spy_on_stages,
+    tiny_armorm,
+    tiny_llama_config,
+)
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -449,7 +456,7 @@ def test_reward_bench_results_file_reads_as_eval_results(tmp_path):
         load_eval_results(str(path))
 
 
-def test_build_eval_puts_the_results_in_the_card_and_reuses_them(tmp_path, tok, caplog):
+def test_build_eval_puts_the_results_in_the_card_and_reuses_them(tmp_path, tok, monkeypatch):
     """`armorm build --eval`: the checkpoint is evaluated, the card shows the results and its model-index parses; a
     rerun reuses every step, including the evaluation (the card it rewrote is not part of what was scored)."""
     from transformers import AutoModel
@@ -465,8 +472,10 @@ def test_build_eval_puts_the_results_in_the_card_and_reuses_them(tmp_path, tok, 
         "--extract-device", "cpu", "--gate-device", "cpu", "--eval", pairs, "--evaluate-split", "train[:24]",
         "--evaluate-batch-size", "4", "--assemble-model-id", "me/armorm-tiny",
     ]  # fmt: skip
-    caplog.set_level(logging.INFO, logger="conversion.build")
+    runs = spy_on_stages(monkeypatch)
     cli_main(command)
+    stages = ["extract:ratings-0", "extract:pairs-0", "fit", "decorrelate", "gate", "assemble", "evaluate", "card"]
+    assert runs == stages
     results = json.loads((tmp_path / "work" / "evaluate.json").read_text())
     direct = evaluate_stage.main(
         model=str(tmp_path / "ckpt"), data=pairs, split="train[:24]", batch_size=4, out=str(tmp_path / "d.json")
@@ -487,6 +496,8 @@ def test_build_eval_puts_the_results_in_the_card_and_reuses_them(tmp_path, tok, 
     }
     assert "## Evaluation" in card.text and "armorm evaluate --model ckpt" in card.text
 
-    caplog.clear()
+    # The rerun runs no stage (one that starts raises) and writes no file.
+    stamps = file_stamps(tmp_path / "work", tmp_path / "ckpt")
+    runs.forbidden = True
     cli_main(command)
-    assert caplog.text.count("done earlier, reused") == 8, caplog.text
+    assert file_stamps(tmp_path / "work", tmp_path / "ckpt") == stamps
