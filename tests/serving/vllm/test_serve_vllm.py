@@ -21,7 +21,7 @@ def server(reference, tmp_path_factory):
     port = free_port()
     engine = {k: v for k, v in ENGINE.items() if k not in ("runner", "dtype")}
     engine["hf_overrides"] = {"armorm_prompt_feature_entries": 4}  # small: evictions happen and must be recovered
-    command = [sys.executable, "-m", "armorm_cli.cli", "serve", "--model", str(reference / "armorm")]
+    command = [sys.executable, "-m", "armorm_cli", "serve", "--model", str(reference / "armorm")]
     command += [
         "--backend",
         "vllm",
