@@ -16,13 +16,18 @@ A malformed row is skipped and recorded in `skipped` with its source index and t
 extraction never stops halfway and never drops a row silently. A file in no accepted layout raises one error.
 """
 
+import bz2
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import math
 import numbers
 import os
 import re
+import shutil
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +36,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from armorm_io.files import Fingerprint, check_location, file_sha256, hub_unreachable
+from armorm_io.files import Fingerprint, atomic_write, check_location, file_sha256, hub_unreachable
 from modeling_armorm.scoring import ROLES, validate_messages
 
 
@@ -40,6 +45,8 @@ logger = logging.getLogger(__name__)
 # The `datasets` builder of each local file extension (compressed files are read through their inner extension).
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_CHECKERS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}  # `<tool> -t FILE` tests a compressed file
 # Numeric columns that number rows rather than rate them: never a default objective.
 ID_COLUMN = re.compile(r"(^|[_\-])(id|idx|index)$", re.IGNORECASE)
 # Columns that may hold a pair's own ratings (UltraFeedback): equal ratings make the pair a tie.
@@ -58,6 +65,9 @@ PAIR_LAYOUTS = (
 BATCH_SIZE = 1024  # rows decoded per `datasets` batch: big enough to amortise Arrow decoding, small in memory
 # `datasets` types a json column of mixed types (numbers and strings) as `Json`; older releases have no such type.
 _JSON_FEATURE = getattr(datasets, "Json", ())
+# A JSON escape of half a UTF-16 surrogate pair (U+D800-U+DFFF).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SCAN_CHUNK = 1 << 24
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_PROMPT_START = "\n\nHuman:"
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -102,29 +112,37 @@ class PairRows:
 
 def load_table(data: str | os.PathLike, split: str = "train", name: str | None = None) -> datasets.Dataset:
     """One split of `data` as a `datasets.Dataset`: a local file (builder picked by extension), a local data
-    folder, or a Hub dataset id (`name` = its configuration)."""
+    folder, or a Hub dataset id (`name` = its configuration).
+
+    A local file or folder is read from the content that `data_fingerprint` hashes: a change while it is read is
+    an error. A json row whose text cannot be encoded (a lone surrogate such as "\\ud83d") is read as an empty row
+    and logged; `load_ratings` and `load_pairs` list it in `skipped`."""
+    table, unreadable = _read_table(data, split, name)
+    if unreadable:
+        logger.warning("%s: %d rows cannot be read, left empty: %s", os.fspath(data), len(unreadable), unreadable)
+    return table
+
+
+def _read_table(data: str | os.PathLike, split: str, name: str | None) -> tuple[datasets.Dataset, dict[int, str]]:
+    """`load_table`, and the rows (index in the split → reason) read as empty because their text cannot be encoded."""
     data = os.fspath(data)
-    if os.path.isfile(data):
-        base = os.path.basename(data).lower()
-        for compression in COMPRESSIONS:
-            base = base.removesuffix(compression)
-        builder = BUILDERS.get(os.path.splitext(base)[1])
-        if builder is None:
+    if os.path.isfile(data) or os.path.isdir(data):
+        digest = _content_sha256(data)
+        # `datasets` trusts its cache of a local file while its path and modification time are unchanged, so new
+        # content under the old mtime (`cp -p`, `rsync -a`, `tar x`) would be read as the old rows. Key the cache on
+        # the content itself: other bytes, another cache folder and a fresh read.
+        cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "armorm", digest)
+        if os.path.isfile(data):
+            table, unreadable = _read_file(data, split, cache_dir)
+        else:
+            table, unreadable = datasets.load_dataset(data, name, split=split, cache_dir=cache_dir), {}
+        if _content_sha256(data) != digest:
+            shutil.rmtree(cache_dir, ignore_errors=True)
             raise ValueError(
-                f"Cannot read {data!r}: unknown file type. Give a {', '.join(BUILDERS)} file (optionally "
-                f"compressed: {', '.join(COMPRESSIONS)}), a data folder, or a Hub dataset id."
+                f"{data!r} changed while it was read: the rows read may not be the content hashed. Read it again "
+                "once nothing writes to it."
             )
-        if os.path.getsize(data) == 0:
-            raise ValueError(f"{data!r} is empty: no rows to read.")
-        # A local file has one split; name it after the requested one so that slices such as `train[:100]` work.
-        split_name = split.split("[", 1)[0]
-        try:
-            table = datasets.load_dataset(builder, data_files={split_name: data}, split=split)
-        except StopIteration as error:  # `datasets` finds no row to infer the schema from
-            raise ValueError(f"{data!r} holds no rows: nothing to read.") from error
-        return _non_empty(table, data)
-    if os.path.isdir(data):
-        return _non_empty(datasets.load_dataset(data, name, split=split), data)
+        return _non_empty(table, data), unreadable
     if os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS) or data.startswith(("/", ".")):
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
     check_location(data, "The data")
@@ -132,7 +150,145 @@ def load_table(data: str | os.PathLike, split: str = "train", name: str | None =
         table = datasets.load_dataset(data, name, split=split)
     except (OSError, ConnectionError, ValueError) as error:  # offline, unknown id, no access
         raise hub_unreachable(data, "The data", error) from error
-    return _non_empty(table, data)
+    return _non_empty(table, data), {}
+
+
+def _read_file(data: str, split: str, cache_dir: str) -> tuple[datasets.Dataset, dict[int, str]]:
+    base = os.path.basename(data).lower()
+    compression = next((suffix for suffix in COMPRESSIONS if base.endswith(suffix)), None)
+    builder = BUILDERS.get(os.path.splitext(base.removesuffix(compression or ""))[1])
+    if builder is None:
+        raise ValueError(
+            f"Cannot read {data!r}: unknown file type. Give a {', '.join(BUILDERS)} file (optionally "
+            f"compressed: {', '.join(COMPRESSIONS)}), a data folder, or a Hub dataset id."
+        )
+    if os.path.getsize(data) == 0:
+        raise ValueError(f"{data!r} is empty: no rows to read.")
+    # A local file has one split; name it after the requested one so that slices such as `train[:100]` work.
+    split_name = split.split("[", 1)[0]
+    # In a csv file only an empty cell is missing: pandas' default would also read "NaN", "NA", "null", "None"...
+    # as missing, labels and answers alike, without a word.
+    options = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
+    try:
+        if builder == "json" and _has_surrogate_escape(data):
+            read = _read_json_skipping_unencodable(data, split, split_name, cache_dir)
+            if read is not None:
+                return read
+        table = datasets.load_dataset(
+            builder, data_files={split_name: data}, split=split, cache_dir=cache_dir, **options
+        )
+    except StopIteration as error:  # `datasets` finds no row to infer the schema from
+        raise ValueError(f"{data!r} holds no rows: nothing to read.") from error
+    except (EOFError, OSError, zlib.error, lzma.LZMAError, datasets.exceptions.DatasetGenerationError) as error:
+        if compression is None or not _caused_by(error, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile):
+            raise
+        cause = _root_cause(error)
+        raise ValueError(
+            f"{data!r} is not a complete {compression} file ({type(cause).__name__}: {cause}): it was cut short or "
+            f"is corrupt. Copy or compress it again (`{_CHECKERS[compression]} -t {data}` checks it)."
+        ) from error
+    return table, {}
+
+
+def _caused_by(error: BaseException, *types: type) -> bool:
+    while error is not None:
+        if isinstance(error, types):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _has_surrogate_escape(data: str) -> bool:
+    """Whether a json file holds a UTF-16 surrogate escape ("\\ud83d"): only then can it hold a lone one."""
+    if not _python_reads(data):
+        return False
+    tail = b""
+    with _open_compressed(data, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            if _SURROGATE_ESCAPE.search(tail + chunk):
+                return True
+            tail = chunk[-5:]
+    return False
+
+
+def _read_json_skipping_unencodable(
+    data: str, split: str, split_name: str, cache_dir: str
+) -> tuple[datasets.Dataset, dict[int, str]] | None:
+    """A json file whose text cannot be encoded as UTF-8 (a lone surrogate such as the escape "\\ud83d", common in
+    scraped text) is refused whole by pyarrow, or read with that text silently dropped. Find those rows with
+    Python's json, and read the file through `datasets` with each of them as an empty row (so that every other
+    row keeps its index). None when every row can be encoded."""
+    rows = _json_rows(data)
+    if rows is None:
+        return None
+    lines, unreadable = [], {}
+    for i, row in enumerate(rows):
+        reason = (
+            _unencodable(row) if isinstance(row, dict) else f"the row is a json {type(row).__name__}, not an object"
+        )
+        if reason:
+            unreadable[i] = reason
+        lines.append("{}" if reason else json.dumps(row))
+    if not unreadable:
+        return None
+    readable = os.path.join(cache_dir, "readable", os.path.basename(data).split(".", 1)[0] + ".jsonl")
+    atomic_write(readable, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    table = datasets.load_dataset("json", data_files={split_name: readable}, split=split, cache_dir=cache_dir)
+    start = _split_start(split, split_name, len(rows))
+    return table, {i - start: reason for i, reason in unreadable.items() if start <= i < start + len(table)}
+
+
+def _json_rows(data: str) -> list | None:
+    """A json or json-lines file's rows as Python's json reads them (NaN, ±Infinity and every string exact), or
+    None where it holds neither a list nor one value a line."""
+    if not _python_reads(data):
+        return None
+    with _open_compressed(data, "rt", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else None
+    except json.JSONDecodeError:
+        pass
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
+
+
+def _open_compressed(data: str, mode: str, **kwargs):
+    return _OPENERS.get(os.path.splitext(data)[1].lower(), open)(data, mode, **kwargs)
+
+
+def _python_reads(data: str) -> bool:
+    """Whether Python's standard library can decompress `data` (a .zst file needs `datasets`' own reader)."""
+    extension = os.path.splitext(data)[1].lower()
+    return extension not in COMPRESSIONS or extension in _OPENERS
+
+
+def _unencodable(row: dict) -> str | None:
+    """Why a row's text cannot be stored as UTF-8, naming its column, or None."""
+    for column, value in row.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:
+            character = error.object[error.start : error.end]
+            return (
+                f"`{column}` holds text that cannot be encoded as UTF-8 ({character!r}, a lone surrogate: half of a "
+                "UTF-16 pair, as text cut mid-emoji leaves it). Repair or drop that text"
+            )
+    return None
+
+
+def _split_start(split: str, split_name: str, total: int) -> int:
+    """Where a split slice such as `train[10:]` starts in the file's rows."""
+    return datasets.ReadInstruction.from_spec(split).to_absolute({split_name: total})[0].from_
 
 
 def _non_empty(table: datasets.Dataset, data: str) -> datasets.Dataset:
@@ -141,17 +297,20 @@ def _non_empty(table: datasets.Dataset, data: str) -> datasets.Dataset:
     return table
 
 
+def _content_sha256(data: str) -> str:
+    """The sha256 of a local file, or of every file of a local folder (relative path and sha256, in path order)."""
+    if os.path.isfile(data):
+        return file_sha256(data)
+    files = sorted(path for path in Path(data).rglob("*") if path.is_file() and not path.name.startswith("."))
+    listing = [[path.relative_to(data).as_posix(), file_sha256(path)] for path in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def data_fingerprint(data: str | os.PathLike) -> Fingerprint:
     """What identifies the data's content: the sha256 of a local file, of every file of a local folder, or None for a
-    Hub dataset id (`datasets` resolves its revision itself)."""
+    Hub dataset id (`datasets` resolves its revision itself). `load_table` reads local data keyed on this hash."""
     data = os.fspath(data)
-    if os.path.isfile(data):
-        return Fingerprint(data, file_sha256(data))
-    if os.path.isdir(data):
-        files = sorted(path for path in Path(data).rglob("*") if path.is_file() and not path.name.startswith("."))
-        listing = [[path.relative_to(data).as_posix(), file_sha256(path)] for path in files]
-        return Fingerprint(data, hashlib.sha256(json.dumps(listing).encode()).hexdigest())
-    return Fingerprint(data, None)
+    return Fingerprint(data, _content_sha256(data) if os.path.exists(data) else None)
 
 
 def parse_hh_transcript(text: str) -> list[dict]:
@@ -185,7 +344,7 @@ def load_ratings(
         name: the Hub dataset configuration.
     """
     data = os.fspath(data)
-    table = load_table(data, split, name)
+    table, unreadable = _read_table(data, split, name)
     columns = list(table.column_names)
     if "messages" in columns:
         layout, conversation_columns = "messages", ["messages"]
@@ -202,8 +361,13 @@ def load_ratings(
             f"{data!r} has no numeric objective column (columns: {columns}). Name them with `objectives=`."
         )
 
+    exact = _exact_json_values(table, data, split, objectives)
     messages, labels, index, skipped = [], [], [], []
     for i, row in _iter_rows(table, conversation_columns + objectives, f"Reading ratings from {data}"):
+        if i in unreadable:
+            skipped.append({"index": i, "reason": unreadable[i]})
+            continue
+        row.update({column: values[i] for column, values in exact.items()})
         try:
             if layout == "messages":
                 conversation = _messages(row["messages"], "messages", as_turns=None)
@@ -224,16 +388,21 @@ def load_ratings(
     return RatingRows(messages, labels, objectives, index, skipped, layout)
 
 
-def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None = None) -> PairRows:
+def load_pairs(
+    data: str | os.PathLike, split: str = "train", name: str | None = None, *, keep_ties: bool = False
+) -> PairRows:
     """Read preference pairs as full `chosen` / `rejected` conversations that share their prompt.
 
     Args:
         data: a Hub dataset id, a local data folder or a json/jsonl/json.gz/parquet/csv file.
         split: the split to read (a local file's only split takes this name; slices like `train[:100]` work).
         name: the Hub dataset configuration.
+        keep_ties: keep the pairs that state no preference (the same answer twice, or equal `score_chosen` and
+            `score_rejected`). Training skips them (it learns nothing from a tie); evaluation keeps them, as
+            RewardBench does, and counts an equal score as wrong.
     """
     data = os.fspath(data)
-    table = load_table(data, split, name)
+    table, unreadable = _read_table(data, split, name)
     columns = list(table.column_names)
     if "chosen" not in columns or "rejected" not in columns:
         raise _layout_error(data, split, columns, "pairs", PAIR_LAYOUTS)
@@ -244,6 +413,9 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
 
     chosen_rows, rejected_rows, subset, index, skipped = [], [], [], [], []
     for i, row in _iter_rows(table, read, f"Reading pairs from {data}"):
+        if i in unreadable:
+            skipped.append({"index": i, "reason": unreadable[i]})
+            continue
         try:
             if explicit:
                 prompt = _messages(row["prompt"], "prompt", as_turns=_prompt_turns)
@@ -262,9 +434,10 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
                 raise ValueError(
                     "`chosen` and `rejected` have different prompts (every turn but the last must be the same)"
                 )
-            if chosen[-1]["content"] == rejected[-1]["content"]:
-                raise ValueError("`chosen` and `rejected` are the same answer: the pair states no preference")
-            _check_not_a_tie(row)
+            if not keep_ties:
+                if chosen[-1]["content"] == rejected[-1]["content"]:
+                    raise ValueError("`chosen` and `rejected` are the same answer: the pair states no preference")
+                _check_not_a_tie(row)
         except ValueError as error:
             skipped.append({"index": i, "reason": str(error)})
             continue
@@ -279,7 +452,7 @@ def load_pairs(data: str | os.PathLike, split: str = "train", name: str | None =
 
 def _check_not_a_tie(row: dict) -> None:
     """A pair whose own ratings are equal (UltraFeedback's `score_chosen == score_rejected`, at the top level or in
-    a `metadata` column) is a tie, not a preference: training or evaluating on it would read noise as a label."""
+    a `metadata` column) is a tie, not a preference: training on it would read noise as a label."""
     scores = dict(row.get("metadata") or {}) if isinstance(row.get("metadata"), dict) else {}
     scores.update({key: row[key] for key in ("score_chosen", "score_rejected") if row.get(key) is not None})
     chosen, rejected = scores.get("score_chosen"), scores.get("score_rejected")
@@ -327,6 +500,36 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
     return sorted(objectives, key=lambda column: first_rated[column])
 
 
+def _exact_json_values(table: datasets.Dataset, data: str, split: str, columns: list[str]) -> dict[str, list]:
+    """The exact values of the `columns` that `datasets` types `Json` (numbers and strings mixed), which it decodes
+    lossily: JSON NaN becomes null, ±Infinity and the string "NaN" become None, the string "Infinity" becomes inf.
+    A local json file's values are read again with Python's json; elsewhere a value stored but decoded as None is
+    marked unreadable, so that `_label` lists it instead of taking it for a missing label."""
+    mixed = [column for column in columns if isinstance(table.features[column], _JSON_FEATURE)]
+    if not mixed:
+        return {}
+    rows = _json_rows(data) if os.path.isfile(data) and BUILDERS.get(_inner_extension(data)) == "json" else None
+    if rows is not None and all(isinstance(row, dict) for row in rows):
+        start = _split_start(split, split.split("[", 1)[0], len(rows))
+        rows = rows[start : start + len(table)]
+        if len(rows) == len(table):
+            return {column: [row.get(column) for row in rows] for column in mixed}
+    exact = {}
+    for column in mixed:
+        stored, decoded = table.data.column(column).to_pylist(), table[column]
+        exact[column] = [
+            _NOT_A_NUMBER if value is None and text is not None else value for text, value in zip(stored, decoded)
+        ]
+    return exact
+
+
+def _inner_extension(data: str) -> str:
+    base = os.path.basename(data).lower()
+    for compression in COMPRESSIONS:
+        base = base.removesuffix(compression)
+    return os.path.splitext(base)[1]
+
+
 def _parses_as_number(text: str) -> bool:
     try:
         float(text)
@@ -339,6 +542,8 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# A stored value `datasets` decodes as None (a JSON NaN or ±Infinity): listed as such, never a missing label.
+_NOT_A_NUMBER = object()
 # Labels are stored as float32: a larger magnitude would become ±inf there.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -349,6 +554,8 @@ def _label(value, column: str) -> float:
     `NaN` is not "missing": that is null), or a magnitude float32 cannot hold."""
     if value is None:
         return math.nan
+    if value is _NOT_A_NUMBER:
+        raise ValueError(f"objective `{column}` is NaN or ±Infinity, not a label (use null for a missing label)")
     if isinstance(value, str):
         try:
             number = float(value.strip())

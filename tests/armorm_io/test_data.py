@@ -1,16 +1,19 @@
-"""`armorm_io.data`: every layout of SPEC §3 read into message lists, checked against independent reads."""
+"""`armorm_io.data`: every layout of docs/building.md#data-layouts, checked against independent reads."""
 
 import csv
 import gzip
 import json
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from armorm_io.data import load_pairs, load_ratings, parse_hh_transcript
+from armorm_io import data as data_module
+from armorm_io.data import data_fingerprint, load_pairs, load_ratings, parse_hh_transcript
+from armorm_io.files import file_sha256
 from tests.utils import SHARED_DATA, requires_shared_data
 
 
@@ -412,3 +415,143 @@ def test_parse_hh_transcript():
     for bad in ("no markers", "preamble\n\nHuman: hi\n\nAssistant: yo", "\n\nAssistant: first"):
         with pytest.raises(ValueError, match="not an Anthropic HH transcript"):
             parse_hh_transcript(bad)
+
+
+# ---------------------------------------------------------------- what is read is what was hashed
+
+
+def _rewrite_keeping_times(path, text: str) -> None:
+    """New content at the same path with the old modification time, as `cp -p`, `rsync -a` or `tar x` leave it."""
+    times = os.stat(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "csv"])
+def test_new_content_with_the_old_mtime_is_read_again(tmp_path, suffix):
+    messages = RATING_ROWS[0][0]
+    path = str(tmp_path / f"r.{suffix}")
+
+    def write(scale: float):
+        rows = [{"messages": messages, "score": scale * i} for i in range(6)]
+        if suffix == "csv":
+            write_rows(rows, path)
+        else:
+            with gzip.open(path, "wt") if suffix.endswith(".gz") else open(path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    write(1.0)
+    assert load_ratings(path).labels.ravel().tolist() == [0, 1, 2, 3, 4, 5]
+    first = data_fingerprint(path).sha256
+    times = os.stat(path)
+    write(-7.0)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == times.st_mtime_ns
+
+    assert load_ratings(path).labels.ravel().tolist() == [0, -7, -14, -21, -28, -35]
+    fingerprint = data_fingerprint(path)
+    assert fingerprint.sha256 == file_sha256(path) != first
+
+
+def test_new_pairs_with_the_old_mtime_are_read_again(tmp_path):
+    prompt = [{"role": "user", "content": "Q"}]
+    path = tmp_path / "p.jsonl"
+
+    def pairs(answer: str) -> str:
+        row = {"chosen": prompt + _assistant(answer), "rejected": prompt + _assistant("no")}
+        return "".join(json.dumps(row) + "\n" for _ in range(3))
+
+    path.write_text(pairs("yes"))
+    assert [c[-1]["content"] for c in load_pairs(path).chosen] == ["yes"] * 3
+    _rewrite_keeping_times(path, pairs("YES, new"))
+    assert [c[-1]["content"] for c in load_pairs(path).chosen] == ["YES, new"] * 3
+
+
+def test_a_data_folder_rewritten_with_old_mtimes_is_read_again(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = lambda scale: "".join(  # noqa: E731
+        json.dumps({"messages": RATING_ROWS[0][0], "score": scale * i}) + "\n" for i in range(4)
+    )
+    (folder / "train.jsonl").write_text(rows(1.0))
+    assert load_ratings(folder).labels.ravel().tolist() == [0, 1, 2, 3]
+    _rewrite_keeping_times(folder / "train.jsonl", rows(-7.0))
+    assert load_ratings(folder).labels.ravel().tolist() == [0, -7, -14, -21]
+
+
+def test_a_file_that_changes_while_read_is_refused(tmp_path, monkeypatch):
+    path = write_rows([{"messages": RATING_ROWS[0][0], "score": 1.0}], tmp_path / "r.jsonl")
+    real = data_module.datasets.load_dataset
+
+    def load_then_change(*args, **kwargs):
+        table = real(*args, **kwargs)
+        write_rows([{"messages": RATING_ROWS[0][0], "score": 2.0}], path)
+        return table
+
+    monkeypatch.setattr(data_module.datasets, "load_dataset", load_then_change)
+    with pytest.raises(ValueError, match="changed while it was read"):
+        load_ratings(path)
+    monkeypatch.undo()
+    assert load_ratings(path).labels.ravel().tolist() == [2.0]
+
+
+# ---------------------------------------------------------------- labels never silently missing, unreadable text
+
+
+def test_nan_strings_and_lossy_json_numbers_are_listed(tmp_path):
+    messages = json.dumps(RATING_ROWS[0][0])
+    cells = ["0.5", "NaN", "nan", "", "1.0", "-inf"]  # "" is a missing label (null), the rest are numbers or listed
+    lines = ["messages,score"] + [f'"{messages.replace(chr(34), chr(34) * 2)}",{cell}' for cell in cells]
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    ratings = load_ratings(tmp_path / "r.csv")
+    assert ratings.index == [0, 3, 4]
+    np.testing.assert_array_equal(ratings.labels.ravel(), np.array([0.5, np.nan, 1.0], dtype=np.float32))
+    reasons = {entry["index"]: entry["reason"] for entry in ratings.skipped}
+    assert sorted(reasons) == [1, 2, 5] and "NaN" in reasons[1] and "NaN" in reasons[2]
+
+    # A json column of numbers and strings (`datasets` types it `Json`): NaN, ±Infinity and the strings "NaN",
+    # "Infinity" are listed; null and an absent key are missing labels.
+    values = ["0.5", '"x"', "null", "NaN", "Infinity", "-Infinity", '"NaN"', '"Infinity"', "2"]
+    text = "".join(f'{{"messages": {messages}, "score": {value}}}\n' for value in values)
+    text += f'{{"messages": {messages}}}\n'
+    (tmp_path / "t.jsonl").write_text(text)
+    ratings = load_ratings(tmp_path / "t.jsonl", objectives=["score"])
+    assert ratings.index == [0, 2, 8, 9]
+    np.testing.assert_array_equal(ratings.labels.ravel(), np.array([0.5, np.nan, 2, np.nan], dtype=np.float32))
+    reasons = {entry["index"]: entry["reason"] for entry in ratings.skipped}
+    assert sorted(reasons) == [1, 3, 4, 5, 6, 7], reasons
+    assert "'x', not a number" in reasons[1]
+    assert all("NaN" in reasons[i] or "inf" in reasons[i].lower() for i in (3, 4, 5, 6, 7)), reasons
+    # In a data folder (as from the Hub) only what `datasets` stored is known: JSON NaN is stored as null there.
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.jsonl").write_text(text)
+    in_folder = load_ratings(tmp_path / "folder", objectives=["score"])
+    assert {1, 4, 5, 6, 7} <= {entry["index"] for entry in in_folder.skipped} and 8 in in_folder.index
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_text_that_cannot_be_encoded_is_a_listed_skip(tmp_path, suffix):
+    prompt = [{"role": "user", "content": "Q"}]
+    rows = [
+        {"chosen": prompt + _assistant(answer), "rejected": prompt + _assistant("no")}
+        for answer in ["yes", "broken \ud83d emoji", "fine", "also fine"]
+    ]
+    path = tmp_path / f"p.{suffix}"
+    # json.dumps writes the lone surrogate as the escape "\ud83d", as scraped data holds it.
+    path.write_text(json.dumps(rows) if suffix == "json" else "".join(json.dumps(row) + "\n" for row in rows))
+    assert "\\ud83d" in path.read_text()
+    pairs = load_pairs(path)
+    assert pairs.index == [0, 2, 3]
+    assert [c[-1]["content"] for c in pairs.chosen] == ["yes", "fine", "also fine"]
+    assert len(pairs.skipped) == 1 and pairs.skipped[0]["index"] == 1
+    assert "`chosen`" in pairs.skipped[0]["reason"] and "surrogate" in pairs.skipped[0]["reason"]
+    assert load_pairs(path, split="train[1:]").index == [1, 2]
+
+
+def test_a_corrupt_gz_file_is_one_clear_error(tmp_path):
+    rows = [{"messages": RATING_ROWS[0][0], "score": 1.0}] * 200
+    whole = gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"(?s)cut\.jsonl\.gz.*(corrupt|cut short).*gzip -t"):
+        load_ratings(tmp_path / "cut.jsonl.gz")

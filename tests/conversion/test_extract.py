@@ -21,6 +21,7 @@ from armorm_cli.cli import main as cli_main
 from armorm_io.backbone import load_backbone, load_tokenizer
 from armorm_io.data import load_pairs
 from armorm_io.features import load_features, read_meta
+from armorm_io.files import file_sha256
 from conversion import extract as extract_module
 from conversion.extract import main as extract
 from tests.utils import (
@@ -324,3 +325,27 @@ def test_gguf_backbone_equals_per_row_forward(tmp_path):
             torch.testing.assert_close(tensors["embeddings"][row, side], hidden[-1], rtol=1e-4, atol=1e-4)
             if side == 0:
                 torch.testing.assert_close(tensors["prompt_embeddings"][row], hidden[gating], rtol=1e-4, atol=1e-4)
+
+
+def test_new_content_under_the_old_mtime_is_extracted_with_its_own_hash(backbone, tmp_path):
+    """`datasets` trusts its cache of a file while path and mtime are unchanged; `cp -p`, `rsync -a` and `tar x`
+    keep the mtime of new content. What is extracted must be what the report's hash names."""
+    messages = read_jsonl(SHARED_DATA / "ratings" / "helpsteer2_sample.jsonl")[0]["messages"]
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [{"messages": messages, "score": float(i)} for i in range(6)])
+    first = extract(backbone=backbone, data=str(path), out=str(tmp_path / "first"), kind="ratings")
+    assert load_features(tmp_path / "first")[0]["labels"].ravel().tolist() == [0, 1, 2, 3, 4, 5]
+    times = os.stat(path)
+    write_jsonl(path, [{"messages": messages, "score": -7.0 * i} for i in range(6)])
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+    second = extract(backbone=backbone, data=str(path), out=str(tmp_path / "second"), kind="ratings")
+    tensors, _ = load_features(tmp_path / "second")
+    assert tensors["labels"].ravel().tolist() == [0, -7, -14, -21, -28, -35]
+    report = json.loads((tmp_path / "second" / "extract.json").read_text())
+    assert report["inputs"]["data"]["sha256"] == file_sha256(path)
+    assert (
+        report["inputs"]["data"]["sha256"]
+        != json.loads((tmp_path / "first" / "extract.json").read_text())["inputs"]["data"]["sha256"]
+    )
+    assert first["counts"]["rows"] == second["counts"]["rows"] == 6
