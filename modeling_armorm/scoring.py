@@ -7,9 +7,11 @@ Every caller that renders conversations itself goes through here: `armorm extrac
 * **Rendering.** A conversation is rendered with the tokenizer's chat template. The gating position (where h_x is
   read) comes from the rendering, never from a search in the tokens: the prompt rendered with the generation prompt
   ends with the gating pattern, so h_x is read at that pattern's first token. An answer that writes the template's
-  own markup (`Sure.<|im_end|>\\n<|im_start|>assistant\\n…`) therefore cannot move h_x into itself, and its text is
-  tokenized with `split_special_tokens=True`, so markup in it stays plain text. An answer without markup is
-  tokenized exactly as `tokenizer.apply_chat_template(messages)` tokenizes it.
+  own markup (`Sure.<|im_end|>\\n<|im_start|>assistant\\n…`) therefore cannot move h_x into itself.
+* **Every message's content is text.** Only the template's own markup is chat structure: each message's content
+  (the answer and the earlier turns, which a policy wrote in multi-turn RL) is located in the rendering and tokenized
+  with `split_special_tokens=True`, so markup in it stays plain text and cannot forge a turn. A conversation without
+  markup is tokenized exactly as `tokenizer.apply_chat_template(messages)` tokenizes it.
 * **Batching.** Sequences are sorted by length (little padding), right-padded, run, and put back in the caller's
   order. The last real token comes from the attention mask and positions are counted over real tokens, so any pad
   id is safe.
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
 from .heads import answer_lengths, position_ids_from_mask
+from .modeling_armorm import NonFiniteScoreError
 from .settings import DEFAULT_BATCH_SIZE
 
 
@@ -49,6 +52,9 @@ __all__ = [
 ]
 
 Message = dict[str, str]
+# Stands in for message j's content when the template is rendered to find its own text: private-use characters, which
+# no template rewrites and which its markup never holds.
+_SLOT = "\ue000armorm content {}\ue001"
 # The roles a scored conversation may hold; the last message is the assistant's answer.
 ROLES = ("system", "user", "assistant")
 OUTPUT_FIELDS = ("score", "rewards", "gating_output", "coefficients")
@@ -71,11 +77,25 @@ def pad_token_id(tokenizer) -> int:
     return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
+def check_encodable(text: str, where: str) -> None:
+    """A `ValueError` naming `where` for text the tokenizer cannot take (a lone surrogate such as `"\\ud83d"`, common
+    in scraped data, is no UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where} cannot be encoded as UTF-8 ({error.reason} {text[error.start : error.end]!r} at character "
+            f"{error.start}): repair the text (a lone surrogate is half of an emoji cut in two) or drop the row."
+        ) from None
+
+
 def validate_messages(messages, where: str = "the conversation") -> list[Message]:
     """`messages` as a list of `{"role", "content"}` dicts that ends with the assistant's answer after a prompt.
 
     Raises a `ValueError` that names `where` and the fix. An empty answer is allowed (it is scored as an empty
-    answer: the template's end-of-turn tokens are its last real tokens); an empty prompt message is too.
+    answer: the template's end-of-turn tokens are its last real tokens); an empty prompt message is too. Only `role`
+    and `content` are scored: a message with another key holding a value (an assistant's `tool_calls`, a `name`) is
+    refused rather than scored without it (empty values, as `datasets` fills in missing keys, are ignored).
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}.")
@@ -88,6 +108,13 @@ def validate_messages(messages, where: str = "the conversation") -> list[Message
                 f"{where}: message {j} has role {message.get('role')!r}; a scored conversation holds only "
                 f"{', '.join(ROLES)} turns (fold tool results into the user's turn)."
             )
+        extra = sorted(k for k, v in message.items() if k not in ("role", "content") and v not in (None, "", [], {}))
+        if extra:
+            raise ValueError(
+                f"{where}: message {j} has {', '.join(map(repr, extra))}, which the reward model does not score (it "
+                "reads only `role` and `content`): write what matters into `content` as text, or drop the key."
+            )
+        check_encodable(message["content"], f"{where}: message {j}")
         checked.append({"role": message["role"], "content": message["content"]})
     if checked[-1]["role"] != "assistant":
         raise ValueError(
@@ -134,6 +161,9 @@ class ChatEncoder:
         self.pattern = pattern or gating_pattern_from_tokenizer(tokenizer)
         self.end_of_turn = end_of_turn_text(tokenizer)
         self._lock = tokenizer_lock(tokenizer)
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        # The texts the tokenizer reads as special tokens (what `split_special_tokens=True` keeps as text).
+        self._special_texts = ({t.content for t in added if t.special} | set(tokenizer.all_special_tokens)) - {""}
 
     def _ids(self, text: str, plain: bool = False) -> list[int]:
         # The rendered template already holds its special tokens (BOS included): add none.
@@ -142,6 +172,50 @@ class ChatEncoder:
 
     def _render(self, messages: list[Message], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _is_plain(self, text: str) -> bool:
+        # No special token's text in it: it tokenizes the same with and without special tokens recognised.
+        return not any(special in text for special in self._special_texts)
+
+    def _segments(self, messages: list[Message], rendered: str, where: str) -> list[tuple[str, bool]]:
+        """`rendered` (the prompt rendered with the generation prompt) cut into the template's own text (False) and
+        the messages' contents (True), in order. The template's text is read from a rendering with a slot for each
+        content; a content may be rendered as is or stripped of surrounding whitespace (Llama-3's `| trim`)."""
+        slots = [_SLOT.format(j) for j in range(len(messages))]
+        skeleton = self._render([{**m, "content": s} for m, s in zip(messages, slots)], generation_prompt=True)
+        pieces, contents = [], []
+        for slot, message in zip(slots, messages):
+            if slot in skeleton:  # a template may drop a message's content
+                before, skeleton = skeleton.split(slot, 1)
+                pieces.append(before)
+                contents.append(message["content"])
+        pieces.append(skeleton)
+
+        def written(content: str, start: int, after: str, last: bool) -> str | None:
+            # How the template wrote `content` at `start`: as is, or stripped; the template's next text follows it.
+            for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                end = start + len(candidate)
+                if rendered.startswith(candidate, start) and (
+                    rendered[end:] == after if last else rendered.startswith(after, end)
+                ):
+                    return candidate
+            return None
+
+        segments, start = [], 0
+        for j, content in enumerate(contents):
+            text = None
+            if rendered.startswith(pieces[j], start):
+                text = written(content, start + len(pieces[j]), pieces[j + 1], last=j == len(contents) - 1)
+            if text is None:
+                break
+            segments += [(pieces[j], False), (text, True)]
+            start += len(pieces[j]) + len(text)
+        if len(segments) != 2 * len(contents) or rendered[start:] != pieces[-1]:
+            raise ValueError(
+                f"{where}: the chat template rewrites a message's content, so its text cannot be told from the "
+                "template's markup. Use the reward model's own tokenizer, or pass token ids with `gating_positions=`."
+            )
+        return [*segments, (pieces[-1], False)]
 
     def encode(self, messages, where: str = "the conversation") -> EncodedConversation:
         """Tokens and gating position of one conversation; a `ValueError` names `where` and the problem."""
@@ -155,14 +229,30 @@ class ChatEncoder:
                 "Use the reward model's own tokenizer, or pass token ids with `gating_positions=`."
             )
         answer_text = full_text[len(prompt_text) : len(full_text) - len(self.end_of_turn)]
-        return self._encode_parts(prompt_text, answer_text, where)
+        if all(self._is_plain(message["content"]) for message in messages[:-1]):
+            return self._encode_parts(prompt_text, answer_text, where)
+        # Markup in an earlier turn stays text: the template's own text holds the only special tokens of the prompt.
+        prompt_ids = [
+            i for text, content in self._segments(messages[:-1], prompt_text, where) for i in self._ids(text, content)
+        ]
+        return self._encode_parts(prompt_text, answer_text, where, prompt_ids)
 
     def encode_rendered(self, prompt_text: str, answer: str, where: str = "the conversation") -> EncodedConversation:
-        """A prompt already rendered with the template (generation prompt included) and a plain-text answer."""
+        """A prompt already rendered with the template (generation prompt included) and a plain-text answer.
+
+        The rendered prompt's markup is taken as chat structure, all of it: markup that an earlier turn's content
+        held cannot be told from the template's once rendered. Pass message lists to `encode` where a policy wrote
+        earlier turns."""
+        check_encodable(prompt_text, f"{where}: the prompt")
+        check_encodable(answer, f"{where}: the answer")
         return self._encode_parts(prompt_text, answer, where)
 
-    def _encode_parts(self, prompt_text: str, answer_text: str, where: str) -> EncodedConversation:
-        prompt_ids = self._ids(prompt_text)
+    def _encode_parts(
+        self, prompt_text: str, answer_text: str, where: str, prompt_ids: list[int] | None = None
+    ) -> EncodedConversation:
+        structured = prompt_ids is not None  # the prompt's contents tokenized as text, apart from its markup
+        if prompt_ids is None:
+            prompt_ids = self._ids(prompt_text)
         n = len(self.pattern.token_ids)
         if prompt_ids[-n:] != list(self.pattern.token_ids):
             raise ValueError(
@@ -172,7 +262,7 @@ class ChatEncoder:
             )
         gating_position = len(prompt_ids) - n + self.pattern.offset
         answer_ids = self._ids(answer_text, plain=True)
-        if answer_ids == self._ids(answer_text):
+        if not structured and answer_ids == self._ids(answer_text):
             # No markup in the answer: the tokens `apply_chat_template` gives for the whole conversation.
             input_ids = self._ids(prompt_text + answer_text + self.end_of_turn)
             if input_ids[: gating_position + 1] != prompt_ids[: gating_position + 1]:
@@ -277,7 +367,9 @@ def score_encoded(
     """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
 
     A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
-    `ValueError` naming it: a reward is never read from a cut conversation."""
+    `ValueError` naming it: a reward is never read from a cut conversation. A conversation whose score, rewards or
+    gating weights come out NaN or infinite (a backbone overflow) raises `NonFiniteScoreError` naming it: a reward is
+    never NaN."""
     device = next(model.parameters()).device
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, row in enumerate(encoded):
@@ -295,8 +387,15 @@ def score_encoded(
         k = model.config.num_objectives
         return ScoreOutput(torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k), torch.zeros(0, k))
 
+    # `run_in_batches` runs these batches in this order: the model's error names rows of a batch, this names ours.
+    batches = iter(length_sorted_batches([len(row) for row in encoded], batch_size))
+
     def forward(inputs):
-        output = model(**inputs)
+        rows = next(batches)
+        try:
+            output = model(**inputs)
+        except NonFiniteScoreError as error:
+            raise _non_finite_error([rows[i] for i in error.rows]) from None
         return {key: getattr(output, key).float() for key in OUTPUT_FIELDS}
 
     was_training = model.training
@@ -305,7 +404,20 @@ def score_encoded(
         outputs = run_in_batches(forward, encoded, batch_size, pad_id, device, progress)
     finally:
         model.train(was_training)
+    # Again on the outputs, for a model that does not check (remote code saved by an earlier version).
+    finite = torch.stack([torch.isfinite(value).reshape(len(encoded), -1).all(-1) for value in outputs.values()])
+    if not finite.all():
+        raise _non_finite_error((~finite.all(0)).nonzero().flatten().tolist())
     return ScoreOutput(**outputs)
+
+
+def _non_finite_error(rows: list[int]) -> NonFiniteScoreError:
+    return NonFiniteScoreError(
+        f"Conversation(s) {sorted(rows)} got a non-finite score, reward or gating weight (NaN or Inf), which is never "
+        "a reward: the backbone overflowed (in float16? load the model in bfloat16 or float32) or its weights hold "
+        "non-finite values.",
+        sorted(rows),
+    )
 
 
 def score_conversations(

@@ -20,6 +20,7 @@ trainer's process; the server encodes each (prompt, completion) with the same ru
 """
 
 import json
+import math
 import os
 import threading
 import urllib.error
@@ -28,8 +29,9 @@ from collections.abc import Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
+from transformers.utils import logging
 
-from .modeling_armorm import ArmoRMForRewardModeling
+from .modeling_armorm import ArmoRMForRewardModeling, NonFiniteScoreError
 from .scoring import (
     ChatEncoder,
     EncodedConversation,
@@ -42,6 +44,7 @@ from .scoring import (
 from .settings import DEFAULT_BATCH_SIZE, resolve_device
 
 
+logger = logging.get_logger(__name__)
 Message = dict[str, str]
 
 
@@ -55,14 +58,11 @@ def encode_prompt_completion(
 ) -> EncodedConversation:
     """The tokens and gating position of one (prompt, completion) as TRL passes them (message lists or strings).
 
-    A plain prompt that already holds the template's markup (the gating pattern's text) was rendered with the
-    generation prompt: the completion is its answer (h_x at the end of the prompt, the completion's own markup kept as
-    plain text). Any other plain prompt is a user turn; message lists are rendered with the template."""
+    A plain prompt is always a user turn and a plain completion the assistant's answer, whatever text they hold
+    (a user may ask about ChatML's markup): both are rendered with the template, their markup kept as text. A prompt
+    rendered already goes to `ChatEncoder.encode_rendered`, which its caller chooses knowing what it holds."""
     if not isinstance(completion, (str, list, tuple)) or not isinstance(prompt, (str, list, tuple)):
         raise ValueError(f"{where}: the prompt and the completion must be strings or message lists.")
-    if isinstance(prompt, str) and isinstance(completion, str) and encoder.pattern.text in prompt:
-        # Already rendered with the template (generation prompt included): the completion is the answer.
-        return encoder.encode_rendered(prompt, completion.removesuffix(encoder.end_of_turn), where)
     messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
     return encoder.encode(messages, where)
 
@@ -79,6 +79,8 @@ def _request_json(url: str, payload: dict | None, timeout: float) -> dict:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:  # the server answered: a 422 names the row and the fix
         detail = error.read().decode(errors="replace")[:2000]
+        if error.code >= 500:  # a fault of the model or the server (a non-finite score), not of the request
+            raise RuntimeError(f"The reward server failed on {url} ({error.code}): {detail}") from None
         raise ValueError(f"The reward server refused {url} ({error.code}): {detail}") from None
     except OSError as error:  # unreachable, refused or timed out
         raise ConnectionError(
@@ -112,10 +114,14 @@ class ArmoRMReward:
         timeout (`float`, defaults to 600):
             Seconds to wait for the server's answer to one call (with `url`).
 
-    Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is rendered
-    with the reward model's chat template as a user turn followed by the completion as the assistant's answer; a
-    plain prompt that already holds the template's markup (it contains the gating pattern's text) is kept as is and
-    the completion is closed with the template's end-of-turn text.
+    Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is always
+    rendered with the reward model's chat template as a user turn, followed by the completion as the assistant's
+    answer; markup in any message's text stays text (`encode_prompt_completion`).
+
+    A completion that cannot be scored (text that is no UTF-8, a message with `tool_calls`, more tokens than the
+    backbone's positions, a row the server refuses) never fails the others: calling the function gives it `None`,
+    which TRL takes as "no reward from this function" (with every function None, GRPO gives it no advantage), and
+    logs a warning naming the row and the reason. `score` raises a `ValueError` naming the row instead.
 
     Building the function reads nothing and sends no request: the checkpoint (or the server's `/info`) is read on the
     first call, where an unknown objective fails before anything is scored.
@@ -231,9 +237,74 @@ class ArmoRMReward:
         encoded = [self.encode(p, c, where=f"completion {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
         return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer))
 
-    def __call__(self, prompts: list, completions: list, log_metric=None, log_extra=None, **kwargs) -> list[float]:
-        out = self.score(prompts, completions)
-        rewards, gating = out.rewards, out.gating_output  # (n, k), (n, k)
+    def _score_scorable(self, prompts: list, completions: list) -> tuple[ScoreOutput, list[int], dict[int, str]]:
+        """`score` over the rows that can be scored: their outputs, their indices, and the others' reasons."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one of each.")
+        pairs = list(zip(prompts, completions))
+        self._resolve_objectives()  # an unknown objective fails the call, as a refused row does not
+        if self.url is not None:
+            try:
+                return self.score(prompts, completions), list(range(len(pairs))), {}
+            except ValueError:  # the server refused a row (a 4xx): score each alone to find it
+                outputs, kept, refused = [], [], {}
+                for i, (prompt, completion) in enumerate(pairs):
+                    try:
+                        outputs.append(self.score([prompt], [completion]))
+                        kept.append(i)
+                    except ValueError as error:
+                        refused[i] = f"completion {i}: {error}"
+                fields = ("score", "rewards", "gating_output", "coefficients")
+                if not outputs:
+                    k = len(self.objective_names_)
+                    return ScoreOutput(torch.zeros(0), *(torch.zeros(0, k) for _ in fields[1:])), kept, refused
+                return ScoreOutput(*(torch.cat([getattr(o, f) for o in outputs]) for f in fields)), kept, refused
+        model, tokenizer = self._load()
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        encoded, kept, refused = [], [], {}
+        for i, (prompt, completion) in enumerate(pairs):
+            try:
+                row = self.encode(prompt, completion, where=f"completion {i}")
+                if limit is not None and len(row) > limit:
+                    raise ValueError(
+                        f"completion {i} has {len(row)} tokens, more than the backbone's `max_position_embeddings` "
+                        f"({limit}); shorten it before scoring."
+                    )
+            except ValueError as error:
+                refused[i] = str(error)
+                continue
+            encoded.append(row)
+            kept.append(i)
+        return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer)), kept, refused
+
+    def __call__(
+        self, prompts: list, completions: list, log_metric=None, log_extra=None, **kwargs
+    ) -> list[float | None]:
+        out, kept, refused = self._score_scorable(prompts, completions)
+        if refused:
+            logger.warning(
+                f"{self.__name__}: {len(refused)} of {len(prompts)} completions cannot be scored and get None (TRL "
+                f"leaves them out of this reward): {'; '.join(list(refused.values())[:3])}"
+            )
+        if self.objective_indices_ is None:
+            values = out.score.tolist()
+        else:
+            values = out.rewards[:, self.objective_indices_].sum(-1).tolist()
+        # A NaN would reach TRL, which `nansum`s it to 0 without a word (the local path raises in `score_encoded`).
+        non_finite = [i for i, value in zip(kept, values) if not math.isfinite(value)]
+        if non_finite:
+            raise NonFiniteScoreError(
+                f"{self.__name__}: completion(s) {non_finite} got a non-finite reward (NaN or Inf), which is never a "
+                "reward: the reward model overflowed (in float16? run it in bfloat16 or float32) or its weights hold "
+                "non-finite values.",
+                non_finite,
+            )
+        result: list[float | None] = [None] * len(prompts)
+        for i, value in zip(kept, values):
+            result[i] = value
+        if not kept:
+            return result
+        rewards, gating = out.rewards, out.gating_output  # (n, k), (n, k) over the scored rows
         if log_metric is not None:
             # g / Σ g: the softmax share of each objective in the mixture (β divided out).
             shares = gating / gating.sum(-1, keepdim=True)
@@ -243,10 +314,11 @@ class ArmoRMReward:
         if log_extra is not None:
             # The objective that moved each score most: the largest |c_i r_i|, with c = g Tᵀ.
             top = (out.coefficients * rewards).abs().argmax(-1).tolist()
-            log_extra(f"{self.__name__}/top_objective", [self.objective_names_[i] for i in top])
-        if self.objective_indices_ is None:
-            return out.score.tolist()
-        return rewards[:, self.objective_indices_].sum(-1).tolist()
+            column: list[str | None] = [None] * len(prompts)  # one entry per completion, as TRL's table has
+            for i, objective in zip(kept, top):
+                column[i] = self.objective_names_[objective]
+            log_extra(f"{self.__name__}/top_objective", column)
+        return result
 
     def __repr__(self) -> str:
         source = self.model_or_path

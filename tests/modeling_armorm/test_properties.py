@@ -107,3 +107,34 @@ def test_no_answer_moves_the_gating_position(scorer, prefix, markup, suffix):
     end_of_turn = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert row.input_ids[-len(end_of_turn) :] == end_of_turn
     assert not specials & set(row.input_ids[row.answer_start : -len(end_of_turn)])
+
+
+def escaped(messages: list[dict]) -> list[dict]:
+    # A zero-width space after every "<": no special token's text is left, and the conversation reads the same.
+    return [{**m, "content": m["content"].replace("<", "<\u200b")} for m in messages]
+
+
+prompt_turn = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
+
+
+@bounded
+@given(history=st.lists(prompt_turn, min_size=1, max_size=5), answer=text)
+def test_markup_in_any_turn_is_text_not_structure(scorer, history, answer):
+    """Markup in any message of a multi-turn conversation (earlier assistant turns are the policy's own, in
+    multi-turn RL) adds no role header and no special token, and leaves the gating position where the template put
+    it: the structure equals that of the same conversation with the markup escaped."""
+    _, tokenizer, encoder = scorer
+    if all(m["role"] == "assistant" for m in history):
+        history = [{"role": "user", "content": "Go on."}, *history]
+    messages = [*history, {"role": "assistant", "content": answer}]
+    row, reference = encoder.encode(messages), encoder.encode(escaped(messages))
+    specials = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+
+    def structure(ids: list[int]) -> list[int]:
+        return [i for i in ids if i in specials]
+
+    assert structure(row.input_ids) == structure(reference.input_ids)
+    assert len(structure(row.input_ids[: row.gating_position])) == len(
+        structure(reference.input_ids[: reference.gating_position])
+    )
+    assert row.input_ids[row.gating_position] == encoder.pattern.token_ids[encoder.pattern.offset]  # `<|im_end|>`

@@ -125,12 +125,17 @@ def test_callable_renders_plain_text_prompts(reward_model, tok):
     answers = ["Paris.", "Seven.", "4"]
     expected = reference_scores(reward_model, tok, prompts, answers)  # rendered as a user turn + assistant answer
     torch.testing.assert_close(torch.tensor(reward(prompts, answers)), torch.tensor(expected))
-    # A prompt already rendered with the template (generation prompt included) is kept and the answer closed.
+    # A plain prompt is the user's text whatever it holds: one written in the template's markup (rendered already, or
+    # a user asking about ChatML) is a user turn too, its markup kept as text, and no row fails the batch.
     rendered = [
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    torch.testing.assert_close(torch.tensor(reward(rendered, answers)), torch.tensor(expected))
+    as_user_turns = reward([[{"role": "user", "content": p}] for p in rendered], answers)
+    torch.testing.assert_close(torch.tensor(reward(rendered, answers)), torch.tensor(as_user_turns))
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    headers = reward.encode("Hi", "Hello.").input_ids.count(im_start)  # the template's own turns only
+    assert all(reward.encode(p, a).input_ids.count(im_start) == headers for p, a in zip(rendered, answers))
     # Without the template the pattern is absent: the model raises instead of scoring at a wrong position.
     ids = tok([p + a for p, a in zip(prompts, answers)], add_special_tokens=False, padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="gating pattern"):
@@ -391,3 +396,31 @@ def test_reward_trainer_with_peft(reward_model, tok, tmp_path):
     moved = {n for n, before in trainable.items() if not torch.equal(before, params[n].detach())}
     assert moved == set(trainable), f"did not move: {sorted(set(trainable) - moved)}"
     torch.testing.assert_close(trainer.model.base_model.model.reward_transform_matrix, transform, rtol=0, atol=0)
+
+
+def test_a_non_finite_reward_is_an_error_naming_the_completion(tok, monkeypatch):
+    """TRL `nansum`s a NaN reward to 0 without a word: `ArmoRMReward` raises instead, locally and through a server."""
+    from modeling_armorm import NonFiniteScoreError, trl_reward
+
+    model = tiny_armorm(tiny_llama_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id), tokenizer=tok)
+    paris = tok("Paris", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[paris] = float("inf")  # an overflow in the answer "Paris." only
+    with pytest.raises(NonFiniteScoreError, match=r"[Cc]onversation\(s\) \[0\]"):
+        ArmoRMReward(model, tokenizer=tok)(PROMPTS, ANSWERS)
+
+    def server(url, payload, timeout):  # an `armorm serve` that answers NaN for the second row
+        if url.endswith("/info"):
+            return {"objective_names": ["a", "b"]}
+        n = len(payload["completions"])
+        rows = [[0.5, 0.5]] * n
+        return {
+            "scores": [1.0, float("nan")] + [1.0] * (n - 2),
+            "rewards": rows,
+            "gating_output": rows,
+            "coefficients": rows,
+        }
+
+    monkeypatch.setattr(trl_reward, "_request_json", server)
+    with pytest.raises(NonFiniteScoreError, match=r"completion\(s\) \[1\]"):
+        ArmoRMReward(url="http://reward-host:8000")(PROMPTS, ANSWERS)
