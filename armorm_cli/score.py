@@ -169,7 +169,7 @@ def main(config: ScoreConfig | None = None, /, **kwargs) -> list[dict]:
     results = load_pipeline(config).score(conversations)
     if config.json:
         for result in results:
-            print(json.dumps(result))
+            print(json.dumps(result, allow_nan=False))  # never `NaN` (not JSON): the scoring path raises first
     else:
         print(format_scores(results))
     return results

@@ -41,7 +41,12 @@ from conversion.model_card import CardInfo, build_model_card
 from conversion.state_dict import check_state_dict, expected_shapes
 from evaluation.rewardbench import rewardbench_scores
 from evaluation.rewardbench_score import read_accuracies
-from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+from modeling_armorm import (
+    ArmoRMConfig,
+    ArmoRMForRewardModeling,
+    gating_pattern_from_tokenizer,
+    turn_header_patterns_from_tokenizer,
+)
 from modeling_armorm.scoring import pad_token_id
 from modeling_armorm.settings import DtypeSettings, Location, normalize_locations, torch_dtype
 
@@ -209,7 +214,8 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
 
 
 def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | None = None) -> ArmoRMConfig:
-    """`ArmoRMConfig`: the backbone's config nested, the heads' sizes, the tokenizer's gating pattern and pad id."""
+    """`ArmoRMConfig`: the backbone's config nested, the heads' sizes, the tokenizer's gating pattern, turn headers
+    and pad id."""
     text_config = backbone_config.to_dict()
     # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it; and
     # the backbone's local path (`_name_or_path`) is not published with the checkpoint.
@@ -240,6 +246,7 @@ def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | 
         gating_n_hidden=heads.gating_n_hidden,
         gating_temperature=heads.gating_temperature,
         **gating_pattern_from_tokenizer(tokenizer).config_kwargs(),
+        turn_header_patterns=turn_header_patterns_from_tokenizer(tokenizer),
     )
     config.pad_token_id = pad_token_id(tokenizer)
     return config

@@ -3,10 +3,16 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .chat_template import gating_pattern_from_tokenizer
+from .chat_template import gating_pattern_from_tokenizer, turn_header_patterns_from_tokenizer
 from .configuration_armorm import ArmoRMConfig
 from .explanation import Explanation, ObjectiveContribution
-from .modeling_armorm import ArmoRMForRewardModeling, ArmoRMGatingNetwork, ArmoRMPreTrainedModel, ArmoRMRewardOutput
+from .modeling_armorm import (
+    ArmoRMForRewardModeling,
+    ArmoRMGatingNetwork,
+    ArmoRMPreTrainedModel,
+    ArmoRMRewardOutput,
+    NonFiniteScoreError,
+)
 from .pipeline import TASK, ArmoRMPipeline
 from .plot import plot_explanation
 from .trl_reward import ArmoRMReward
@@ -31,7 +37,9 @@ __all__ = [
     "ArmoRMReward",
     "ArmoRMRewardOutput",
     "Explanation",
+    "NonFiniteScoreError",
     "ObjectiveContribution",
     "gating_pattern_from_tokenizer",
     "plot_explanation",
+    "turn_header_patterns_from_tokenizer",
 ]

@@ -76,3 +76,46 @@ def gating_pattern_from_tokenizer(tokenizer) -> GatingPattern:
             "is separated from the contents, or give `gating_token_pattern=` explicitly."
         )
     return GatingPattern(token_ids=pattern, offset=0, text=tokenizer.decode(pattern))
+
+
+_TURN_PROBE = "Armorm turn probe"
+
+
+def _stable_run(tokenizer, text: str, start: int, end: int) -> list[int] | None:
+    """The token ids of `text[start:end]` as they occur inside `text`, or None where the tokenizer merges them with
+    their neighbours (the run would then never match real inputs)."""
+    before, through, whole = _ids(tokenizer, text[:start]), _ids(tokenizer, text[:end]), _ids(tokenizer, text)
+    if through[: len(before)] != before or whole[: len(through)] != through or len(through) == len(before):
+        return None
+    return through[len(before) :]
+
+
+def turn_header_patterns_from_tokenizer(tokenizer) -> dict[str, list[int]]:
+    """The token ids of each role's turn header in `tokenizer.chat_template` (`ArmoRMConfig.turn_header_patterns`).
+
+    Renders a user turn, an assistant turn and a turn of each role, and cuts the text between the end-of-turn text
+    and the role's content: ChatML's `<|im_start|>user\\n`, Llama-3's `<|start_header_id|>user<|end_header_id|>\\n\\n`.
+    A role is left out where the template refuses it (Gemma has no system turn), renders it under another role's
+    header, or writes a header without a special token (plain text that any answer could hold) or that does not
+    tokenize to a stable run of tokens. The model uses them to refuse raw token ids that are not one prompt and one
+    answer.
+    """
+    end_of_turn = end_of_turn_text(tokenizer)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    prompt = [{"role": "user", "content": _PROMPT_PROBE}, {"role": "assistant", "content": _ANSWER_PROBE}]
+    headers = {}
+    for role in ("assistant", "system", "user", "tool"):
+        try:
+            text = tokenizer.apply_chat_template([*prompt, {"role": role, "content": _TURN_PROBE}], tokenize=False)
+        except Exception:  # a template that refuses the role (Jinja's `raise_exception`) has no header for it
+            continue
+        after = text.find(_ANSWER_PROBE) + len(_ANSWER_PROBE)
+        start, end = after, text.find(_TURN_PROBE, after)
+        if after < len(_ANSWER_PROBE) or end < 0:
+            continue
+        if end_of_turn and text.startswith(end_of_turn, start):
+            start += len(end_of_turn)
+        ids = _stable_run(tokenizer, text, start, end)
+        if ids and special & set(ids) and ids not in headers.values():
+            headers[role] = ids
+    return headers

@@ -13,6 +13,10 @@ except ImportError:  # transformers < 5.24 (vLLM 0.32 pins 5.19): sub-configs ar
     SubConfigSpec = None
 
 
+# The roles whose turn headers `turn_header_patterns` may hold: the prompt's roles, then the answer's.
+TURN_ROLES = ("system", "user", "tool", "assistant")
+
+
 class ArmoRMConfig(PreTrainedConfig):
     r"""
     Configuration of [`ArmoRMForRewardModeling`] (arXiv 2406.12845).
@@ -50,10 +54,17 @@ class ArmoRMConfig(PreTrainedConfig):
             last occurrence (plus `gating_token_offset`). Llama-3: `[128009, 128006, 78191, 128007, 271]`.
             `gating_pattern_from_tokenizer` derives it from any chat template.
         gating_token_offset (`int`, defaults to 0):
-            Position of the prompt feature relative to the pattern's first token; it must stay inside the pattern or
-            before it (a larger offset would read the answer's tokens).
+            Position of the prompt feature relative to the pattern's first token, from 0 to `len(pattern) - 1`: it
+            stays inside the pattern (a larger offset would read the answer's tokens).
         gating_token_pattern_text (`str`, *optional*):
             The pattern decoded to text, quoted in error messages (the model holds no tokenizer).
+        turn_header_patterns (`dict[str, list[int]]`, *optional*):
+            The token ids of each role's turn header in the chat template (`"system"`, `"user"`, `"tool"`,
+            `"assistant"`; Llama-3's user header: `[128006, 882, 128007, 271]`), derived by
+            `turn_header_patterns_from_tokenizer`. With them, when the model searches the gating pattern in raw token
+            ids itself, it refuses a row that is not one prompt and one answer: a system, user or tool header after
+            the gating position, or a second assistant header after the last prompt turn (an answer that writes the
+            template's markup, which would move h_x into itself). None (checkpoints made before): no such check.
 
     `pad_token_id` lives in `text_config` only; the top-level attribute reads and writes it there, so the value
     that RewardBench reads (`config.pad_token_id`) and the one TRL reads (`config.get_text_config().pad_token_id`)
@@ -79,6 +90,7 @@ class ArmoRMConfig(PreTrainedConfig):
     gating_token_pattern: list[int] | None = None
     gating_token_offset: int = 0
     gating_token_pattern_text: str | None = None
+    turn_header_patterns: dict[str, list[int]] | None = None
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:
@@ -112,13 +124,24 @@ class ArmoRMConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`gated_objectives` ({gated}) must list distinct indices of the {k} objectives, at least one."
                 )
-        if not self.gating_temperature > 0:
+        # `not 0 < x < inf` is also true for NaN: a JSON `NaN` or `Infinity` in config.json is refused by name.
+        if not 0 < self.gating_temperature < float("inf"):
             raise ValueError(
-                f"`gating_temperature` must be > 0, got {self.gating_temperature}: the softmax divides by it."
+                f"`gating_temperature` must be > 0 and finite, got {self.gating_temperature}: the softmax "
+                "divides by it."
             )
+        if not abs(self.gating_logit_scale_init) < float("inf"):
+            raise ValueError(
+                f"`gating_logit_scale_init` (β's initial value) must be finite, got {self.gating_logit_scale_init}."
+            )
+        if self.gating_token_offset < 0:
+            raise ValueError(
+                f"`gating_token_offset` must be >= 0, got {self.gating_token_offset}: the prompt feature is read at "
+                "the gating pattern's first token plus the offset, inside the pattern."
+            )
+        vocab_size = getattr(self.text_config, "vocab_size", None)
         pattern = self.gating_token_pattern
         if pattern:
-            vocab_size = getattr(self.text_config, "vocab_size", None)
             outside = [i for i in pattern if not 0 <= i < (vocab_size if vocab_size is not None else i + 1)]
             if outside:
                 raise ValueError(
@@ -129,6 +152,14 @@ class ArmoRMConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`gating_token_offset` ({self.gating_token_offset}) reads past the prompt: the pattern has "
                     f"{len(pattern)} tokens, so the offset must be below {len(pattern)}."
+                )
+        for role, header in (self.turn_header_patterns or {}).items():
+            outside = [i for i in header or [] if not 0 <= i < (vocab_size if vocab_size is not None else i + 1)]
+            if role not in TURN_ROLES or not header or outside:
+                raise ValueError(
+                    f"`turn_header_patterns` maps {role!r} to {header}: give the non-empty token ids of the roles "
+                    f"{list(TURN_ROLES)} within the backbone's vocabulary ({vocab_size}), as "
+                    "`turn_header_patterns_from_tokenizer(tokenizer)` derives them."
                 )
 
     @property

@@ -37,9 +37,11 @@ __all__ = [
     "chunked_transformed_rewards",
     "coefficients",
     "last_pattern_positions",
+    "last_true_positions",
     "last_token_positions",
     "length_reward",
     "pair_scores",
+    "pattern_starts",
     "position_ids_from_mask",
     "rewards",
     "scores",
@@ -69,20 +71,32 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pattern_starts(input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]) -> torch.Tensor:
+    """Where `pattern` starts among each row's real tokens: True at the first token of each occurrence.
+    (batch, seq) → (batch, seq)"""
+    batch_size, seq_len = input_ids.shape
+    n = len(pattern)
+    found = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=input_ids.device)
+    if seq_len < n:
+        return found
+    pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
+    windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
+    real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
+    found[:, : seq_len - n + 1] = (windows == pattern_ids).all(-1) & real
+    return found
+
+
 def last_pattern_positions(
     input_ids: torch.LongTensor, attention_mask: torch.Tensor, pattern: list[int]
 ) -> torch.LongTensor:
     """Start of the last occurrence of `pattern` among each row's real tokens, -1 where it is absent. (batch,)"""
-    batch_size, seq_len = input_ids.shape
-    n = len(pattern)
-    if seq_len < n:
-        return torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
-    pattern_ids = torch.tensor(pattern, dtype=input_ids.dtype, device=input_ids.device)
-    windows = input_ids.unfold(1, n, 1)  # (batch, seq - n + 1, n)
-    real = attention_mask.bool().unfold(1, n, 1).all(-1)  # the whole window is made of real tokens
-    found = (windows == pattern_ids).all(-1) & real  # (batch, seq - n + 1)
-    starts = torch.arange(found.shape[1], device=input_ids.device)
-    return torch.where(found, starts, -1).amax(-1)
+    return last_true_positions(pattern_starts(input_ids, attention_mask, pattern))
+
+
+def last_true_positions(found: torch.Tensor) -> torch.LongTensor:
+    """The rightmost True of each row, -1 where there is none. (batch, seq) → (batch,)"""
+    starts = torch.arange(found.shape[-1], device=found.device)  # (seq,)
+    return torch.where(found, starts, -1).amax(-1) if found.shape[-1] else found.new_full(found.shape[:-1], -1).long()
 
 
 def answer_lengths(last_positions, gating_positions):

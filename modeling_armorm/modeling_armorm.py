@@ -25,6 +25,8 @@ from .heads import (
     coefficients,
     last_pattern_positions,
     last_token_positions,
+    last_true_positions,
+    pattern_starts,
     position_ids_from_mask,
     rewards,
     scores,
@@ -35,6 +37,18 @@ from .heads import (
 
 # Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here (`labels` do: a loss).
 _IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "return_dict", "num_items_in_batch")
+# The roles whose headers open a turn of the prompt (`config.turn_header_patterns`); "assistant" opens the answer.
+_PROMPT_ROLES = ("system", "user", "tool")
+
+
+class NonFiniteScoreError(RuntimeError):
+    """A score, reward or gating weight that is NaN or infinite: a fault of the model (a backbone that overflowed, in
+    float16 say, or non-finite weights), never a reward. `rows` are the rows it names (of the batch, or of the
+    caller's list on the scoring path)."""
+
+    def __init__(self, message: str, rows: list[int] = ()):
+        super().__init__(message)
+        self.rows = list(rows)
 
 
 @dataclass
@@ -155,14 +169,15 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         self.model.set_input_embeddings(value)
 
     def find_gating_positions(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.LongTensor:
-        """The last occurrence of `config.gating_token_pattern` among each row's real tokens, plus the offset."""
+        """The last occurrence of `config.gating_token_pattern` among each row's real tokens, plus the offset. With
+        `config.turn_header_patterns`, a row that is not one prompt and one answer raises a `ValueError` naming it."""
         pattern = self.config.gating_token_pattern
         if not pattern:
             raise ValueError(
                 "`config.gating_token_pattern` is not set, so the prompt feature cannot be located. Set it with "
                 "`modeling_armorm.gating_pattern_from_tokenizer(tokenizer)` or pass `gating_positions=`."
             )
-        positions = last_pattern_positions(input_ids, attention_mask, pattern)
+        positions = last_pattern_positions(input_ids, attention_mask, pattern)  # (batch,)
         missing = (positions < 0).nonzero().flatten().tolist()
         if missing:
             text = self.config.gating_token_pattern_text
@@ -173,7 +188,45 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
                 "the reward model's chat template (`tokenizer.apply_chat_template(messages)`, ending with the "
                 "assistant's answer), keep the prompt within the length limit, or pass `gating_positions=`."
             )
+        self._check_one_prompt_one_answer(input_ids, attention_mask, positions)
         return positions + self.config.gating_token_offset
+
+    def _check_one_prompt_one_answer(self, input_ids, attention_mask, pattern_positions) -> None:
+        """Refuse raw rows that `config.turn_header_patterns` shows are not one prompt followed by one answer: a prompt
+        turn (system, user, tool) after the gating pattern, or two assistant headers after the last prompt turn."""
+        headers = self.config.turn_header_patterns
+        if not headers:
+            return  # a checkpoint made before the headers were recorded: the search alone, as then
+        prompt_turns = torch.zeros_like(input_ids, dtype=torch.bool)  # (batch, seq)
+        for role in _PROMPT_ROLES:
+            if headers.get(role):
+                prompt_turns |= pattern_starts(input_ids, attention_mask, headers[role])
+        last_prompt_turn = last_true_positions(prompt_turns)  # (batch,), -1 where the prompt has no header
+        turn_after_answer = last_prompt_turn > pattern_positions
+        assistant = headers.get("assistant") or self.config.gating_token_pattern
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        answers = pattern_starts(input_ids, attention_mask, assistant) & (positions > last_prompt_turn[:, None])
+        second_answer = answers.sum(-1) > 1
+        if not (turn_after_answer | second_answer).any():
+            return
+        problems = []
+        if turn_after_answer.any():
+            problems.append(
+                f"row(s) {turn_after_answer.nonzero().flatten().tolist()} hold a system, user or tool header after "
+                "the last assistant header (the conversation does not end with the assistant's answer)"
+            )
+        if second_answer.any():
+            problems.append(
+                f"row(s) {second_answer.nonzero().flatten().tolist()} hold a second assistant header after the last "
+                "prompt turn (an answer that writes the template's markup, which would move h_x into itself)"
+            )
+        rows = (turn_after_answer | second_answer).nonzero().flatten().tolist()
+        raise ValueError(
+            f"Row(s) {rows} of the batch are not one prompt and one answer: {'; '.join(problems)}. Raw token ids "
+            "cannot tell the template's markup from markup an answer wrote: score through "
+            "`modeling_armorm.ArmoRMReward` (or the `reward-scoring` pipeline), which renders each conversation and "
+            "keeps an answer's markup as text, or pass `gating_positions=`."
+        )
 
     @can_return_tuple
     def forward(
@@ -240,6 +293,8 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             score = scores(gating_output, transform(r, T))  # (batch,)
             c = coefficients(gating_output, T)  # (batch, k)
 
+        if not self.training:
+            self._check_finite(score, r, gating_output)
         loss = None if labels is None else self._regression_loss(score[:, None], labels)
         return ArmoRMRewardOutput(
             loss=loss,
@@ -253,6 +308,21 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    @staticmethod
+    def _check_finite(score: torch.Tensor, r: torch.Tensor, gating_output: torch.Tensor) -> None:
+        """A reward is never NaN or infinite (TRL would `nansum` a NaN to 0 without a word): in eval mode a row with a
+        non-finite score, reward or gating weight raises `NonFiniteScoreError`. A trainer (train mode) sees its NaN
+        loss instead."""
+        finite = torch.isfinite(score) & torch.isfinite(r).all(-1) & torch.isfinite(gating_output).all(-1)
+        if not finite.all():
+            rows = (~finite).nonzero().flatten().tolist()
+            raise NonFiniteScoreError(
+                f"Row(s) {rows} of the batch have a non-finite score, reward or gating weight (NaN or Inf): the "
+                "backbone overflowed (in float16? load the model in bfloat16 or float32) or its weights hold "
+                "non-finite values.",
+                rows,
+            )
 
     def _checked_mask(self, input_ids, attention_mask, reference) -> torch.Tensor:
         """The attention mask, refusing inputs that would be scored at the wrong token: no tokens, a row with no real
@@ -316,7 +386,9 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks any tensor of the model (a missing head
-        tensor would otherwise be initialised, T = I or a random W, and score silently)."""
+        tensor would otherwise be initialised, T = I or a random W, and score silently), holds tensors the model does
+        not have (made for another model: they would be dropped), or holds NaN or Inf in a head tensor (W, T, β, the
+        gating layers: every score would be non-finite)."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or [])
@@ -324,6 +396,25 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             raise ValueError(
                 f"The checkpoint lacks the tensors {missing}, so the model would score with made-up values for them. "
                 "Assemble it again (`armorm assemble`) or convert it (`armorm convert-rlhflow`)."
+            )
+        unexpected = sorted(info.get("unexpected_keys") or [])
+        if unexpected:
+            raise ValueError(
+                f"The checkpoint holds the tensors {unexpected}, which the model does not have: it was made for "
+                "another model, and loading would drop them silently. Assemble it again (`armorm assemble`), convert "
+                "it (`armorm convert-rlhflow`), or delete these tensors from its safetensors files."
+            )
+        prefix = f"{model.base_model_prefix}."
+        non_finite = [
+            name
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if not name.startswith(prefix) and not tensor.is_meta and not torch.isfinite(tensor).all()
+        ]
+        if non_finite:
+            raise ValueError(
+                f"The checkpoint's head tensors {non_finite} hold non-finite values (NaN or Inf), so every score "
+                "would be non-finite. Assemble it again (`armorm assemble`) from head files written by `armorm fit`, "
+                "`armorm decorrelate` and `armorm gate`."
             )
         return (model, info) if wants_info else model
 
@@ -342,4 +433,5 @@ __all__ = [
     "ArmoRMGatingNetwork",
     "ArmoRMPreTrainedModel",
     "ArmoRMRewardOutput",
+    "NonFiniteScoreError",
 ]

@@ -10,11 +10,18 @@ read the release as it is through it.
 
 from transformers import AutoConfig
 
-from .chat_template import gating_pattern_from_tokenizer
+from .chat_template import gating_pattern_from_tokenizer, turn_header_patterns_from_tokenizer
 from .configuration_armorm import ArmoRMConfig
 
 
-__all__ = ["LLAMA3_GATING_PATTERN", "RLHFLOW_LAYOUT", "RLHFLOW_OBJECTIVES", "RLHFLOW_VERBOSITY", "rlhflow_config"]
+__all__ = [
+    "LLAMA3_GATING_PATTERN",
+    "LLAMA3_TURN_HEADERS",
+    "RLHFLOW_LAYOUT",
+    "RLHFLOW_OBJECTIVES",
+    "RLHFLOW_VERBOSITY",
+    "rlhflow_config",
+]
 
 # The release's 19 objectives, in the order of its regression layer (arXiv 2406.12845 Appendix A); verbosity is
 # helpsteer-verbosity.
@@ -42,6 +49,13 @@ RLHFLOW_OBJECTIVES = [
 RLHFLOW_VERBOSITY = "helpsteer-verbosity"
 # <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n, the pattern the release's remote code searched for.
 LLAMA3_GATING_PATTERN = [128009, 128006, 78191, 128007, 271]
+# <|start_header_id|>{role}<|end_header_id|>\n\n: Llama-3's turn headers (`turn_header_patterns_from_tokenizer`).
+LLAMA3_TURN_HEADERS = {
+    "assistant": [128006, 78191, 128007, 271],
+    "system": [128006, 9125, 128007, 271],
+    "user": [128006, 882, 128007, 271],
+    "tool": [128006, 14506, 128007, 271],
+}
 _HEAD_KEYS = ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden")
 RLHFLOW_LAYOUT = (
     "the released RLHFlow ArmoRM layout: a flat decoder `config.json` (e.g. model_type 'llama') with "
@@ -75,6 +89,7 @@ def rlhflow_config(src_config: dict, tokenizer=None) -> ArmoRMConfig:
         names = {}
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         pattern = gating_pattern_from_tokenizer(tokenizer).config_kwargs()
+        pattern["turn_header_patterns"] = turn_header_patterns_from_tokenizer(tokenizer)
         if pattern["gating_token_pattern"] != LLAMA3_GATING_PATTERN:
             raise ValueError(
                 f"The tokenizer's chat template gives the gating pattern {pattern['gating_token_pattern']}, but the "
@@ -82,5 +97,9 @@ def rlhflow_config(src_config: dict, tokenizer=None) -> ArmoRMConfig:
                 "checkpoint's own Llama-3 tokenizer."
             )
     else:
-        pattern = {"gating_token_pattern": LLAMA3_GATING_PATTERN, "gating_token_offset": 0}
+        pattern = {
+            "gating_token_pattern": LLAMA3_GATING_PATTERN,
+            "gating_token_offset": 0,
+            "turn_header_patterns": LLAMA3_TURN_HEADERS,
+        }
     return ArmoRMConfig(text_config=text_config, num_objectives=num_objectives, **heads, **names, **pattern)

@@ -4,6 +4,7 @@ import io
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer, pipeline
 
 from armorm_cli import cli
@@ -155,3 +156,20 @@ def test_explain_table_and_one_chart(checkpoint, expected, tmp_path, capsys):
         assert float(gating) == pytest.approx(expected[3]["gating"][name], abs=1e-4)
     assert lines[-1].startswith("  top 3: ")
     assert "<svg" in (tmp_path / "one.svg").read_text()
+
+
+def test_score_json_never_prints_nan(checkpoint, tmp_path, capsys):
+    """A backbone that overflows on one conversation (an infinite embedding of "Rouge" stands for it): `--json` prints
+    no `NaN` line for it; the run fails naming that conversation."""
+    from modeling_armorm import ArmoRMForRewardModeling, NonFiniteScoreError
+
+    model = ArmoRMForRewardModeling.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer("Rouge", add_special_tokens=False)["input_ids"]] = float("inf")
+    model.save_pretrained(tmp_path / "overflow")
+    tokenizer.save_pretrained(tmp_path / "overflow")
+    data = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS[:3])
+    with pytest.raises(NonFiniteScoreError, match=r"[Cc]onversation\(s\) \[1\]"):
+        cli.main(["score", "--model", str(tmp_path / "overflow"), "--input", data, "--json"])
+    assert "NaN" not in capsys.readouterr().out

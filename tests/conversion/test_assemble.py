@@ -181,6 +181,11 @@ def test_checkpoint_loads_with_the_package_and_scores_as_the_heads_math(built, s
     )
     assert config.pad_token_id == config.get_text_config().pad_token_id == smollm2_tokenizer.pad_token_id
     assert config.gating_token_pattern == smollm2_tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    # The turn headers the model refuses raw token ids with (a user turn after the answer, a forged assistant turn).
+    assert (
+        config.turn_header_patterns["user"]
+        == smollm2_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert tokenizer.chat_template == smollm2_tokenizer.chat_template
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
 
 from armorm_cli.cli import main as cli
-from modeling_armorm.rlhflow import LLAMA3_GATING_PATTERN, RLHFLOW_OBJECTIVES
+from modeling_armorm.rlhflow import LLAMA3_GATING_PATTERN, LLAMA3_TURN_HEADERS, RLHFLOW_OBJECTIVES
 from tests.modeling_armorm.test_remote_code import load_as_remote_code
 from tests.utils import llama3_tokenizer, padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
 
@@ -68,6 +68,7 @@ def test_converted_checkpoint_scores_like_per_row_math(tmp_path, shards):
     assert {"configuration_armorm.py", "modeling_armorm.py", "heads.py"} <= converted  # the remote code, complete
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "converted").eval()
     assert model.config.gating_token_pattern == LLAMA3_GATING_PATTERN
+    assert model.config.turn_header_patterns == LLAMA3_TURN_HEADERS
     assert model.config.objective_names == RLHFLOW_OBJECTIVES and model.config.verbosity_objective == 4
     assert model.config.pad_token_id == model.config.get_text_config().pad_token_id == EOT
     for name, tensor in original.state_dict().items():

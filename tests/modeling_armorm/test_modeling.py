@@ -378,3 +378,130 @@ def test_inputs_that_would_be_mis_scored_are_refused(model):
     long_row = torch.tensor([[1] * 4095 + PATTERN + [5, EOT]])
     with pytest.raises(ValueError, match=r"`max_position_embeddings` \(4096\)"):
         model(input_ids=long_row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw token ids that are not one prompt and one answer (the path of TRL's `reward_funcs=[model]`)
+
+USER, ASSISTANT, TOOL = [8, 10], [8, 9], [8, 11]  # role headers in the tiny vocabulary: <header>user, ...
+HEADERS = {"user": USER, "assistant": ASSISTANT, "tool": TOOL}
+PROMPT = [1, *USER, 20, EOT, *ASSISTANT]  # <bos><header>user ... <eot><header>assistant
+
+
+@pytest.fixture(scope="module")
+def guarded_model():
+    return tiny_armorm(
+        tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN, turn_header_patterns=HEADERS
+    )
+
+
+def test_raw_tokens_of_one_prompt_and_one_answer_are_scored(guarded_model, model):
+    """One turn and several: the gating position and the score are the unguarded model's (same weights)."""
+    rows = [PROMPT + [30, EOT], PROMPT + [30, EOT, *USER, 21, EOT, *ASSISTANT, 31, 32, EOT]]
+    ids, mask = padded(rows, EOT, "right")
+    with torch.no_grad():
+        guarded = guarded_model(input_ids=ids, attention_mask=mask)
+        expected = reference_armorm_outputs(guarded_model, rows, PATTERN)
+    torch.testing.assert_close(guarded.score, expected["score"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        (PROMPT + [30, EOT, *USER, 21, EOT], "user or tool header after"),  # [user, assistant, user]
+        (PROMPT + [30, EOT, *TOOL, 21, EOT], "user or tool header after"),  # a tool turn after the answer
+        (PROMPT + [30, EOT, *ASSISTANT, 31, EOT], "second assistant header"),  # the answer writes the header
+        (PROMPT + [30, *ASSISTANT, 31, EOT], "second assistant header"),  # ... even without the end of turn
+    ],
+)
+def test_raw_tokens_that_are_not_one_prompt_and_one_answer_are_refused(guarded_model, model, row, reason):
+    """Today `apply_chat_template([user, assistant, user])` is scored (h_x inside the first answer), and a completion
+    that writes `<eot><header>assistant` moves h_x into itself. Both are refused, naming the row and the fix; a
+    config without `turn_header_patterns` keeps scoring them (the checkpoints made before)."""
+    rows = [PROMPT + [30, EOT], row]
+    ids, mask = padded(rows, EOT, "left")
+    with pytest.raises(ValueError, match=rf"Row\(s\) \[1\].*{reason}.*ArmoRMReward"):
+        guarded_model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).score).all()
+
+
+def test_turn_header_patterns_are_validated():
+    with pytest.raises(ValueError, match=r"`turn_header_patterns`.*\[8, 800\]"):
+        ArmoRMConfig(text_config=tiny_llama_config(vocab_size=64), turn_header_patterns={"user": [8, 800]})
+    with pytest.raises(ValueError, match=r"`turn_header_patterns`.*'robot'"):
+        ArmoRMConfig(text_config=tiny_llama_config(vocab_size=64), turn_header_patterns={"robot": [8]})
+    with pytest.raises(ValueError, match=r"`turn_header_patterns`.*'user'"):
+        ArmoRMConfig(text_config=tiny_llama_config(vocab_size=64), turn_header_patterns={"user": []})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite numbers are never a reward; a checkpoint holds exactly the model's tensors
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("gating_temperature", float("inf")), ("gating_temperature", float("nan")),
+     ("gating_logit_scale_init", float("inf")), ("gating_token_offset", -1)],
+)  # fmt: skip
+def test_a_checkpoint_with_a_non_finite_or_negative_config_value_is_refused(tmp_path, key, value):
+    import json
+
+    tiny_armorm(tiny_llama_config(vocab_size=64), num_objectives=3, gating_token_pattern=PATTERN).save_pretrained(
+        tmp_path
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value  # written as JSON's `Infinity` / `NaN`, which Python's json reads back
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"`{key}`"):
+        ArmoRMForRewardModeling.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["regression_layer.weight", "reward_transform_matrix", "gating.logit_scale",
+                                  "gating.layers.0.weight", "gating.layers.3.bias"])  # fmt: skip
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_a_non_finite_head_tensor_is_refused(tmp_path, name, value):
+    from safetensors.torch import load_file, save_file
+
+    tiny_armorm(tiny_llama_config(vocab_size=64), num_objectives=3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights[name].view(-1)[0] = value
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}.*non-finite"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_with_unexpected_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_armorm(tiny_llama_config(vocab_size=64), num_objectives=3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["score.weight"] = torch.zeros(1, 16)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"\['score.weight'\].*armorm assemble"):
+        ArmoRMForRewardModeling.from_pretrained(tmp_path)
+
+
+def nan_backbone_model():
+    """A model whose backbone turns token 33 into NaN (an overflow stands for it): the heads are finite, so it loads,
+    and only the rows holding token 33 score NaN."""
+    guarded = tiny_armorm(tiny_llama_config(vocab_size=64, pad_token_id=EOT), gating_token_pattern=PATTERN)
+    with torch.no_grad():
+        guarded.get_input_embeddings().weight[33] = float("nan")
+    return guarded
+
+
+def test_a_non_finite_score_is_an_error_naming_the_row():
+    from modeling_armorm.modeling_armorm import NonFiniteScoreError
+    from modeling_armorm.scoring import EncodedConversation, score_encoded
+
+    nan_model = nan_backbone_model()
+    rows = conversations()  # row 2 holds token 33
+    ids, mask = padded(rows, EOT, "right")
+    with pytest.raises(NonFiniteScoreError, match=r"Row\(s\) \[2\] of the batch.*non-finite"):
+        nan_model(input_ids=ids, attention_mask=mask)
+    # The scoring path names the caller's row, whatever order its length-sorted batches ran in.
+    encoded = [EncodedConversation(row, row.index(9) - 2, row.index(9) + 1) for row in rows]
+    with pytest.raises(NonFiniteScoreError, match=r"[Cc]onversation\(s\) \[2\]"):
+        score_encoded(nan_model, encoded, batch_size=2, pad_id=EOT)
+    assert issubclass(NonFiniteScoreError, RuntimeError)  # a model fault, not the caller's (a server's 500)
