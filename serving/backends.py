@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modeling_armorm import NonFiniteScoreError
 from modeling_armorm.scoring import EncodedConversation, ScoreOutput, score_encoded
 
 
@@ -69,8 +70,13 @@ class TransformersBackend:
         return await job.future
 
     async def _next_batch(self) -> list[_Job]:
-        """The first waiting job, and every job that arrives within `max_wait` of it, up to `max_batch_rows` rows."""
+        """The first waiting job, and every job that arrives within `max_wait` of it, up to `max_batch_rows` rows.
+
+        A job whose client went away (the server cancels its handler, and with it the job's future) is dropped here,
+        unscored."""
         jobs = [await self._queue.get()]
+        while jobs[0].future.done():
+            jobs = [await self._queue.get()]
         rows = len(jobs[0].rows)
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while rows < self.max_batch_rows:
@@ -84,9 +90,9 @@ class TransformersBackend:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-            jobs.append(job)
-            rows += len(job.rows)
-        # A client that went away (its handler was cancelled) costs no forward.
+            if not job.future.done():
+                jobs.append(job)
+                rows += len(job.rows)
         return [job for job in jobs if not job.future.done()]
 
     async def _batches(self) -> None:
@@ -100,6 +106,12 @@ class TransformersBackend:
             self.stats["batches"] += 1
             try:
                 out = await asyncio.to_thread(score_encoded, self.model, rows, self.max_batch_rows, self.pad_id)
+            except NonFiniteScoreError:
+                # A row of one request overflowed: score each request alone, so that only its own request fails,
+                # with the error naming its rows in that request.
+                for job in jobs:
+                    await self._score_alone(job)
+                continue
             except (
                 Exception
             ) as error:  # the forward failed (out of memory, ...): those requests fail, the server stays
@@ -111,6 +123,18 @@ class TransformersBackend:
             for job, part in zip(jobs, _split(out, [len(job.rows) for job in jobs])):
                 if not job.future.done():
                     job.future.set_result(part)
+
+    async def _score_alone(self, job: _Job) -> None:
+        if job.future.done():
+            return
+        try:
+            out = await asyncio.to_thread(score_encoded, self.model, job.rows, self.max_batch_rows, self.pad_id)
+        except Exception as error:
+            if not job.future.done():
+                job.future.set_exception(error)
+            return
+        if not job.future.done():
+            job.future.set_result(out)
 
 
 class VllmBackend:

@@ -13,7 +13,13 @@ Endpoints (JSON in, JSON out; a malformed request gets a 422 that names the row 
   or TRL's `{"prompts": [...], "completions": [...]}` (strings or message lists) → `{"objective_names",
   "scores", "rewards", "gating_output", "coefficients"}` (s, r, g = β softmax(MLP(h_x)/τ), c = g Tᵀ, per row).
   `ArmoRMReward(url=...)` scores through it.
-* `GET /info` (model, backend, objectives, counters) and `GET /health`.
+* `GET /info` (the checkpoint's folder name, backend, objectives, counters) and `GET /health`.
+
+One request cannot stall the others: a body over `--max-body-mb` gets a 413 before it is read whole; a conversation
+with more characters than the model's positions could hold (`max_length` × the characters of the tokenizer's longest
+token) gets a 422 before it is tokenized; the rows are encoded a few at a time in worker threads, so other requests'
+rows take the tokenizer in between; a client that hangs up is dropped with its rows still queued (they cost no
+forward). A client fault gets a 4xx that names the row; a model fault (a non-finite score) a 500 that names the row.
 
 Backends: `transformers` (the default; needs no vLLM) merges concurrent requests into shared forwards;
 `vllm` runs vLLM's async engine with the ArmoRM plugin (install vLLM; its engine settings go in `--vllm-engine-args`).
@@ -21,9 +27,12 @@ Every conversation is encoded here, by the package's one scoring path (`modeling
 """
 
 import asyncio
+import functools
 import json
 import logging
+import time
 import types
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +73,13 @@ class ServeSettings(DeviceSettings, DtypeSettings):
     max_request_rows: int = field(
         default=8192, metadata={"help": "Most conversations one request may hold; a larger one gets a 422."}
     )
+    max_body_mb: float = field(
+        default=64.0,
+        metadata={
+            "help": "Largest request body in MiB; a larger one gets a 413 before it is read whole (64 MiB holds "
+            "a few thousand conversations of a few thousand tokens)."
+        },
+    )
     vllm_engine_args: str = field(
         default="{}",
         metadata={
@@ -100,6 +116,8 @@ class ServeConfig(ServeSettings):
         for name in ("max_batch_rows", "max_request_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if not self.max_body_mb > 0:
+            raise ValueError(f"`max_body_mb` must be positive, got {self.max_body_mb}.")
 
 
 ARGUMENTS = (ServeConfig,)
@@ -118,6 +136,40 @@ def checkpoint_config(path: str):
     return rlhflow_config(json.loads(config_file.read_text()))
 
 
+# How long a worker thread encodes rows before handing the tokenizer to other requests' rows.
+ENCODE_SLICE_S = 0.02
+# How often a waiting request checks whether its client hung up.
+DISCONNECT_POLL_S = 0.05
+
+
+class ScoringFault(RuntimeError):
+    """The model gave no usable score for a row: a fault of the model, not of the request (a 500 naming the row)."""
+
+
+def characters(value) -> int:
+    """The characters of the strings in a JSON value, less the whitespace at their ends (which templates trim); walked
+    without recursion."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item.strip())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+@dataclass
+class Row:
+    """One conversation of a request: its name in messages, the JSON it came as, and how to encode it."""
+
+    where: str
+    content: Any
+    encode: Callable[[], Any]
+
+
 class RewardService:
     """Requests → conversations encoded by `ChatEncoder` → the backend → JSON-ready lists."""
 
@@ -131,40 +183,63 @@ class RewardService:
         self.encoder = ChatEncoder(
             tokenizer, model_gating_pattern(types.SimpleNamespace(config=armorm_config), tokenizer)
         )
+        # A token spells at most as many characters as its vocabulary entry has (byte-level BPE writes each byte of
+        # the text as one character; a byte-fallback `<0xE2>` spells one), so a text of more than max_length × this
+        # characters has more than max_length tokens, whatever they are: it is refused before it is tokenized.
+        self.max_chars_per_token = max(map(len, tokenizer.get_vocab()))
         self.backend = backend
 
     # Encoding: every path goes through ChatEncoder; a ValueError names the row and becomes a 422.
-    def _checked(self, encoded: list) -> list:
-        if not encoded:
-            raise ValueError("The request holds no conversation: send at least one.")
-        limit = self.backend.max_length
-        for i, row in enumerate(encoded):
-            if limit is not None and len(row) > limit:
-                raise ValueError(
-                    f"Conversation {i} has {len(row)} tokens, more than the model's limit ({limit}); shorten it."
-                )
-        return encoded
-
     def _check_size(self, n: int) -> None:
         if n > self.config.max_request_rows:
             raise ValueError(f"The request holds {n} conversations, more than `--max-request-rows` allows.")
 
-    def encode_conversations(self, conversations: list) -> list:
-        self._check_size(len(conversations))
-        return self._checked([self.encoder.encode(c, where=f"conversation {i}") for i, c in enumerate(conversations)])
+    def _encode_row(self, row: Row):
+        limit = self.backend.max_length
+        if limit is not None and (chars := characters(row.content)) > limit * self.max_chars_per_token:
+            raise ValueError(
+                f"{row.where} has {chars} characters, more than the model's {limit} tokens can hold (each of the "
+                f"tokenizer's tokens spells at most {self.max_chars_per_token}); shorten it."
+            )
+        encoded = row.encode()
+        if limit is not None and len(encoded) > limit:
+            raise ValueError(
+                f"{row.where} has {len(encoded)} tokens, more than the model's limit ({limit}); shorten it."
+            )
+        return encoded
 
-    def encode_pairs(self, prompts: list, completions: list) -> list:
+    def _encode_slice(self, rows: list[Row]) -> list:
+        """Encode rows in order for about `ENCODE_SLICE_S` (at least one): the tokenizer's lock is held per call, so
+        the rows of other requests are encoded in between the slices of a large one."""
+        deadline = time.monotonic() + ENCODE_SLICE_S
+        encoded = []
+        for row in rows:
+            encoded.append(self._encode_row(row))
+            if time.monotonic() > deadline:
+                break
+        return encoded
+
+    def conversation_rows(self, conversations: list) -> list[Row]:
+        self._check_size(len(conversations))
+        return [
+            Row(f"conversation {i}", c, functools.partial(self.encoder.encode, c, where=f"conversation {i}"))
+            for i, c in enumerate(conversations)
+        ]
+
+    def pair_rows(self, prompts: list, completions: list) -> list[Row]:
         from modeling_armorm.trl_reward import encode_prompt_completion
 
         if len(prompts) != len(completions):
             raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; send one of each.")
         self._check_size(len(prompts))
-        return self._checked(
-            [
-                encode_prompt_completion(self.encoder, p, c, where=f"completion {i}")
-                for i, (p, c) in enumerate(zip(prompts, completions))
-            ]
-        )
+        return [
+            Row(
+                f"completion {i}",
+                [p, c],
+                functools.partial(encode_prompt_completion, self.encoder, p, c, f"completion {i}"),
+            )
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
 
     def response_of(self, query: str, prompt: str, where: str) -> str:
         """The response part of an OpenRLHF query (its prompt + the response, decoded with the special tokens)."""
@@ -182,9 +257,11 @@ class RewardService:
             response = response[: -len(next(text for text in ends if response.endswith(text)))]
         return response
 
-    def encode_openrlhf(self, queries: list, prompts: list | None) -> list:
-        from modeling_armorm.trl_reward import encode_prompt_completion
+    def _encode_query(self, query: str, prompt: str, where: str):
+        # OpenRLHF's prompts are rendered with the generation prompt: h_x is read where the prompt's text ends.
+        return self.encoder.encode_rendered(prompt, self.response_of(query, prompt, where), where=where)
 
+    def openrlhf_rows(self, queries: list, prompts: list | None) -> list[Row]:
         if prompts is None:
             raise ValueError(
                 "`prompts` is missing: the gating position is read at the end of each prompt, so /get_reward needs "
@@ -193,16 +270,33 @@ class RewardService:
         if len(prompts) != len(queries):
             raise ValueError(f"Got {len(queries)} queries but {len(prompts)} prompts; send one prompt per query.")
         self._check_size(len(queries))
-        encoded = []
-        for i, (query, prompt) in enumerate(zip(queries, prompts)):
-            response = self.response_of(query, prompt, where=f"query {i}")
-            encoded.append(encode_prompt_completion(self.encoder, prompt, response, where=f"query {i}"))
-        return self._checked(encoded)
+        # The query holds its prompt: its characters are the row's.
+        return [
+            Row(f"query {i}", q, functools.partial(self._encode_query, q, p, f"query {i}"))
+            for i, (q, p) in enumerate(zip(queries, prompts))
+        ]
 
-    async def score(self, encode, *args) -> dict:
-        # Encoding runs in a worker thread; the encoder holds its tokenizer's lock (`modeling_armorm.scoring`).
-        encoded = await asyncio.to_thread(encode, *args)
-        out = await self.backend.score(encoded)
+    async def score(self, rows: list[Row]) -> dict:
+        import torch
+
+        from modeling_armorm import NonFiniteScoreError
+
+        if not rows:
+            raise ValueError("The request holds no conversation: send at least one.")
+        encoded = []
+        while len(encoded) < len(rows):  # in worker threads, a slice at a time (see `_encode_slice`)
+            encoded += await asyncio.to_thread(self._encode_slice, rows[len(encoded) :])
+        try:
+            out = await self.backend.score(encoded)
+        except NonFiniteScoreError as error:  # the transformers backend's check, rows of this request
+            bad = error.rows or [0]
+        else:  # vLLM's scores are checked here
+            bad = torch.nonzero(~torch.isfinite(out.score)).flatten().tolist()
+        if bad:
+            raise ScoringFault(
+                f"{rows[bad[0]].where}: the model gave a non-finite score, a fault of the model, not of the request "
+                "(a backbone overflow: serve it with `--dtype float32`)."
+            )
         return {
             "objective_names": self.objective_names,
             "scores": out.score.tolist(),
@@ -212,9 +306,52 @@ class RewardService:
         }
 
 
+class BodyLimit:
+    """ASGI middleware: a request body of more than `max_bytes` gets a 413 as soon as it is declared or read that far
+    (it is never held whole); a smaller one is passed on as it came."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.refuse(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client hung up mid-body: nobody to answer
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self.refuse(send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, send):
+        error = (
+            f"The request body has more than {self.max_bytes} bytes, the limit of `--max-body-mb`: send fewer "
+            "conversations per request, or raise `--max-body-mb`."
+        )
+        content = json.dumps({"error": error}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers + [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": content})
+
+
 def build_app(service: RewardService):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict
 
     class ScoreRequest(BaseModel):
@@ -236,10 +373,30 @@ def build_app(service: RewardService):
         await service.backend.stop()
 
     app = FastAPI(title="armorm serve", lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=int(service.config.max_body_mb * 2**20))
 
     @app.exception_handler(ValueError)
     async def bad_request(request: Request, error: ValueError):
         return JSONResponse(status_code=422, content={"error": str(error)})
+
+    @app.exception_handler(ScoringFault)
+    async def model_fault(request: Request, error: ScoringFault):
+        return JSONResponse(status_code=500, content={"error": str(error)})
+
+    async def unless_disconnected(request: Request, work):
+        """`work`'s answer; when the client hangs up first, `work` is cancelled, and with it the wait for its forward:
+        its rows still queued are dropped (`TransformersBackend`) or aborted (vLLM)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    return Response(status_code=499)  # nobody reads it
+            return task.result()
+        finally:
+            task.cancel()
 
     @app.get("/health")
     async def health():
@@ -247,8 +404,11 @@ def build_app(service: RewardService):
 
     @app.get("/info")
     async def info():
+        model = service.config.model
         return {
-            "model": service.config.model,
+            "model": Path(model).name
+            if Path(model).exists()
+            else model,  # the folder's name, never the machine's path
             "backend": service.backend.name,
             "objective_names": service.objective_names,
             "gating_pattern": list(service.encoder.pattern.token_ids),
@@ -256,18 +416,22 @@ def build_app(service: RewardService):
         }
 
     @app.post("/score")
-    async def score(request: ScoreRequest):
-        if request.conversations is not None:
-            if request.prompts is not None or request.completions is not None:
+    async def score(body: ScoreRequest, request: Request):
+        if body.conversations is not None:
+            if body.prompts is not None or body.completions is not None:
                 raise ValueError("Send either `conversations` or `prompts` + `completions`, not both.")
-            return await service.score(service.encode_conversations, request.conversations)
-        if request.prompts is None or request.completions is None:
+            rows = service.conversation_rows(body.conversations)
+        elif body.prompts is None or body.completions is None:
             raise ValueError("Send `conversations` (message lists) or `prompts` and `completions`.")
-        return await service.score(service.encode_pairs, request.prompts, request.completions)
+        else:
+            rows = service.pair_rows(body.prompts, body.completions)
+        return await unless_disconnected(request, service.score(rows))
 
     @app.post("/get_reward")
-    async def get_reward(request: RewardRequest):
-        out = await service.score(service.encode_openrlhf, request.query, request.prompts)
+    async def get_reward(body: RewardRequest, request: Request):
+        out = await unless_disconnected(request, service.score(service.openrlhf_rows(body.query, body.prompts)))
+        if not isinstance(out, dict):
+            return out
         per_objective = list(zip(*out["rewards"])) if out["rewards"] else []
         return {
             "rewards": out["scores"],

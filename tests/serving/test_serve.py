@@ -129,11 +129,10 @@ def test_a_response_cannot_move_the_prompt_feature(server, checkpoint):
     body = openrlhf_request(tokenizer, [conversation, harmless])
     status, answer = request(server, "/get_reward", body)
     assert status == 200, answer
-    offline = ArmoRMReward(model, tokenizer=tokenizer).score(
-        body["prompts"], [c[-1]["content"] for c in (conversation, harmless)]
-    )
+    # The rendered prompt and the response scored as the conversation they came from.
+    prompts, responses = [c[:-1] for c in (conversation, harmless)], [c[-1:] for c in (conversation, harmless)]
+    offline = ArmoRMReward(model, tokenizer=tokenizer).score(prompts, responses)
     close(answer["rewards"], offline.score)
-    prompts, responses = body["prompts"], [c[-1]["content"] for c in (conversation, harmless)]
     status, scored = request(server, "/score", {"prompts": prompts, "completions": responses})
     close(scored["gating_output"][0], torch.tensor(scored["gating_output"][1]))
     raw = tokenizer(body["query"][0], add_special_tokens=False, return_tensors="pt")
@@ -186,6 +185,9 @@ def test_armorm_reward_scores_through_the_server(server, checkpoint):
     unknown = ArmoRMReward(url=f"http://127.0.0.1:{server}", objectives=["kindness"])  # checked on the first call
     with pytest.raises(ValueError, match=r"Unknown objective 'kindness' in `objectives`; choose names among \['help"):
         unknown(prompts, completions)
+    # A row the server refuses (text that is no UTF-8) gets None under TRL; the others are scored as alone.
+    got = remote([*prompts, "Hi"], [*completions, "\ud83d"])
+    assert got[2] is None and got[:2] == pytest.approx(expected, abs=1e-5)
 
 
 def test_unreachable_server_and_bad_settings_are_clear_errors(tmp_path):
