@@ -12,11 +12,13 @@ and of the TRL reward: the gating position comes from the rendering, the batches
 progress. The length policy is extraction's: a row longer than `--max-length` tokens is skipped, or with
 `--truncate-prompt` loses its earlier prompt turns (every answer of the row the same ones); an answer is never cut.
 
-A pair is right when the chosen answer scores strictly higher (a tie is wrong). In the best-of-n layout the chosen
-answer must beat every rejected one (a tie is wrong, where RewardBench 2's script would share the credit), and the Ties
-subset gets RewardBench 2's own formula (`evaluation.rewardbench`). What an interpretable reward model adds: the
-accuracy of each objective's reward r_i alone, the mean gating weights g/β per subset, and a length-bias block
-(the share of rows whose chosen answer is the longer one, and the accuracy on those vs. the others).
+A pair is right when the chosen answer scores strictly higher (a tie is wrong, so a pair whose two answers are the same
+is scored and wrong, as RewardBench counts it; `skipped` holds only rows that cannot be scored, and a message names a
+row "row 12 (id 'abc')"). In the best-of-n layout the chosen answer must beat every rejected one (a tie is wrong, where
+RewardBench 2's script would share the credit), and the Ties subset gets RewardBench 2's own formula
+(`evaluation.rewardbench`). What an interpretable reward model adds: the accuracy of each objective's reward r_i alone,
+the mean gating weights g/β per subset, and a length-bias block (the share of rows whose chosen answer is the longer
+one, and the accuracy on those vs. the others).
 
 `--out` is one JSON file, also the stage's report (`command`, `settings`, `inputs` with content hashes, `versions`):
 `subsets` ({name: {accuracy, count}}), `rewardbench` or `rewardbench2` (percent), `per_objective`, `gating`,
@@ -197,7 +199,7 @@ def load_eval_data(
     if best_of_n:
         rows, skipped = _read_best_of_n(table, about)
     else:
-        pairs = load_pairs(data, split, name)
+        pairs = load_pairs(data, split, name, keep_ties=True)  # RewardBench scores a tie, and counts it wrong
         rows = [
             EvalRow(
                 prompt=chosen[:-1],
@@ -216,6 +218,14 @@ def load_eval_data(
         rows = [row for row in rows if row.subset in subsets]
         skipped = [entry for entry in skipped if entry["subset"] in subsets]
     return EvalData(rows, skipped, best_of_n, len(table))
+
+
+def _row_name(entry: dict) -> str:
+    """How every message names a row of the data: "row 12 (id 'abc')", its 0-based index and its id when the data
+    has an `id` column (without one, a row's id is its index)."""
+    if entry["id"] == entry["index"]:
+        return f"row {entry['index']}"
+    return f"row {entry['index']} (id {entry['id']!r})"
 
 
 def _is_best_of_n(table: datasets.Dataset) -> bool:
@@ -237,8 +247,7 @@ def _read_best_of_n(table: datasets.Dataset, about) -> tuple[list[EvalRow], list
             try:
                 prompt = _prompt_messages(row["prompt"])
                 chosen, rejected = _answers(row["chosen"], "chosen"), _answers(row["rejected"], "rejected")
-                if row.get("num_correct") is not None and int(row["num_correct"]) != len(chosen):
-                    raise ValueError(f"`num_correct` is {row['num_correct']} but `chosen` holds {len(chosen)} answers")
+                _check_num_correct(row.get("num_correct"), len(chosen))
                 if where["subset"] == TIES and not str(where["id"]).startswith(("ref:", "tied:")):
                     raise ValueError(f"a Ties row's id must be `ref:<prompt>` or `tied:<prompt>`, got {where['id']!r}")
             except (ValueError, TypeError) as error:
@@ -257,6 +266,16 @@ def _prompt_messages(prompt) -> list[dict]:
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
         return [{"role": m.get("role"), "content": m["content"]} for m in prompt]
     raise ValueError(f"`prompt` must be a string or a list of messages, got {prompt!r:.80}")
+
+
+def _check_num_correct(value, n: int) -> None:
+    """RewardBench 2's `num_correct` (when present) counts the answers of `chosen`."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ValueError(f"`num_correct` is {value!r}, not an int: it counts the answers of `chosen`")
+    if value != n:
+        raise ValueError(f"`num_correct` is {int(value)} but `chosen` holds {n} answers")
 
 
 def _answers(value, column: str) -> list[str]:
@@ -666,8 +685,8 @@ def _log(results: dict, out: str) -> None:
     if counts["skipped"]:
         first = results["skipped"][0]
         logger.warning(
-            "%d rows were not scored (listed under `skipped`), e.g. row %s: %s",
+            "%d rows were not scored (listed under `skipped`), e.g. %s: %s",
             counts["skipped"],
-            first["id"],
+            _row_name(first),
             first["reason"],
         )

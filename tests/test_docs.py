@@ -217,6 +217,18 @@ def test_named_modules_and_files_exist(page):
     assert not [f for f in files if not (ROOT / f).exists()], f"{name(page)} names missing files"
 
 
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=name)
+def test_tests_a_page_cites_exist(page):
+    """Each test a page cites for a guarantee (`tests/x.py::test_a`, then `::test_b` of the same file) is defined."""
+    missing, file = [], None
+    for path, test in re.findall(r"`(tests/[\w/]+\.py)?::(test_\w+)`", prose(page)):
+        file = path or file
+        source = (ROOT / file).read_text() if file and (ROOT / file).exists() else ""
+        if not re.search(rf"^(async )?def {test}\(", source, flags=re.M):
+            missing.append(f"{file}::{test}")
+    assert not missing, f"{name(page)} cites tests that do not exist: {missing}"
+
+
 def cli_sections() -> dict[str, set[str]]:
     """docs/cli.md: command → the flags of its table."""
     sections = re.split(r"^## `armorm ([\w-]+)`$", CLI_REFERENCE.read_text(), flags=re.M)
@@ -289,6 +301,20 @@ def test_relative_links_resolve(page):
         assert file.exists(), f"{name(page)} links to {target}, which does not exist"
         if anchor and file.suffix == ".md":
             assert anchor in anchors(file), f"{name(page)} links to {target}: no such heading in {file.name}"
+
+
+def test_nothing_cites_a_spec_the_repository_does_not_hold():
+    """Code, tests, docs and the Makefile cite the paper (arXiv 2406.12845 §3.2) or a page of docs/, never a
+    design note outside the repository ("SPEC §6")."""
+    folders = [ROOT / folder for folder in (*REPO_FOLDERS, "docs")]
+    files = [path for folder in folders for path in folder.rglob("*") if path.suffix in (".py", ".md", ".txt", ".yml")]
+    files += [*ROOT.glob("*.md"), ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / "setup.cfg"]
+    citing = [
+        name(path)
+        for path in files
+        if path.is_file() and path != Path(__file__) and re.search(r"\bSPEC\b", path.read_text(errors="replace"))
+    ]
+    assert citing == [], f"{citing} cite a SPEC that is not in the repository: cite the paper or the docs page"
 
 
 def test_every_flag_of_a_stage_parses_to_its_dataclass_field():

