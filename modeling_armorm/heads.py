@@ -9,7 +9,8 @@
     s    = g · r' = g · (r T)                            the score                  `scores`
     c    = g Tᵀ                                          coefficients, s = c · r    `coefficients`
 
-(g = β · softmax(MLP(h_x) / temperature) is `ArmoRMGatingNetwork`.) Three callers share these functions:
+(g = β · softmax(MLP(h_x) / temperature) is `ArmoRMGatingNetwork`.) `misplaced_turns` is the rule by which the model
+and the vLLM plugin refuse raw token ids that are not one prompt and one answer. Three callers share these functions:
 `ArmoRMForRewardModeling.forward` (one batch of hidden states), the vLLM plugin's heads, and the conversion and
 evaluation stages, which apply the heads to stored features (`chunked_rewards`, `chunked_transformed_rewards`,
 `pair_scores`: CHUNK_ROWS rows at a time, since the features of a large dataset do not fit twice in memory).
@@ -31,6 +32,7 @@ from torch import nn
 __all__ = [
     "CHUNK_ROWS",
     "LENGTH_OBJECTIVE",
+    "PROMPT_ROLES",
     "answer_lengths",
     "append_length_objective",
     "chunked_rewards",
@@ -40,6 +42,7 @@ __all__ = [
     "last_true_positions",
     "last_token_positions",
     "length_reward",
+    "misplaced_turns",
     "pair_scores",
     "pattern_starts",
     "position_ids_from_mask",
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 CHUNK_ROWS = 65536
+# The roles whose turn headers open a turn of the prompt (`ArmoRMConfig.turn_header_patterns`); "assistant" opens the
+# answer.
+PROMPT_ROLES = ("system", "user", "tool")
 # The name of the length objective, the verbosity stand-in of `armorm decorrelate --verbosity length`.
 LENGTH_OBJECTIVE = "answer-length"
 
@@ -97,6 +103,38 @@ def last_true_positions(found: torch.Tensor) -> torch.LongTensor:
     """The rightmost True of each row, -1 where there is none. (batch, seq) → (batch,)"""
     starts = torch.arange(found.shape[-1], device=found.device)  # (seq,)
     return torch.where(found, starts, -1).amax(-1) if found.shape[-1] else found.new_full(found.shape[:-1], -1).long()
+
+
+def misplaced_turns(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    pattern_positions: torch.LongTensor,
+    turn_header_patterns: dict[str, list[int]] | None,
+    gating_pattern: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of raw token ids that the chat template's turn headers (`turn_header_patterns`, role → token ids) show
+    are not one prompt followed by one answer, given the start of the gating pattern's last occurrence in each row
+    (`pattern_positions`, (batch,)): (batch, seq) → two (batch,) masks,
+
+    * a prompt turn (a system, user or tool header) after the gating pattern: the conversation does not end with the
+      assistant's answer;
+    * two assistant headers (the gating pattern where the headers have none) after the last prompt turn: an answer
+      that writes the template's markup, which would move h_x into itself.
+
+    No headers (a checkpoint made before they were recorded): no row is flagged."""
+    found = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    if not turn_header_patterns:
+        return found, found.clone()
+    prompt_turns = torch.zeros_like(input_ids, dtype=torch.bool)  # (batch, seq)
+    for role in PROMPT_ROLES:
+        if turn_header_patterns.get(role):
+            prompt_turns |= pattern_starts(input_ids, attention_mask, turn_header_patterns[role])
+    last_prompt_turn = last_true_positions(prompt_turns)  # (batch,), -1 where the prompt has no header
+    turn_after_answer = last_prompt_turn > pattern_positions
+    assistant = turn_header_patterns.get("assistant") or gating_pattern
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)  # (seq,)
+    answers = pattern_starts(input_ids, attention_mask, assistant) & (positions > last_prompt_turn[:, None])
+    return turn_after_answer, answers.sum(-1) > 1
 
 
 def answer_lengths(last_positions, gating_positions):

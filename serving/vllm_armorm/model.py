@@ -110,7 +110,12 @@ class ArmoRMRewardModel(nn.Module, SupportsPP):
             self.settings.prompt_feature_entries, hidden_size, vllm_config.model_config.dtype, device=None
         )
         self.pooler = ArmoRMPooler(
-            self.heads, k, self.config.gating_token_pattern, self.config.gating_token_offset, store
+            self.heads,
+            k,
+            self.config.gating_token_pattern,
+            self.config.gating_token_offset,
+            store,
+            turn_header_patterns=self.config.turn_header_patterns,  # None for a checkpoint made before
         )
         self.make_empty_intermediate_tensors = self.backbone.make_empty_intermediate_tensors
 

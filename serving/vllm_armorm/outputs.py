@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     NO_GATING_PATTERN = 1
     GATING_POSITION_OUTSIDE_PROMPT = 2
     PROMPT_FEATURE_EVICTED = 3
+    NOT_ONE_PROMPT_AND_ONE_ANSWER = 4
 
 
 MESSAGES = {
@@ -50,6 +51,15 @@ MESSAGES = {
         "plugin's prompt-feature cache: send the request again with "
         "`PoolingParams(skip_reading_prefix_cache=True)` (`pooling_params(..., skip_prefix_cache=True)`), or raise "
         "`--hf-overrides '{\"armorm_prompt_feature_entries\": N}'`"
+    ),
+    ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER: (
+        "the prompt's tokens are not one prompt and one answer: a system, user or tool header follows the last "
+        "assistant header (the conversation does not end with the assistant's answer), or a second assistant header "
+        "follows the last prompt turn (an answer that writes the chat template's markup, which would move h_x into "
+        "itself). Raw token ids cannot tell the template's markup from markup an answer wrote: score through "
+        "`modeling_armorm.ArmoRMReward` or `armorm serve`, which render each conversation and keep an answer's markup "
+        "as text, or pass the gating position from the rendering as "
+        f"`PoolingParams(extra_kwargs={{{GATING_POSITION_KEY!r}: position}})`"
     ),
 }
 

@@ -6,7 +6,10 @@ prompt may be split over several steps (chunked prefill), and its first tokens m
 caching). Per request, the pooler therefore
 
 1. works out once where h_x is read (`Plan`): the gating position the client passed (`GATING_POSITION_KEY`, from the
-   rendering) or else the first token of the last occurrence of the gating pattern, plus its offset;
+   rendering) or else the first token of the last occurrence of the gating pattern, plus its offset. Searched, the
+   tokens must be one prompt and one answer by the checkpoint's `turn_header_patterns`, as `ArmoRMForRewardModeling`
+   requires of raw token ids (`modeling_armorm.heads.misplaced_turns`): no prompt turn after the gating pattern, no
+   second assistant header after the last prompt turn (an answer that writes the header would move h_x into itself);
 2. in every step, stores the hidden states of the scheduled tokens that could be gating positions
    (`PromptFeatureStore`), then takes h_x from this step's hidden states when the gating position is scheduled now,
    or from the store when vLLM served it from its prefix cache;
@@ -24,13 +27,13 @@ import torch
 from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
 from vllm.v1.pool.metadata import PoolingMetadata
 
-from modeling_armorm.heads import answer_lengths
+from modeling_armorm.heads import answer_lengths, misplaced_turns
 
 from .outputs import GATING_POSITION_KEY, ErrorCode, output_size
 from .prompt_features import PromptFeatureStore, candidate_positions, prefix_keys
 
 
-__all__ = ["ArmoRMPooler", "Plan", "PoolerStats", "plan_request"]
+__all__ = ["ArmoRMPooler", "Plan", "PoolerStats", "one_prompt_and_one_answer", "plan_request"]
 
 # (h, h_x, answer tokens) -> (n, 1 + 3k) = [s, r, g, c] for n requests; the model's heads, in their own dtype.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,12 +58,19 @@ class PoolerStats:
     computed: int = 0  # the gating token was computed in this request's own steps
     from_store: int = 0  # it was served from vLLM's prefix cache; h_x came from the prompt-feature store
     evicted: int = 0  # served from the prefix cache and gone from the store: status 3
-    refused: int = 0  # no gating pattern, or a gating position outside the prompt: status 1 or 2
+    refused: int = 0  # no gating pattern, a gating position outside the prompt, not one prompt and one answer: 1, 2, 4
 
 
-def plan_request(tokens: np.ndarray, pattern: tuple[int, ...], offset: int, given: int | None) -> Plan:
+def plan_request(
+    tokens: np.ndarray,
+    pattern: tuple[int, ...],
+    offset: int,
+    given: int | None,
+    turn_header_patterns: dict[str, list[int]] | None = None,
+) -> Plan:
     """The gating position of one prompt (the given one, else the last pattern occurrence + offset) and the prompt
-    positions whose hidden states it stores."""
+    positions whose hidden states it stores. Searched, tokens that `turn_header_patterns` show are not one prompt and
+    one answer are refused (status 4); without them (a checkpoint made before), the search alone."""
     candidates = candidate_positions(tokens, pattern, offset)
     error, gating = ErrorCode.OK, -1
     if given is not None:
@@ -71,7 +81,10 @@ def plan_request(tokens: np.ndarray, pattern: tuple[int, ...], offset: int, give
     else:
         ends = candidate_positions(tokens, pattern, len(pattern) - 1)  # where a whole occurrence ends
         if len(ends):
-            gating = int(ends[-1]) - (len(pattern) - 1) + offset
+            start = int(ends[-1]) - (len(pattern) - 1)
+            gating = start + offset
+            if turn_header_patterns and not one_prompt_and_one_answer(tokens, start, turn_header_patterns, pattern):
+                error = ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER
         else:
             error = ErrorCode.NO_GATING_PATTERN
     positions = np.union1d(candidates, [gating]) if error == ErrorCode.OK else candidates
@@ -81,16 +94,40 @@ def plan_request(tokens: np.ndarray, pattern: tuple[int, ...], offset: int, give
     return Plan(gating, error, positions, keys, gating_key)
 
 
-class ArmoRMPooler(Pooler):
-    """See the module docstring. `score_fn` is the model's heads; `store` holds prompt features across requests."""
+def one_prompt_and_one_answer(
+    tokens: np.ndarray, pattern_start: int, turn_header_patterns: dict[str, list[int]], pattern: tuple[int, ...]
+) -> bool:
+    """Whether raw tokens whose last gating pattern starts at `pattern_start` are one prompt and one answer by the
+    turn headers: the model's rule for raw token ids (`modeling_armorm.heads.misplaced_turns`)."""
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]  # (1, seq)
+    turn_after_answer, second_answer = misplaced_turns(
+        ids, torch.ones_like(ids), torch.tensor([pattern_start]), turn_header_patterns, list(pattern)
+    )
+    return not (turn_after_answer.item() or second_answer.item())
 
-    def __init__(self, score_fn: ScoreFn, num_objectives: int, pattern, offset: int, store: PromptFeatureStore):
+
+class ArmoRMPooler(Pooler):
+    """See the module docstring. `score_fn` is the model's heads; `store` holds prompt features across requests;
+    `turn_header_patterns` the checkpoint's (`ArmoRMConfig.turn_header_patterns`), None for one made before."""
+
+    def __init__(
+        self,
+        score_fn: ScoreFn,
+        num_objectives: int,
+        pattern,
+        offset: int,
+        store: PromptFeatureStore,
+        turn_header_patterns: dict[str, list[int]] | None = None,
+    ):
         super().__init__()
         self.score_fn = score_fn
         self.num_objectives = num_objectives
         self.pattern = tuple(int(i) for i in pattern)
         self.offset = int(offset)
         self.store = store
+        self.turn_header_patterns = {
+            str(role): [int(i) for i in ids] for role, ids in (turn_header_patterns or {}).items() if ids
+        }
         self.stats = PoolerStats()
 
     def get_supported_tasks(self) -> Set[str]:
@@ -104,7 +141,8 @@ class ArmoRMPooler(Pooler):
         plan = getattr(state, "armorm_plan", None)
         if plan is None:
             extra = params.extra_kwargs or {}
-            plan = plan_request(tokens.numpy(), self.pattern, self.offset, extra.get(GATING_POSITION_KEY))
+            given = extra.get(GATING_POSITION_KEY)
+            plan = plan_request(tokens.numpy(), self.pattern, self.offset, given, self.turn_header_patterns)
             state.armorm_plan = plan  # lives as long as the request's pooling state
             self.stats.refused += plan.error != ErrorCode.OK
         return plan

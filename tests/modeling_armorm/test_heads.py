@@ -89,6 +89,53 @@ def test_last_pattern_is_found_among_real_tokens_only(side):
     assert expected[2] == expected[3] == -1
 
 
+# Turn headers of a toy template (`ArmoRMConfig.turn_header_patterns`): the gating pattern is the assistant header.
+HEADERS = {"system": [2, 4], "user": [3, 4], "assistant": PATTERN}
+
+
+def misplaced_reference(tokens: list[int], pattern_start: int, headers: dict) -> tuple[bool, bool]:
+    """(a prompt turn after the gating pattern, two assistant headers after the last prompt turn) of unpadded tokens."""
+
+    def starts(pattern):
+        return [i for i in range(len(tokens) - len(pattern) + 1) if tokens[i : i + len(pattern)] == list(pattern)]
+
+    prompt_turns = [i for role in ("system", "user", "tool") if role in headers for i in starts(headers[role])]
+    last_prompt_turn = max(prompt_turns, default=-1)
+    answers = [i for i in starts(headers.get("assistant") or PATTERN) if i > last_prompt_turn]
+    return last_prompt_turn > pattern_start, len(answers) > 1
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("headers", [HEADERS, {"user": [3, 4]}], ids=["all", "no-assistant-header"])
+def test_misplaced_turns_per_row(side, headers):
+    """The rule by which raw token ids are refused as not one prompt and one answer, row by row among real tokens."""
+    generator = torch.Generator().manual_seed(0)
+    pieces = [[1], [4], [2, 4], [3, 4], PATTERN]
+    rows = []
+    for _ in range(200):
+        drawn = torch.randint(
+            0, len(pieces), (int(torch.randint(1, 8, (), generator=generator)),), generator=generator
+        )
+        rows.append([t for i in drawn.tolist() for t in pieces[i]])
+    width = max(map(len, rows)) + 1
+    pad = 3  # a pad id that starts the user header (a row may start with 4): padding must never complete one
+    pads = [width - len(row) for row in rows]
+    ids = [row + [pad] * n if side == "right" else [pad] * n + row for row, n in zip(rows, pads)]
+    mask = [[1] * len(row) + [0] * n if side == "right" else [0] * n + [1] * len(row) for row, n in zip(rows, pads)]
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    pattern_starts = heads.last_pattern_positions(ids, mask, PATTERN)
+
+    turn_after_answer, second_answer = heads.misplaced_turns(ids, mask, pattern_starts, headers, PATTERN)
+    expected = []
+    for row, n, start in zip(rows, pads, pattern_starts.tolist()):
+        shift = n if side == "left" and start >= 0 else 0
+        expected.append(misplaced_reference(row, start - shift, headers))
+    assert list(zip(turn_after_answer.tolist(), second_answer.tolist())) == expected
+    assert {flags for flags in expected} >= {(False, False), (True, False), (False, True)}
+    unchecked = heads.misplaced_turns(ids, mask, pattern_starts, None, PATTERN)  # a checkpoint made before the headers
+    assert not any(flags.any() for flags in unchecked)
+
+
 def test_answer_length_and_its_reward():
     last, gating = torch.tensor([9, 4, 12, 3]), torch.tensor([2, 4, 0, 1])
     n = heads.answer_lengths(last, gating)

@@ -1,7 +1,7 @@
 """vLLM's own OpenAI-compatible server with the plugin (`python -m vllm.entrypoints.openai.api_server --runner
 pooling`): `/pooling` and `/classify` return the ArmoRM vector [status, s, r, g, c] per input, equal to the
-transformers model's outputs; a conversation without the gating pattern gets its error status in valid JSON and the
-server keeps serving."""
+transformers model's outputs; a conversation without the gating pattern, or tokens that are not one prompt and one
+answer, get their error status in valid JSON and the server keeps serving."""
 
 import sys
 
@@ -71,3 +71,24 @@ def test_a_conversation_without_the_pattern_gets_its_status_and_the_server_goes_
     status, answer = request(port, "/classify", {"model": model, "input": [good["input_ids"]]})
     assert status == 200
     assert_matches(ArmoRMOutput.from_vector(answer["data"][0]["probs"]), good)
+
+
+def test_tokens_that_are_not_one_prompt_and_one_answer_get_their_status(server, cases):
+    """The rows the transformers model refuses as not one prompt and one answer (a user turn after the answer; an
+    answer that writes the assistant header, as token ids or in `messages`, whose special tokens vLLM parses) get
+    status 4 and zeros; the row between them is scored as the model scores it."""
+    port, model = server
+    raw = {row["name"]: row for row in cases["armorm"]["raw"]}
+    names = ("ends-with-a-user-turn", "one-prompt-one-answer", "answer-writes-the-header")
+    status, answer = request(port, "/classify", {"model": model, "input": [raw[name]["input_ids"] for name in names]})
+    assert status == 200, answer
+    first, scored, last = (item["probs"] for item in answer["data"])
+    for refused in (first, last):
+        assert refused[0] == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and not any(refused[1:])
+    assert_matches(ArmoRMOutput.from_vector(scored), raw["one-prompt-one-answer"])
+    status, answer = request(
+        port, "/pooling", {"model": model, "messages": raw["answer-writes-the-header"]["messages"]}
+    )
+    assert status == 200, answer
+    refused = answer["data"][0]["data"]
+    assert refused[0] == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and not any(refused[1:])

@@ -151,6 +151,38 @@ def test_unscorable_requests_get_an_error_and_the_others_are_served(armorm_llm, 
     assert_matches(ArmoRMOutput.from_vector(again), rows[2])
 
 
+def test_raw_tokens_that_are_not_one_prompt_and_one_answer_are_refused_naming_the_row(armorm_llm, cases):
+    """Raw token ids without a gating position (TRL's raw path: the template rendered, special tokens recognised): the
+    rows the transformers model refuses (a user turn after the answer; an answer that writes the assistant header,
+    which would move h_x into itself) get status 4 from the pooler's search, and `score_tokens` names them; the rows
+    around them are scored as before. With its gating position given (the rendering located it), a row is not
+    searched, so not refused."""
+    raw = {row["name"]: row for row in cases["armorm"]["raw"]}
+    refused = [raw["ends-with-a-user-turn"], raw["answer-writes-the-header"]]
+    assert all("not one prompt and one answer" in (row["refused"] or "") for row in refused)  # by the model too
+    good, proper = cases["armorm"]["rows"][0], raw["one-prompt-one-answer"]
+    assert proper["refused"] is None
+    token_ids = [good["input_ids"], refused[0]["input_ids"], proper["input_ids"], refused[1]["input_ids"]]
+    before = stats(armorm_llm)
+    results = score_tokens(armorm_llm, token_ids)
+    for i in (1, 3):
+        assert isinstance(results[i], ArmoRMRequestError), (i, results[i])
+        assert results[i].code == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER
+        assert str(results[i]).startswith(f"prompt {i}: ") and "not one prompt and one answer" in str(results[i])
+        assert "ArmoRMReward" in str(results[i]) and "armorm serve" in str(results[i])
+    assert stats(armorm_llm)["refused"] - before["refused"] == 2
+    assert_matches(results[0], good)
+    assert_matches(results[2], proper)
+    vectors = classify(armorm_llm, token_ids[1:2])
+    json.dumps(vectors, allow_nan=False)
+    assert vectors[0][0] == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and not any(vectors[0][1:])
+    # The user turn after the answer, with the position of the answer's header given: scored, as the rendering says.
+    position = good["gating_position"]
+    assert refused[0]["input_ids"][: position + 1] == good["input_ids"][: position + 1]
+    (given,) = score_tokens(armorm_llm, [refused[0]["input_ids"]], [position])
+    assert isinstance(given, ArmoRMOutput), given
+
+
 def test_an_evicted_prompt_feature_is_reported_and_recomputed_exactly(rlhflow_llm, cases):
     """A store of two entries: once other prompts pushed the GRPO prompt's feature out, a completion whose gating token
     vLLM serves from its prefix cache gets status 3 (never a wrong h_x); sent again without the prefix cache, exact."""

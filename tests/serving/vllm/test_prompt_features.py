@@ -58,3 +58,62 @@ def test_plans_read_the_given_position_or_the_last_pattern_and_refuse_the_rest()
     assert plan_request(np.array([1, 2, 3]), PATTERN, 0, None).error == ErrorCode.NO_GATING_PATTERN
     for bad in (10, -1, True, "3", 2.0):
         assert plan_request(tokens, PATTERN, 0, bad).error == ErrorCode.GATING_POSITION_OUTSIDE_PROMPT
+
+
+# Turn headers of a toy template: system (2, 4), user (3, 4), and the gating pattern as the assistant header.
+HEADERS = {"system": [2, 4], "user": [3, 4], "assistant": list(PATTERN)}
+
+
+def test_searched_plans_refuse_what_is_not_one_prompt_and_one_answer():
+    """With the checkpoint's turn headers, searched tokens with a prompt turn after the gating pattern, or a second
+    assistant header after the last prompt turn, get status 4; a given position, or no headers (a checkpoint made
+    before them), is not refused."""
+    one = [1, 3, 4, 5, 7, 8, 9, 6]  # a user turn, then the answer
+    accepted = [one, [1, 2, 4, 5, *one[1:]], [*one, 3, 4, 5, 7, 8, 9, 6]]  # a system turn first; two exchanges
+    refused = [[*one, 3, 4, 5], [*one, 2, 4, 5], [*one, 7, 8, 9, 6]]  # a user / system turn after; a forged header
+    for tokens in accepted:
+        assert plan_request(np.array(tokens), PATTERN, 0, None, HEADERS).error == ErrorCode.OK, tokens
+    for tokens in refused:
+        plan = plan_request(np.array(tokens), PATTERN, 0, None, HEADERS)
+        assert plan.error == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and plan.gating_key is None, tokens
+        assert plan.positions.tolist() == candidate_positions(np.array(tokens), PATTERN, 0).tolist()
+        assert plan_request(np.array(tokens), PATTERN, 0, None).error == ErrorCode.OK
+        assert plan_request(np.array(tokens), PATTERN, 0, 4, HEADERS).error == ErrorCode.OK
+    # Without an assistant header among them, the gating pattern stands for it.
+    no_assistant = {role: ids for role, ids in HEADERS.items() if role != "assistant"}
+    assert (
+        plan_request(np.array(refused[2]), PATTERN, 0, None, no_assistant).error
+        == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER
+    )
+
+
+def test_the_plugin_refuses_the_raw_rows_the_model_refuses():
+    """The same rule as `ArmoRMForRewardModeling` on raw token ids: over random sequences of header and content tokens,
+    the model raises "not one prompt and one answer" exactly where the pooler's plan gets status 4, and where both
+    accept, they read h_x at the same position."""
+    from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling
+    from tests.utils import tiny_llama_config
+
+    rng = np.random.default_rng(0)
+    pieces = [[1], [5], [6], [2, 4], [3, 4], list(PATTERN)]
+    outcomes = set()
+    for offset in (0, 2):
+        config = ArmoRMConfig(
+            text_config=tiny_llama_config(), num_objectives=2, gating_token_pattern=list(PATTERN),
+            gating_token_offset=offset, turn_header_patterns=HEADERS,
+        )  # fmt: skip
+        model = ArmoRMForRewardModeling(config)
+        for _ in range(300):
+            tokens = np.array([t for i in rng.integers(0, len(pieces), size=rng.integers(1, 12)) for t in pieces[i]])
+            plan = plan_request(tokens, PATTERN, offset, None, HEADERS)
+            ids = torch.from_numpy(tokens)[None]
+            try:
+                (position,) = model.find_gating_positions(ids, torch.ones_like(ids)).tolist()
+            except ValueError as error:
+                refused = "not one prompt and one answer" in str(error)
+                expected = ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER if refused else ErrorCode.NO_GATING_PATTERN
+                assert plan.error == expected, (tokens.tolist(), str(error))
+            else:
+                assert plan.error == ErrorCode.OK and plan.gating_position == position, tokens.tolist()
+            outcomes.add(plan.error)
+    assert outcomes == {ErrorCode.OK, ErrorCode.NO_GATING_PATTERN, ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER}
