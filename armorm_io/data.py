@@ -62,6 +62,9 @@ PAIR_LAYOUTS = (
     "`chosen` + `rejected` Anthropic HH transcripts ('\\n\\nHuman: …\\n\\nAssistant: …')",
     "`prompt` + `chosen` + `rejected`, as message lists (TRL explicit prompt) or strings (RewardBench, TRL standard)",
 )
+# In a csv file only an empty cell is missing: pandas' default would also read "NaN", "NA", "null", "None"... as
+# missing, labels and answers alike, without a word.
+_CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}
 BATCH_SIZE = 1024  # rows decoded per `datasets` batch: big enough to amortise Arrow decoding, small in memory
 # `datasets` types a json column of mixed types (numbers and strings) as `Json`; older releases have no such type.
 _JSON_FEATURE = getattr(datasets, "Json", ())
@@ -110,47 +113,79 @@ class PairRows:
         return len(self.chosen)
 
 
-def load_table(data: str | os.PathLike, split: str = "train", name: str | None = None) -> datasets.Dataset:
+def load_table(
+    data: str | os.PathLike, split: str = "train", name: str | None = None, *, sha256: str | None = None
+) -> datasets.Dataset:
     """One split of `data` as a `datasets.Dataset`: a local file (builder picked by extension), a local data
     folder, or a Hub dataset id (`name` = its configuration).
 
-    A local file or folder is read from the content that `data_fingerprint` hashes: a change while it is read is
-    an error. A json row whose text cannot be encoded (a lone surrogate such as "\\ud83d") is read as an empty row
-    and logged; `load_ratings` and `load_pairs` list it in `skipped`."""
-    table, unreadable = _read_table(data, split, name)
+    A local file or folder is read keyed on its content's sha256, and hashed again after the read: a change is an
+    error. `sha256` is that hash as the caller already took it (`data_fingerprint(data).sha256`, the one its report
+    records): the data is then hashed once, after the read, and refused unless it still has that content. A json
+    row whose text cannot be encoded (a lone surrogate such as "\\ud83d") is read as an empty row and logged;
+    `load_ratings` and `load_pairs` list it in `skipped`."""
+    table, unreadable, _ = _read_table(data, split, name, sha256)
     if unreadable:
         logger.warning("%s: %d rows cannot be read, left empty: %s", os.fspath(data), len(unreadable), unreadable)
     return table
 
 
-def _read_table(data: str | os.PathLike, split: str, name: str | None) -> tuple[datasets.Dataset, dict[int, str]]:
-    """`load_table`, and the rows (index in the split → reason) read as empty because their text cannot be encoded."""
+def _read_table(
+    data: str | os.PathLike, split: str, name: str | None, sha256: str | None = None, exact: bool = False
+) -> tuple[datasets.Dataset, dict[int, str], dict[str, list]]:
+    """`load_table`; the rows (index in the split → reason) read as empty because their text cannot be encoded;
+    with `exact`, the exact values of the columns that `datasets` decodes lossily (`_exact_json_values`), read
+    before the content is hashed again so that they too are the content hashed."""
     data = os.fspath(data)
     if os.path.isfile(data) or os.path.isdir(data):
-        digest = _content_sha256(data)
+        digest = sha256 or _content_sha256(data)
         # `datasets` trusts its cache of a local file while its path and modification time are unchanged, so new
         # content under the old mtime (`cp -p`, `rsync -a`, `tar x`) would be read as the old rows. Key the cache on
         # the content itself: other bytes, another cache folder and a fresh read.
         cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "armorm", digest)
         if os.path.isfile(data):
             table, unreadable = _read_file(data, split, cache_dir)
+            sources = [data] if BUILDERS.get(_inner_extension(data)) == "json" else []
         else:
-            table, unreadable = datasets.load_dataset(data, name, split=split, cache_dir=cache_dir), {}
+            (table, builder), unreadable = _load_dataset(data, name, split, cache_dir), {}
+            sources = _data_files(builder, split) if builder.name == "json" else []
+        values = _exact_json_values(table, sources, split) if exact else {}
         if _content_sha256(data) != digest:
             shutil.rmtree(cache_dir, ignore_errors=True)
             raise ValueError(
-                f"{data!r} changed while it was read: the rows read may not be the content hashed. Read it again "
-                "once nothing writes to it."
+                f"{data!r} changed while it was read: its content no longer has the sha256 {digest} it was read "
+                "under, and the rows read may not be the content hashed. Read it again once nothing writes to it."
             )
-        return _non_empty(table, data), unreadable
-    if os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS) or data.startswith(("/", ".")):
+        return _non_empty(table, data), unreadable, values
+    if (
+        os.path.splitext(data)[1].lower() in (*BUILDERS, *COMPRESSIONS)
+        or data.startswith(("/", "."))
+        or sha256 is not None  # hashed as local data, gone since
+    ):
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
     check_location(data, "The data")
     try:
-        table = datasets.load_dataset(data, name, split=split)
+        table, _ = _load_dataset(data, name, split)
     except (OSError, ConnectionError, ValueError) as error:  # offline, unknown id, no access
         raise hub_unreachable(data, "The data", error) from error
-    return _non_empty(table, data), {}
+    return _non_empty(table, data), {}, _exact_json_values(table, [], split) if exact else {}
+
+
+def _load_dataset(
+    data: str, name: str | None, split: str, cache_dir: str | None = None
+) -> tuple[datasets.Dataset, datasets.DatasetBuilder]:
+    """A data folder or Hub dataset through `datasets`, and its builder. Its csv files are read as a single csv file
+    is (`_CSV_OPTIONS`)."""
+    builder = datasets.load_dataset_builder(data, name, cache_dir=cache_dir)
+    options = _CSV_OPTIONS if builder.name == "csv" else {}
+    return datasets.load_dataset(data, name, split=split, cache_dir=cache_dir, **options), builder
+
+
+def _data_files(builder: datasets.DatasetBuilder, split: str) -> list[str]:
+    """The local files a folder's `split` is read from, in the order of its rows (empty if any is not local json)."""
+    files = list((builder.config.data_files or {}).get(split.split("[", 1)[0], []))
+    local = all(os.path.isfile(path) and BUILDERS.get(_inner_extension(path)) == "json" for path in files)
+    return files if local else []
 
 
 def _read_file(data: str, split: str, cache_dir: str) -> tuple[datasets.Dataset, dict[int, str]]:
@@ -166,9 +201,7 @@ def _read_file(data: str, split: str, cache_dir: str) -> tuple[datasets.Dataset,
         raise ValueError(f"{data!r} is empty: no rows to read.")
     # A local file has one split; name it after the requested one so that slices such as `train[:100]` work.
     split_name = split.split("[", 1)[0]
-    # In a csv file only an empty cell is missing: pandas' default would also read "NaN", "NA", "null", "None"...
-    # as missing, labels and answers alike, without a word.
-    options = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
+    options = _CSV_OPTIONS if builder == "csv" else {}
     try:
         if builder == "json" and _has_surrogate_escape(data):
             read = _read_json_skipping_unencodable(data, split, split_name, cache_dir)
@@ -308,7 +341,10 @@ def _content_sha256(data: str) -> str:
 
 def data_fingerprint(data: str | os.PathLike) -> Fingerprint:
     """What identifies the data's content: the sha256 of a local file, of every file of a local folder, or None for a
-    Hub dataset id (`datasets` resolves its revision itself). `load_table` reads local data keyed on this hash."""
+    Hub dataset id (`datasets` resolves its revision itself). A stage passes it on (`load_ratings(...,
+    sha256=fingerprint.sha256)`): the data is read only if it still has this content, so that the hash the stage
+    records is the one of the rows it read, and a large file is hashed twice (here and after the read), not three
+    times."""
     data = os.fspath(data)
     return Fingerprint(data, _content_sha256(data) if os.path.exists(data) else None)
 
@@ -332,7 +368,12 @@ def parse_hh_transcript(text: str) -> list[dict]:
 
 
 def load_ratings(
-    data: str | os.PathLike, split: str = "train", objectives: list[str] | None = None, name: str | None = None
+    data: str | os.PathLike,
+    split: str = "train",
+    objectives: list[str] | None = None,
+    name: str | None = None,
+    *,
+    sha256: str | None = None,
 ) -> RatingRows:
     """Read rated responses: conversations and their (N, k) labels, NaN where missing.
 
@@ -342,9 +383,10 @@ def load_ratings(
         objectives: the label columns, in order; default every numeric column but the conversation and ids
             (`id`, `*_id`, `index`, `*_index`, ...), in the data's column order.
         name: the Hub dataset configuration.
+        sha256: the local data's sha256 as the caller recorded it (`data_fingerprint`): read only if unchanged.
     """
     data = os.fspath(data)
-    table, unreadable = _read_table(data, split, name)
+    table, unreadable, exact = _read_table(data, split, name, sha256, exact=True)
     columns = list(table.column_names)
     if "messages" in columns:
         layout, conversation_columns = "messages", ["messages"]
@@ -361,7 +403,7 @@ def load_ratings(
             f"{data!r} has no numeric objective column (columns: {columns}). Name them with `objectives=`."
         )
 
-    exact = _exact_json_values(table, data, split, objectives)
+    exact = {column: values for column, values in exact.items() if column in objectives}
     messages, labels, index, skipped = [], [], [], []
     for i, row in _iter_rows(table, conversation_columns + objectives, f"Reading ratings from {data}"):
         if i in unreadable:
@@ -389,7 +431,12 @@ def load_ratings(
 
 
 def load_pairs(
-    data: str | os.PathLike, split: str = "train", name: str | None = None, *, keep_ties: bool = False
+    data: str | os.PathLike,
+    split: str = "train",
+    name: str | None = None,
+    *,
+    keep_ties: bool = False,
+    sha256: str | None = None,
 ) -> PairRows:
     """Read preference pairs as full `chosen` / `rejected` conversations that share their prompt.
 
@@ -400,9 +447,10 @@ def load_pairs(
         keep_ties: keep the pairs that state no preference (the same answer twice, or equal `score_chosen` and
             `score_rejected`). Training skips them (it learns nothing from a tie); evaluation keeps them, as
             RewardBench does, and counts an equal score as wrong.
+        sha256: the local data's sha256 as the caller recorded it (`data_fingerprint`): read only if unchanged.
     """
     data = os.fspath(data)
-    table, unreadable = _read_table(data, split, name)
+    table, unreadable, _ = _read_table(data, split, name, sha256)
     columns = list(table.column_names)
     if "chosen" not in columns or "rejected" not in columns:
         raise _layout_error(data, split, columns, "pairs", PAIR_LAYOUTS)
@@ -500,16 +548,22 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
     return sorted(objectives, key=lambda column: first_rated[column])
 
 
-def _exact_json_values(table: datasets.Dataset, data: str, split: str, columns: list[str]) -> dict[str, list]:
-    """The exact values of the `columns` that `datasets` types `Json` (numbers and strings mixed), which it decodes
+def _exact_json_values(table: datasets.Dataset, sources: list[str], split: str) -> dict[str, list]:
+    """The exact values of the columns that `datasets` types `Json` (numbers and strings mixed), which it decodes
     lossily: JSON NaN becomes null, ±Infinity and the string "NaN" become None, the string "Infinity" becomes inf.
-    A local json file's values are read again with Python's json; elsewhere a value stored but decoded as None is
-    marked unreadable, so that `_label` lists it instead of taking it for a missing label."""
-    mixed = [column for column in columns if isinstance(table.features[column], _JSON_FEATURE)]
+    Local json files (`sources`: one file, or a folder's files of this split in row order) are read again with
+    Python's json; elsewhere (a Hub dataset) a value stored but decoded as None is marked unreadable, so that
+    `_label` lists it instead of taking it for a missing label, and a JSON NaN stored as null is missing."""
+    mixed = [
+        column
+        for column, feature in table.features.items()
+        if isinstance(feature, _JSON_FEATURE) and column not in TEXT_COLUMNS
+    ]
     if not mixed:
         return {}
-    rows = _json_rows(data) if os.path.isfile(data) and BUILDERS.get(_inner_extension(data)) == "json" else None
-    if rows is not None and all(isinstance(row, dict) for row in rows):
+    files = [_json_rows(path) for path in sources]
+    if files and all(rows is not None and all(isinstance(row, dict) for row in rows) for rows in files):
+        rows = [row for file_rows in files for row in file_rows]
         start = _split_start(split, split.split("[", 1)[0], len(rows))
         rows = rows[start : start + len(table)]
         if len(rows) == len(table):

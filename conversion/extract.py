@@ -49,6 +49,7 @@ from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
     Location,
+    fit_dtype,
     normalize_locations,
 )
 
@@ -142,10 +143,11 @@ def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
             dist.barrier()
         _check_resumable(out, settings)  # before the slow loads: a stale folder fails at once
         if config.kind == "ratings":
-            rows = load_ratings(config.data, config.split, config.objectives, name=config.name)
+            # Read only if the data still has the content hashed above: the report's hash is the rows' own.
+            rows = load_ratings(config.data, config.split, config.objectives, name=config.name, sha256=data.sha256)
         else:
-            rows = load_pairs(config.data, config.split, name=config.name)
-        model = load_backbone(config.backbone, config.dtype).to(device)
+            rows = load_pairs(config.data, config.split, name=config.name, sha256=data.sha256)
+        model = fit_dtype(load_backbone(config.backbone, config.dtype), config.dtype, device).to(device)
         tokenizer = load_tokenizer(config.backbone)
         meta = extract(
             model,
@@ -155,6 +157,7 @@ def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
             max_length=config.max_length,
             truncate_prompt=config.truncate_prompt,
             batch_size=config.batch_size,
+            max_batch_tokens=config.max_batch_tokens,
             shard_rows=config.shard_rows,
             settings=settings,
         )
@@ -218,9 +221,10 @@ def forward_features(
     batch_size: int,
     pad_id: int,
     progress: Progress | None = None,
+    max_batch_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h (last real token) and, with `with_prompt`, h_x (gating position) of every sequence, float32 on the CPU, in
-    input order."""
+    input order; batches of at most `batch_size` rows and `max_batch_tokens` padded tokens."""
     d = model.config.hidden_size
     if not sequences:
         return torch.empty(0, d), torch.empty(0, d) if with_prompt else None
@@ -236,7 +240,7 @@ def forward_features(
         return features
 
     device = next(model.parameters()).device
-    features = run_in_batches(forward, sequences, batch_size, pad_id, device, progress)
+    features = run_in_batches(forward, sequences, batch_size, pad_id, device, progress, max_batch_tokens)
     return features["h"], features.get("h_x")
 
 
@@ -248,7 +252,17 @@ def _sides(rows: RatingRows | PairRows, i: int) -> list[list[dict]]:
     return [rows.messages[i]] if isinstance(rows, RatingRows) else [rows.chosen[i], rows.rejected[i]]
 
 
-def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: int, batch_size: int, pad_id, bar):
+def _extract_chunk(
+    model,
+    encoder: ConversationEncoder,
+    rows,
+    start: int,
+    stop: int,
+    batch_size: int,
+    pad_id,
+    bar,
+    max_batch_tokens: int | None = None,
+):
     """Features of rows[start:stop] as shard tensors, plus the chunk's record (skipped and truncated rows)."""
     pairs = isinstance(rows, PairRows)
     encoded = encoder.encode([_sides(rows, i) for i in range(start, stop)])
@@ -260,7 +274,7 @@ def _extract_chunk(model, encoder: ConversationEncoder, rows, start: int, stop: 
     ]
     n_sides = 2 if pairs else 1
     sequences = [side for _, row in kept for side in row.sides]  # row-major: row j side s at j * n_sides + s
-    last, prompt = forward_features(model, sequences, pairs, batch_size, pad_id, bar)
+    last, prompt = forward_features(model, sequences, pairs, batch_size, pad_id, bar, max_batch_tokens)
     if bar is not None:
         bar.update(len(skipped) * n_sides, 0)  # skipped responses are done too, so the bar reaches its total
 
@@ -352,6 +366,7 @@ def extract(
     batch_size: int,
     shard_rows: int,
     settings: dict,
+    max_batch_tokens: int | None = None,
 ) -> dict:
     """Extract the features of `rows` with a loaded backbone into `out` (this rank's chunks), resuming; returns meta.
 
@@ -385,7 +400,7 @@ def extract(
         for stale in out.glob(SHARD_NAME.replace("{rank:03d}", "*").format(index=chunk)):
             if stale.name != name:
                 stale.unlink()
-        tensors, record = _extract_chunk(model, encoder, rows, start, stop, batch_size, pad_id, bar)
+        tensors, record = _extract_chunk(model, encoder, rows, start, stop, batch_size, pad_id, bar, max_batch_tokens)
         record = {"shard": name, "sha256": save_shard(out, name, tensors), **record}
         own[str(chunk)] = record
         atomic_write_json(

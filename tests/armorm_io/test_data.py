@@ -523,11 +523,11 @@ def test_nan_strings_and_lossy_json_numbers_are_listed(tmp_path):
     assert sorted(reasons) == [1, 3, 4, 5, 6, 7], reasons
     assert "'x', not a number" in reasons[1]
     assert all("NaN" in reasons[i] or "inf" in reasons[i].lower() for i in (3, 4, 5, 6, 7)), reasons
-    # In a data folder (as from the Hub) only what `datasets` stored is known: JSON NaN is stored as null there.
+    # A data folder's json files are read again as the single file is.
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "train.jsonl").write_text(text)
     in_folder = load_ratings(tmp_path / "folder", objectives=["score"])
-    assert {1, 4, 5, 6, 7} <= {entry["index"] for entry in in_folder.skipped} and 8 in in_folder.index
+    assert in_folder.index == ratings.index and in_folder.skipped == ratings.skipped
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "json"])
@@ -555,3 +555,92 @@ def test_a_corrupt_gz_file_is_one_clear_error(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"(?s)cut\.jsonl\.gz.*(corrupt|cut short).*gzip -t"):
         load_ratings(tmp_path / "cut.jsonl.gz")
+
+
+MIXED_LABELS = ["0.5", '"x"', "null", "NaN", "Infinity", "-Infinity", '"NaN"', '"Infinity"', "2"]  # one per row
+
+
+def _mixed_label_rows(messages: str) -> str:
+    """Json lines whose `score` mixes numbers, strings and JSON's NaN/±Infinity (`datasets` types it `Json`)."""
+    return "".join(f'{{"messages": {messages}, "score": {value}}}\n' for value in MIXED_LABELS)
+
+
+def test_nan_labels_in_a_data_folder_are_listed_with_their_rows(tmp_path):
+    """A data folder's json files are read again as a single file is: JSON NaN is not a missing label there."""
+    messages = json.dumps(RATING_ROWS[0][0])
+    folder = tmp_path / "data"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train-0.jsonl").write_text(_mixed_label_rows(messages))
+    (folder / "data" / "train-1.jsonl.gz").write_bytes(gzip.compress(_mixed_label_rows(messages).encode()))
+    ratings = load_ratings(folder, objectives=["score"])
+    n = len(MIXED_LABELS)
+    assert ratings.index == [0, 2, 8, n, n + 2, n + 8]
+    np.testing.assert_array_equal(ratings.labels.ravel(), np.array([0.5, np.nan, 2] * 2, dtype=np.float32))
+    reasons = {entry["index"]: entry["reason"] for entry in ratings.skipped}
+    assert sorted(reasons) == [1, 3, 4, 5, 6, 7, n + 1, n + 3, n + 4, n + 5, n + 6, n + 7], reasons
+    assert "NaN" in reasons[3] and "NaN" in reasons[n + 3]
+    # A slice of the split keeps the rows' own indices.
+    assert [entry["index"] for entry in load_ratings(folder, "train[3:5]", ["score"]).skipped] == [0, 1]
+
+    # A csv file in a folder: only an empty cell is missing, as in a single csv file.
+    quoted = messages.replace('"', '""')
+    (tmp_path / "csv").mkdir()
+    cells = ["0.5", "NaN", "nan", "", "NA", "null", "1.0"]
+    (tmp_path / "csv" / "train.csv").write_text("messages,score\n" + "".join(f'"{quoted}",{c}\n' for c in cells))
+    ratings = load_ratings(tmp_path / "csv")
+    assert ratings.index == [0, 3, 6]
+    assert sorted(entry["index"] for entry in ratings.skipped) == [1, 2, 4, 5]
+
+
+def test_nan_labels_of_a_hub_dataset_are_listed_with_their_rows(tmp_path, monkeypatch):
+    """Where the json text is not at hand (a Hub dataset, parquet) a null is missing; a NaN float, the string "NaN"
+    or a csv cell "NaN" is listed with its row."""
+    hub = {"org/csv": tmp_path / "csv", "org/parquet": tmp_path / "parquet", "org/json": tmp_path / "json"}
+    for folder in hub.values():
+        folder.mkdir()
+    quoted = json.dumps(RATING_ROWS[0][0]).replace('"', '""')
+    cells = ["0.5", "NaN", "", "NA", "1.0"]
+    (hub["org/csv"] / "train.csv").write_text("messages,score\n" + "".join(f'"{quoted}",{c}\n' for c in cells))
+    labels = [0.5, math.nan, None, math.inf, 1.0]
+    write_rows([{"messages": RATING_ROWS[0][0], "score": v} for v in labels], hub["org/parquet"] / "train.parquet")
+    (hub["org/json"] / "train.jsonl").write_text(_mixed_label_rows(json.dumps(RATING_ROWS[0][0])))
+    for function in ("load_dataset", "load_dataset_builder"):  # the Hub id resolves to a local copy
+        real = getattr(data_module.datasets, function)
+        monkeypatch.setattr(
+            data_module.datasets, function, lambda path, *a, real=real, **k: real(str(hub.get(path, path)), *a, **k)
+        )
+    ratings = load_ratings("org/csv")
+    assert ratings.index == [0, 2, 4] and sorted(entry["index"] for entry in ratings.skipped) == [1, 3]
+    ratings = load_ratings("org/parquet")
+    assert ratings.index == [0, 2, 4] and sorted(entry["index"] for entry in ratings.skipped) == [1, 3]
+    assert data_fingerprint("org/json").sha256 is None
+    ratings = load_ratings("org/json", objectives=["score"])
+    # JSON NaN (row 3) is stored as null by `datasets`: missing, the one loss a Hub dataset's json can have.
+    assert ratings.index == [0, 2, 3, 8]
+    assert sorted(entry["index"] for entry in ratings.skipped) == [1, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_data_replaced_after_its_fingerprint_is_refused(tmp_path, kind):
+    """A stage hashes the data once (its report's fingerprint) and reads it only if it still has that content."""
+    path = tmp_path / "r.jsonl" if kind == "file" else tmp_path / "data" / "train.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    write_rows([{"messages": RATING_ROWS[0][0], "score": 1.0}], path)
+    data = path if kind == "file" else path.parent
+    fingerprint = data_fingerprint(data)
+    assert load_ratings(data, sha256=fingerprint.sha256).labels.ravel().tolist() == [1.0]
+    write_rows([{"messages": RATING_ROWS[0][0], "score": 2.0}], path)
+    with pytest.raises(ValueError, match=rf"{data.name}.* changed .*sha256 {fingerprint.sha256}"):
+        load_ratings(data, sha256=fingerprint.sha256)
+    with pytest.raises(ValueError, match=rf"{data.name}.* changed "):
+        load_pairs(data, sha256=fingerprint.sha256)
+    assert load_ratings(data, sha256=data_fingerprint(data).sha256).labels.ravel().tolist() == [2.0]
+
+
+def test_local_data_is_hashed_once_before_and_once_after_its_read(tmp_path, monkeypatch):
+    path = write_rows([{"messages": RATING_ROWS[0][0], "score": 1.0}], tmp_path / "r.jsonl")
+    hashed = []
+    real = data_module.file_sha256
+    monkeypatch.setattr(data_module, "file_sha256", lambda p: hashed.append(os.fspath(p)) or real(p))
+    load_ratings(path, sha256=data_fingerprint(path).sha256)
+    assert hashed == [path, path]

@@ -28,7 +28,14 @@ from armorm_io.artifacts import head_fingerprint, save_gating, save_regression, 
 from armorm_io.reports import report_path, write_report
 from conversion import assemble
 from conversion.fit import FitConfig
-from tests.utils import SMOLLM2_GGUF, requires_smollm2, run_snippet_without_prompt, smollm2_dir, tiny_llama_config
+from tests.utils import (
+    SMOLLM2_GGUF,
+    load_tokenizer_alone,
+    requires_smollm2,
+    run_snippet_without_prompt,
+    smollm2_dir,
+    tiny_llama_config,
+)
 
 
 OBJECTIVES = ["helpfulness", "correctness", "verbosity", "is_safe"]
@@ -317,6 +324,21 @@ def test_card_pipeline_snippet_runs_with_the_package(built, smollm2_tokenizer, t
     np.testing.assert_allclose(compared["scores"], scores, rtol=1e-4, atol=1e-5)
     assert compared["preferred"] == ("a" if scores[0] > scores[1] else "b")
     assert compared["margin"] == pytest.approx(scores[0] - scores[1], abs=1e-4)
+
+
+# Markup in a text is text: the tokenizer alone must split it as the backbone's tokenizer does.
+TOKENIZER_TEXTS = ["The capital of France is Paris.", "Sure.<|im_end|>\n<|im_start|>system\nBe kind.", "¿Qué? 你好 🙂"]
+
+
+def test_tokenizer_alone_loads_without_the_package_or_custom_code(built, smollm2_tokenizer, tmp_path):
+    """`AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)`, in a fresh interpreter without
+    `modeling_armorm` and with stdin closed: no prompt, none of the checkpoint's code runs, and the tokenizer splits
+    text, renders conversations and pads as the backbone's tokenizer does."""
+    loaded = load_tokenizer_alone(built["checkpoint"], tmp_path, TOKENIZER_TEXTS, CONVERSATIONS)
+    assert loaded["ids"] == [smollm2_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_TEXTS]
+    assert loaded["chat"] == tokenize(smollm2_tokenizer, CONVERSATIONS)
+    config = json.loads((built["checkpoint"] / "config.json").read_text())
+    assert loaded["pad_token_id"] == config["pad_token_id"] is not None
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:

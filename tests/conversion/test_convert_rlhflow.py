@@ -10,7 +10,14 @@ from transformers import AutoModelForSequenceClassification
 from armorm_cli.cli import main as cli
 from modeling_armorm.rlhflow import LLAMA3_GATING_PATTERN, LLAMA3_TURN_HEADERS, RLHFLOW_OBJECTIVES
 from tests.modeling_armorm.test_remote_code import load_as_remote_code
-from tests.utils import llama3_tokenizer, padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
+from tests.utils import (
+    llama3_tokenizer,
+    load_tokenizer_alone,
+    padded,
+    reference_armorm_outputs,
+    tiny_armorm,
+    tiny_llama_config,
+)
 
 
 EOT = 128009
@@ -130,3 +137,22 @@ def test_refuses_a_tokenizer_whose_template_is_not_llama3(tmp_path, smollm2_toke
     smollm2_tokenizer.save_pretrained(tmp_path / "src")
     with pytest.raises(ValueError, match="Convert with the checkpoint's own Llama-3 tokenizer"):
         cli(["convert-rlhflow", "--src-dir", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out")])
+
+
+def test_converted_tokenizer_loads_without_the_package_or_custom_code(tmp_path):
+    """The converted checkpoint's tokenizer alone, from a release whose tokenizer_config.json names no class (as an
+    older save may): `trust_remote_code=False` loads it in a fresh interpreter without `modeling_armorm`, without a
+    prompt or the checkpoint's code, and it tokenizes as the Llama-3 tokenizer does."""
+    released_layout(tmp_path / "released")
+    tokenizer_config = tmp_path / "released" / "tokenizer_config.json"
+    tokenizer_config.write_text(
+        json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items() if k != "tokenizer_class"})
+    )
+    cli(["convert-rlhflow", "--src-dir", str(tmp_path / "released"), "--out-dir", str(tmp_path / "converted")])
+
+    texts = ["Paris.", "Sure.<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nBe kind.", "¿Qué? 你好 🙂"]
+    loaded = load_tokenizer_alone(tmp_path / "converted", tmp_path, texts, CONVERSATIONS)
+    reference = llama3_tokenizer()
+    assert loaded["ids"] == [reference(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert loaded["chat"] == token_rows(reference)
+    assert loaded["pad_token_id"] == EOT

@@ -27,6 +27,7 @@ from conversion.extract import main as extract
 from tests.utils import (
     SHARED_DATA,
     SMOLLM2_GGUF,
+    BackboneForwards,
     requires_shared_data,
     requires_smollm2,
     smollm2_dir,
@@ -267,6 +268,36 @@ def test_truncate_prompt_drops_earlier_turns_only(backbone, reference, tmp_path)
     torch.testing.assert_close(tensors["prompt_embeddings"][0], h_x, rtol=0, atol=ATOL)
 
 
+def test_max_batch_tokens_bounds_every_forward(backbone, reference, mixed_ratings, tmp_path, monkeypatch):
+    """`--max-batch-tokens` reaches the feature batches: every forward of several rows holds at most that many padded
+    tokens, more forwards of fewer rows run than by rows alone, and every feature still equals the row run alone."""
+    data, rows = mixed_ratings
+    load_backbone, forwards = extract_module.load_backbone, []
+
+    def load_and_watch(*args, **kwargs):  # the forwards of the backbone `armorm extract` loads
+        model = load_backbone(*args, **kwargs)
+        forwards.append(BackboneForwards(model).__enter__())
+        return model
+
+    monkeypatch.setattr(extract_module, "load_backbone", load_and_watch)
+    budget = 2 * max(len(reference.ids(row["messages"])) for row in rows)  # two rows of the longest conversation
+    for name, max_batch_tokens in (("rows", None), ("tokens", budget)):
+        extract(
+            backbone=backbone,
+            data=data,
+            out=str(tmp_path / name),
+            kind="ratings",
+            objectives=OBJECTIVES,
+            batch_size=8,
+            max_batch_tokens=max_batch_tokens,
+        )
+    by_rows, by_tokens = forwards
+    assert by_rows.over(budget) and by_tokens and not by_tokens.over(budget) and len(by_tokens) > len(by_rows)
+    tensors, _ = load_features(tmp_path / "tokens")
+    expected = [reference.features(row["messages"]) for row in rows]
+    torch.testing.assert_close(tensors["embeddings"], torch.stack([h for h, _ in expected]), rtol=0, atol=ATOL)
+
+
 def test_two_processes_equal_one(backbone, tmp_path):
     data = str(SHARED_DATA / "pairs" / "pandalm_test.jsonl")
     args = ["--backbone", backbone, "--data", data, "--split", "train[:14]", "--kind", "pairs", "--shard-rows", "4"]
@@ -349,3 +380,33 @@ def test_new_content_under_the_old_mtime_is_extracted_with_its_own_hash(backbone
         != json.loads((tmp_path / "first" / "extract.json").read_text())["inputs"]["data"]["sha256"]
     )
     assert first["counts"]["rows"] == second["counts"]["rows"] == 6
+
+
+def test_data_replaced_after_its_hash_is_refused_and_hashed_at_most_twice(backbone, tmp_path, monkeypatch):
+    """The report's hash is the one of the rows read: data replaced between the stage's hash and its read (simulated
+    here right after the hash) is refused, naming the file. The file is read for hashing twice, not three times."""
+    messages = read_jsonl(SHARED_DATA / "ratings" / "helpsteer2_sample.jsonl")[0]["messages"]
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [{"messages": messages, "score": float(i)} for i in range(3)])
+    real = extract_module.data_fingerprint
+
+    def fingerprint_then_replace(data):
+        fingerprint = real(data)
+        write_jsonl(path, [{"messages": messages, "score": -7.0 * i} for i in range(3)])
+        return fingerprint
+
+    monkeypatch.setattr(extract_module, "data_fingerprint", fingerprint_then_replace)
+    with pytest.raises(ValueError, match=r"r\.jsonl.* changed "):
+        extract(backbone=backbone, data=str(path), out=str(tmp_path / "replaced"), kind="ratings")
+    assert not (tmp_path / "replaced" / "extract.json").exists()
+    monkeypatch.undo()
+
+    from armorm_io import data as data_module
+
+    hashed = []
+    monkeypatch.setattr(data_module, "file_sha256", lambda p, real=file_sha256: hashed.append(str(p)) or real(p))
+    extract(backbone=backbone, data=str(path), out=str(tmp_path / "once"), kind="ratings")
+    assert hashed == [str(path)] * 2
+    report = json.loads((tmp_path / "once" / "extract.json").read_text())
+    assert report["inputs"]["data"]["sha256"] == file_sha256(path)
+    assert load_features(tmp_path / "once")[0]["labels"].ravel().tolist() == [0, -7, -14]
