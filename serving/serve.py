@@ -15,11 +15,12 @@ Endpoints (JSON in, JSON out; a malformed request gets a 422 that names the row 
   `ArmoRMReward(url=...)` scores through it.
 * `GET /info` (the checkpoint's folder name, backend, objectives, counters) and `GET /health`.
 
-One request cannot stall the others: a body over `--max-body-mb` gets a 413 before it is read whole; a conversation
-with more characters than the model's positions could hold (`max_length` × the characters of the tokenizer's longest
-token) gets a 422 before it is tokenized; the rows are encoded a few at a time in worker threads, so other requests'
-rows take the tokenizer in between; a client that hangs up is dropped with its rows still queued (they cost no
-forward). A client fault gets a 4xx that names the row; a model fault (a non-finite score) a 500 that names the row.
+One request cannot stall the others: a body over `--max-body-mb` gets a 413 before it is read whole, one over 1 MiB
+is read once the smaller requests pause (waiting at most 0.1 s); a conversation with more characters than the
+model's positions could hold (`max_length` × the characters of the tokenizer's longest token) gets a 422 before it is
+tokenized; the rows are encoded a few at a time in worker threads, so other requests' rows take the tokenizer in
+between; a client that hangs up is dropped with its rows still queued (they cost no forward). A client fault gets a
+4xx that names the row; a model fault (a non-finite score) a 500 that names the row.
 
 Backends: `transformers` (the default; needs no vLLM) merges concurrent requests into shared forwards;
 `vllm` runs vLLM's async engine with the ArmoRM plugin (install vLLM; its engine settings go in `--vllm-engine-args`).
@@ -42,6 +43,7 @@ from modeling_armorm.settings import (
     DeviceSettings,
     DtypeSettings,
     Location,
+    fit_dtype,
     normalize_locations,
     resolve_device,
     torch_dtype,
@@ -66,6 +68,13 @@ class ServeSettings(DeviceSettings, DtypeSettings):
     max_batch_rows: int = field(
         default=32,
         metadata={"help": "Transformers backend: most conversations per forward (concurrent requests merge)."},
+    )
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Transformers backend: padded tokens per forward (rows x the longest row): a forward holds at most "
+            "`max_batch_rows` rows and no more than fit this budget (default: rows only)."
+        },
     )
     max_wait_ms: float = field(
         default=5.0, metadata={"help": "Transformers backend: how long a waiting request waits for others to join it."}
@@ -116,6 +125,8 @@ class ServeConfig(ServeSettings):
         for name in ("max_batch_rows", "max_request_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"`max_batch_tokens` must be at least 1, got {self.max_batch_tokens}.")
         if not self.max_body_mb > 0:
             raise ValueError(f"`max_body_mb` must be positive, got {self.max_body_mb}.")
 
@@ -140,6 +151,11 @@ def checkpoint_config(path: str):
 ENCODE_SLICE_S = 0.02
 # How often a waiting request checks whether its client hung up.
 DISCONNECT_POLL_S = 0.05
+# A body larger than this waits until no smaller request has been in flight for `LARGE_BODY_QUIET_S`, at most
+# `LARGE_BODY_WAIT_S` (see `BodyLimit`).
+LARGE_BODY_BYTES = 2**20
+LARGE_BODY_QUIET_S = 0.01
+LARGE_BODY_WAIT_S = 0.1
 
 
 class ScoringFault(RuntimeError):
@@ -308,11 +324,18 @@ class RewardService:
 
 class BodyLimit:
     """ASGI middleware: a request body of more than `max_bytes` gets a 413 as soon as it is declared or read that far
-    (it is never held whole); a smaller one is passed on as it came."""
+    (it is never held whole); a smaller one is passed on as it came.
+
+    A body of more than `LARGE_BODY_BYTES` is read only once no smaller request has been in flight for
+    `LARGE_BODY_QUIET_S` (or after `LARGE_BODY_WAIT_S`): reading and parsing it holds the event loop and the GIL for
+    milliseconds, which the small requests in flight would wait for; so a stream of large bodies (even refused ones)
+    runs when the small requests pause instead of taking turns with them."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.small_in_flight = 0
+        self.small_seen = 0.0  # when a smaller request last started or finished (the event loop's clock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -320,23 +343,52 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self.refuse(send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client hung up mid-body: nobody to answer
+        large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+        if large:
+            await self.after_small_requests()
+        else:
+            self.small_in_flight += 1
+            self.small_seen = asyncio.get_running_loop().time()
+        try:
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client hung up mid-body: nobody to answer
+                    return
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    return await self.refuse(send)
+                if size > LARGE_BODY_BYTES and not large:  # a chunked body that grew large: it waits from here
+                    large = True
+                    self.done_small()
+                    await self.after_small_requests()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+            async def replay():
+                return body.pop() if body else await receive()
+
+            await self.app(scope, replay, send)
+        finally:
+            if not large:
+                self.done_small()
+
+    def done_small(self):
+        """A request that is not large finished (or its chunked body grew large)."""
+        self.small_in_flight -= 1
+        self.small_seen = asyncio.get_running_loop().time()
+
+    async def after_small_requests(self):
+        """Wait until no smaller request has been in flight for `LARGE_BODY_QUIET_S`, at most `LARGE_BODY_WAIT_S` (a
+        steady stream of them leaves no such pause: the large body is then read anyway)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LARGE_BODY_WAIT_S
+        while self.small_in_flight or loop.time() - self.small_seen < LARGE_BODY_QUIET_S:
+            if loop.time() >= deadline:
                 return
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self.refuse(send)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay():
-            return body.pop() if body else await receive()
-
-        await self.app(scope, replay, send)
+            await asyncio.sleep(LARGE_BODY_QUIET_S / 2)
 
     async def refuse(self, send):
         error = (
@@ -475,8 +527,11 @@ def build_service(config: ServeConfig) -> RewardService:
                 "convert it (`armorm convert-rlhflow --src-dir SRC --out-dir OUT`) or serve it with `--backend vllm`."
             )
         model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
-        model = model.to(resolve_device(config.device)).eval()
-        backend = TransformersBackend(model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms)
+        device = resolve_device(config.device)
+        model = fit_dtype(model, config.dtype, device).to(device).eval()
+        backend = TransformersBackend(
+            model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms, config.max_batch_tokens
+        )
     return RewardService(config, tokenizer, armorm_config, backend)
 
 

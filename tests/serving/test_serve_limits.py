@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from serving import backends
 from serving.serve import ServeConfig, build_app, build_service
 from tests.serving.test_serve import MARKUP, checkpoint, pool  # noqa: F401  (`checkpoint` is a fixture)
-from tests.serving_utils import abandon_request, free_port, request, run_load, running_server
+from tests.serving_utils import LoadResult, abandon_request, free_port, request, run_load, running_server
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +30,9 @@ MAX_BODY_MB = 2
 # Over the character bound of the tiny backbone (4096 positions × the 128 characters of Llama-3's longest token), and
 # under the body limit: refused by its length, not by its size.
 LONG_ANSWER = "a" * 1_500_000
+# The small requests' load, alone and during a stream of long ones: rounds of one window of each, alternating; 6 rounds
+# of 1.5 s give each side a few hundred requests on 2 busy cores, so that its p99 is not its one slowest request.
+LOAD_ROUNDS, LOAD_WINDOW_S = 6, 1.5
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +83,46 @@ def test_a_body_over_the_limit_is_refused_with_413(server):
 
 
 def test_small_requests_flow_while_a_long_conversation_is_refused(server):
-    """A 1.5 MB answer is refused by its length without being tokenized whole; meanwhile the p99 latency of small
-    requests stays within 2× their p99 alone + 60 ms. The issue asks for 2×; in the full suite on 2 CPU cores a
-    back-to-back stream of 1.5 MB bodies measured 25 ms alone and 72 ms during (each body is still read and parsed as
-    JSON on the event loop), so 60 ms of slack; before the limits a small request waited 4.9 s."""
+    """A 1.5 MB answer is refused by its length, without being tokenized and without a row of its request reaching a
+    forward; meanwhile the p99 latency of small requests stays within 2× their p99 alone (before the limits a small
+    request waited 4.9 s).
+
+    The windows alone and during alternate, and each side's p99 is taken over its pooled windows, so that the load of
+    whatever else runs on the machine falls on both alike. The long body is encoded once: `json.dumps` of 1.5 MB per
+    request would hold this process's GIL, which the small clients share, and slow them here, not in the server."""
     conversations = pool()
     small = lambda i: {"conversations": [conversations[i % len(conversations)]]}  # noqa: E731
-    run_load(server, "/score", small, clients=2, seconds=0.5)  # warm up
-    alone = run_load(server, "/score", small, clients=2, seconds=2.5)
     long_body = {"conversations": [conversations[0], [*conversations[1][:-1], {"role": "assistant", "content": ""}]]}
     long_body["conversations"][1][-1]["content"] = LONG_ANSWER
-    refusals, stop = [], threading.Event()
+    body = json.dumps(long_body).encode()
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    run_load(server, "/score", small, clients=2, seconds=0.5)  # warm up
+    rows_before = request(server, "/info")[1]["stats"]["rows"]
+    alone, during, refusals = [], [], []
 
-    def large_client():
+    def large_client(stop: threading.Event):
         while not stop.is_set():
             start = time.monotonic()
-            refusals.append((*request(server, "/score", long_body, timeout=120), time.monotonic() - start))
+            refusals.append((*raw_post(server, head, body), time.monotonic() - start))
 
-    thread = threading.Thread(target=large_client)
-    thread.start()
-    try:
-        during = run_load(server, "/score", small, clients=2, seconds=2.5)
-    finally:
-        stop.set()
-        thread.join()
+    for _ in range(LOAD_ROUNDS):
+        alone += run_load(server, "/score", small, clients=2, seconds=LOAD_WINDOW_S).records
+        stop = threading.Event()
+        thread = threading.Thread(target=large_client, args=(stop,))
+        thread.start()
+        try:
+            during += run_load(server, "/score", small, clients=2, seconds=LOAD_WINDOW_S).records
+        finally:
+            stop.set()
+            thread.join()
     assert refusals and all(status == 422 for status, _, _ in refusals), refusals[:1]
-    assert all(record["status"] == 200 for record in alone.records + during.records)
-    p99_alone, p99_during = alone.percentile_ms(0.99), during.percentile_ms(0.99)
-    assert p99_during <= 2 * p99_alone + 60, (p99_alone, p99_during, len(refusals))
+    assert all(record["status"] == 200 for record in alone + during)
+    p99_alone, p99_during = LoadResult(alone).percentile_ms(0.99), LoadResult(during).percentile_ms(0.99)
+    assert p99_during <= 2 * p99_alone, (p99_alone, p99_during, len(alone), len(during), len(refusals))
     assert max(seconds for _, _, seconds in refusals) < 1.0, refusals
     assert "conversation 1" in refusals[0][1]["error"] and "characters" in refusals[0][1]["error"], refusals[0][1]
+    # Only the small requests' rows were scored: the refused requests' first row never reached the backend's queue.
+    assert request(server, "/info")[1]["stats"]["rows"] - rows_before == len(alone) + len(during)
 
 
 @pytest.fixture
