@@ -139,6 +139,7 @@ def load_pipeline(config: ScoreSettings) -> ArmoRMPipeline:
         dtype=torch_dtype(config.dtype),
         device=resolve_device(config.device),
         batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens,
         max_length=config.max_length,
         truncate_prompt=config.truncate_prompt,
     )

@@ -63,11 +63,11 @@ from modeling_armorm.scoring import (
     EncodedConversation,
     Progress,
     ScoreOutput,
-    length_sorted_batches,
     model_gating_pattern,
     objective_names,
     pad_token_id,
     score_encoded,
+    scoring_steps,
 )
 from modeling_armorm.settings import (
     DEFAULT_BATCH_SIZE,
@@ -77,6 +77,7 @@ from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
     Location,
+    fit_dtype,
     normalize_locations,
     torch_dtype,
 )
@@ -178,11 +179,17 @@ class EvalData:
 
 
 def load_eval_data(
-    data: str | os.PathLike, split: str = "train", name: str | None = None, subsets: Sequence[str] | None = None
+    data: str | os.PathLike,
+    split: str = "train",
+    name: str | None = None,
+    subsets: Sequence[str] | None = None,
+    *,
+    sha256: str | None = None,
 ) -> EvalData:
-    """Read pairs (any layout of `armorm_io.data.load_pairs`) or RewardBench 2's best-of-n rows, keeping `subsets`."""
+    """Read pairs (any layout of `armorm_io.data.load_pairs`) or RewardBench 2's best-of-n rows, keeping `subsets`.
+    `sha256`: the local data's hash as the results record it (`data_fingerprint`): read only if unchanged."""
     data = os.fspath(data)
-    table = load_table(data, split, name)
+    table = load_table(data, split, name, sha256=sha256)
     columns = table.column_names
     ids = list(table["id"]) if "id" in columns else None
     group = "subset" if "subset" in columns else "source" if "source" in columns else None
@@ -199,7 +206,8 @@ def load_eval_data(
     if best_of_n:
         rows, skipped = _read_best_of_n(table, about)
     else:
-        pairs = load_pairs(data, split, name, keep_ties=True)  # RewardBench scores a tie, and counts it wrong
+        # RewardBench scores a tie, and counts it wrong.
+        pairs = load_pairs(data, split, name, keep_ties=True, sha256=sha256)
         rows = [
             EvalRow(
                 prompt=chosen[:-1],
@@ -315,6 +323,7 @@ def score_rows(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     truncate_prompt: bool = False,
+    max_batch_tokens: int | None = None,
 ) -> tuple[list[ScoredRow], list[dict], list[dict], dict]:
     """Score every answer of `rows`, each distinct conversation once; returns the scored rows, the skipped ones
     (`{"id", "index", "subset", "reason"}`), the truncated ones and counts. Every rank of a process group calls it
@@ -343,7 +352,7 @@ def score_rows(
             positions.append(distinct[key])
         kept.append((row, positions))
 
-    outputs = _score_distinct(model, conversations, batch_size, pad_token_id(tokenizer))
+    outputs = _score_distinct(model, conversations, batch_size, pad_token_id(tokenizer), max_batch_tokens)
     scored = []
     for row, positions in kept:
         n = len(row.chosen)
@@ -384,23 +393,44 @@ class _EncodeOnce:
         return self.done[key]
 
 
-def _score_distinct(model, conversations: list[EncodedConversation], batch_size: int, pad_id: int) -> ScoreOutput:
-    """`score_encoded` over the conversations; under a process group, rank r scores batches r, r + W, … of the
-    batches one process would make (the same rows padded together, so the same numbers) and every rank gets all."""
+def _score_distinct(
+    model, conversations: list[EncodedConversation], batch_size: int, pad_id: int, max_batch_tokens: int | None = None
+) -> ScoreOutput:
+    """`score_encoded` over the conversations; under a process group, rank r scores steps r, r + W, … of the steps
+    one process would run (`scoring_steps`: the same rows padded together, so the same numbers) and every rank gets
+    all."""
     distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    batches = length_sorted_batches([len(c) for c in conversations], batch_size)
-    # Batches in their global order: `score_encoded` sorts this share into exactly these batches again.
-    mine = [i for batch in batches[rank::world_size] for i in batch]
+    steps = scoring_steps(model, conversations, batch_size, max_batch_tokens=max_batch_tokens)[rank::world_size]
+    mine = [i for step in steps for i in step]
     progress = Progress(len(mine), "Scoring", unit=" conversations", disable=rank != 0)
     try:
-        share = score_encoded(model, [conversations[i] for i in mine], batch_size, pad_id, progress)
+        # One step at a time: `score_encoded` runs exactly that step again.
+        outputs = [
+            score_encoded(
+                model,
+                [conversations[i] for i in step],
+                batch_size,
+                pad_id,
+                progress,
+                max_batch_tokens=max_batch_tokens,
+            )
+            for step in steps
+        ]
     finally:
         progress.close()
-    parts = [(mine, {key: getattr(share, key) for key in vars(share)})]
+    share = (
+        {
+            key: torch.cat([getattr(out, key) for out in outputs])
+            for key in ("score", "rewards", "gating_output", "coefficients")
+        }
+        if outputs
+        else {}
+    )
+    parts = [(mine, share)]
     if distributed:
         parts = [None] * world_size
-        dist.all_gather_object(parts, (mine, {key: getattr(share, key) for key in vars(share)}))
+        dist.all_gather_object(parts, (mine, share))
     # Back to the conversations' order: each share comes in its batches' order.
     k = model.config.num_objectives
     full = {
@@ -536,10 +566,17 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     truncate_prompt: bool = False,
+    max_batch_tokens: int | None = None,
 ) -> dict:
     """Score `data` (from `load_eval_data`) with a loaded ArmoRM and its tokenizer; returns the results dict."""
     scored, skipped, truncated, counts = score_rows(
-        model, tokenizer, data.rows, batch_size=batch_size, max_length=max_length, truncate_prompt=truncate_prompt
+        model,
+        tokenizer,
+        data.rows,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncate_prompt=truncate_prompt,
+        max_batch_tokens=max_batch_tokens,
     )
     skipped = sorted([*data.skipped, *skipped], key=lambda entry: entry["index"])
     objectives = objective_names(model.config)
@@ -628,8 +665,10 @@ def model_fingerprint(model: str) -> Fingerprint:
     return Fingerprint(model, hashlib.sha256(json.dumps(listing).encode()).hexdigest())
 
 
-def load_model(model: str, dtype: str = "auto") -> ArmoRMForRewardModeling:
-    return ArmoRMForRewardModeling.from_pretrained(model, dtype=torch_dtype(dtype)).eval()
+def load_model(model: str, dtype: str = "auto", device: torch.device | str = "cpu") -> ArmoRMForRewardModeling:
+    """The checkpoint on `device`, in the dtype `resolve_dtype` picks for `dtype` there."""
+    loaded = ArmoRMForRewardModeling.from_pretrained(model, dtype=torch_dtype(dtype)).eval()
+    return fit_dtype(loaded, dtype, device).to(device)
 
 
 def _headline(results: dict) -> dict:
@@ -648,8 +687,8 @@ def main(config: EvaluateConfig | None = None, /, **kwargs) -> dict:
     rank, world_size, created_group, device = init_distributed(config.device)
     try:
         inputs = {"model": model_fingerprint(config.model), "data": data_fingerprint(config.data)}
-        data = load_eval_data(config.data, config.split, config.name, config.subsets)
-        model = load_model(config.model, config.dtype).to(device)
+        data = load_eval_data(config.data, config.split, config.name, config.subsets, sha256=inputs["data"].sha256)
+        model = load_model(config.model, config.dtype, device)
         tokenizer = load_tokenizer(config.model)
         results = evaluate(
             model,
@@ -658,6 +697,7 @@ def main(config: EvaluateConfig | None = None, /, **kwargs) -> dict:
             batch_size=config.batch_size,
             max_length=config.max_length,
             truncate_prompt=config.truncate_prompt,
+            max_batch_tokens=config.max_batch_tokens,
         )
         if rank == 0:
             out = Path(config.out)

@@ -25,8 +25,7 @@ from .heads import (
     coefficients,
     last_pattern_positions,
     last_token_positions,
-    last_true_positions,
-    pattern_starts,
+    misplaced_turns,
     position_ids_from_mask,
     rewards,
     scores,
@@ -37,10 +36,9 @@ from .heads import (
 
 # Keyword arguments that TRL's trainers pass to a reward model and that have no meaning here (`labels` do: a loss).
 _IGNORED_KWARGS = ("use_cache", "margin", "token_type_ids", "return_dict", "num_items_in_batch")
+
+
 # The roles whose headers open a turn of the prompt (`config.turn_header_patterns`); "assistant" opens the answer.
-_PROMPT_ROLES = ("system", "user", "tool")
-
-
 class NonFiniteScoreError(RuntimeError):
     """A score, reward or gating weight that is NaN or infinite: a fault of the model (a backbone that overflowed, in
     float16 say, or non-finite weights), never a reward. `rows` are the rows it names (of the batch, or of the
@@ -194,19 +192,13 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
     def _check_one_prompt_one_answer(self, input_ids, attention_mask, pattern_positions) -> None:
         """Refuse raw rows that `config.turn_header_patterns` shows are not one prompt followed by one answer: a prompt
         turn (system, user, tool) after the gating pattern, or two assistant headers after the last prompt turn."""
-        headers = self.config.turn_header_patterns
-        if not headers:
-            return  # a checkpoint made before the headers were recorded: the search alone, as then
-        prompt_turns = torch.zeros_like(input_ids, dtype=torch.bool)  # (batch, seq)
-        for role in _PROMPT_ROLES:
-            if headers.get(role):
-                prompt_turns |= pattern_starts(input_ids, attention_mask, headers[role])
-        last_prompt_turn = last_true_positions(prompt_turns)  # (batch,), -1 where the prompt has no header
-        turn_after_answer = last_prompt_turn > pattern_positions
-        assistant = headers.get("assistant") or self.config.gating_token_pattern
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        answers = pattern_starts(input_ids, attention_mask, assistant) & (positions > last_prompt_turn[:, None])
-        second_answer = answers.sum(-1) > 1
+        turn_after_answer, second_answer = misplaced_turns(
+            input_ids,
+            attention_mask,
+            pattern_positions,
+            self.config.turn_header_patterns,
+            self.config.gating_token_pattern,
+        )
         if not (turn_after_answer | second_answer).any():
             return
         problems = []
@@ -275,23 +267,10 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         gating_positions = torch.as_tensor(gating_positions, dtype=torch.long, device=hidden.device)
         self._check_gating_positions(gating_positions, last_positions)
         rows = torch.arange(batch_size, device=hidden.device)
-
         head_dtype = self.regression_layer.weight.dtype
-        # The heads run in their own (float32) dtype even under a trainer's bf16 autocast.
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
-            h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
-
-            # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ  (the math: `heads.py`)
-            r = rewards(h, self.regression_layer)  # (batch, k)
-            if self.config.length_objective is not None:
-                # r_len = log(1 + n), n = the answer's tokens after the gating position, in place of W h.
-                n = answer_lengths(last_positions, gating_positions)  # (batch,)
-                r = set_length_objective(r, n, self.config.length_objective)
-            gating_output = self.gating(h_x)  # (batch, k)
-            T = self.reward_transform_matrix.to(head_dtype)  # (k, k)
-            score = scores(gating_output, transform(r, T))  # (batch,)
-            c = coefficients(gating_output, T)  # (batch, k)
+        h = hidden[rows, last_positions].to(head_dtype)  # (batch, d)
+        h_x = hidden[rows, gating_positions].to(head_dtype)  # (batch, d)
+        score, r, gating_output, c = self.head_outputs(h, h_x, answer_lengths(last_positions, gating_positions))
 
         if not self.training:
             self._check_finite(score, r, gating_output)
@@ -308,6 +287,24 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def head_outputs(
+        self, h: torch.Tensor, h_x: torch.Tensor, n: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads on the backbone's features: (s, r, g, c) from h (batch, d) at each answer's last token, h_x
+        (batch, d) at its gating position and n (batch,), the answer's tokens after the gating position."""
+        head_dtype = self.regression_layer.weight.dtype
+        # The heads run in their own (float32) dtype even under a trainer's bf16 autocast.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h, h_x = h.to(head_dtype), h_x.to(head_dtype)
+            # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ  (the math: `heads.py`)
+            r = rewards(h, self.regression_layer)  # (batch, k)
+            if self.config.length_objective is not None:
+                # r_len = log(1 + n), n = the answer's tokens after the gating position, in place of W h.
+                r = set_length_objective(r, n, self.config.length_objective)
+            gating_output = self.gating(h_x)  # (batch, k)
+            T = self.reward_transform_matrix.to(head_dtype)  # (k, k)
+            return scores(gating_output, transform(r, T)), r, gating_output, coefficients(gating_output, T)
 
     @staticmethod
     def _check_finite(score: torch.Tensor, r: torch.Tensor, gating_output: torch.Tensor) -> None:

@@ -4,17 +4,20 @@
     import modeling_armorm  # registers the task
     from transformers import pipeline
 
-    rm = pipeline("reward-scoring", model="/abs/path/checkpoint", dtype="bfloat16", batch_size=16)
+    rm = pipeline("reward-scoring", model="/abs/path/checkpoint", batch_size=16)
     rm([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     # {"score": 0.41, "rewards": {objective: r_i}, "gating": {objective: g_i}}
 
 How it fits transformers' `Pipeline`: `preprocess` encodes one conversation (`scoring.ChatEncoder`: the gating
 position from the rendering, markup in an answer kept as text), `_forward` scores a list of encoded conversations
-with `scoring.score_encoded` (length-sorted, right-padded batches of `batch_size`, outputs put back in input order),
-and `postprocess` turns the per-row heads into plain dicts. `__call__` runs the three over the whole input at once
-rather than one item at a time, so the batches are sorted by length across every conversation given; `device`,
-`dtype` and `batch_size` are the base class's arguments, `max_length` and `truncate_prompt` this pipeline's (the
-length policy of `length_policy.ConversationEncoder`, which `armorm extract` and `armorm evaluate` apply too).
+with `scoring.score_encoded` (length-sorted, right-padded batches of `batch_size` rows and at most
+`max_batch_tokens` padded tokens, answers to one prompt running it once, outputs put back in input order), and
+`postprocess` turns the per-row heads into plain dicts. `__call__` runs the three over the whole input at once rather
+than one item at a time, so the batches are sorted by length across every conversation given; `device`, `dtype` and
+`batch_size` are the base class's arguments, `max_batch_tokens` this pipeline's, and so are `max_length` and
+`truncate_prompt` (the length policy of `length_policy.ConversationEncoder`, which `armorm extract` and
+`armorm evaluate` apply too). `dtype="auto"` (transformers' default) is `settings.resolve_dtype`'s: the saved dtype,
+but float32 for a bfloat16 or float16 model on a CPU that only emulates it.
 """
 
 from collections.abc import Sequence
@@ -32,7 +35,7 @@ from .scoring import (
     pad_token_id,
     score_encoded,
 )
-from .settings import DEFAULT_BATCH_SIZE
+from .settings import DEFAULT_BATCH_SIZE, fit_dtype
 
 
 __all__ = ["ArmoRMPipeline", "TASK"]
@@ -71,9 +74,15 @@ class ArmoRMPipeline(Pipeline):
 
     Every method scores through `modeling_armorm.scoring`, the path of `armorm evaluate` and `ArmoRMReward`.
 
-    Args (to `transformers.pipeline("reward-scoring", ...)`, besides the usual `model`, `tokenizer`, `device`,
-    `dtype`):
+    Args (to `transformers.pipeline("reward-scoring", ...)`, besides the usual `model`, `tokenizer`, `device`):
+        dtype (`str` or `torch.dtype`, defaults to `"auto"`): `"auto"` runs the model in the dtype it was saved in,
+            except a bfloat16 or float16 model on a CPU without native support for it, which runs in float32 (about 4x
+            faster there; a model given as an object is cast in place, as the base class moves it to `device`). Pass
+            `torch.bfloat16` to keep bfloat16 there (a warning says how much slower it runs).
         batch_size (`int`, defaults to 8): conversations per forward pass, sorted by length first.
+        max_batch_tokens (`int`, *optional*): padded tokens per forward pass (rows × the longest row): a batch holds
+            at most `batch_size` rows and no more than fit this budget (a longer conversation runs alone). Default:
+            rows only.
         max_length (`int`, *optional*): refuse (a `ValueError` naming it) a conversation longer than this many
             tokens; the backbone's `max_position_embeddings` always binds.
         truncate_prompt (`bool`, defaults to `False`): instead of refusing a conversation that is too long, drop its
@@ -88,7 +97,9 @@ class ArmoRMPipeline(Pipeline):
     _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
+        dtype = kwargs.get("dtype") or "auto"  # the base class drops it: transformers loaded the model with it
         super().__init__(*args, **kwargs)
+        self.model = fit_dtype(self.model, dtype, self.device)
         if self.tokenizer is None:
             raise ValueError(
                 "The reward-scoring pipeline needs the reward model's tokenizer (its chat template locates the prompt "
@@ -98,7 +109,11 @@ class ArmoRMPipeline(Pipeline):
         self.objective_names = objective_names(self.model.config)
 
     def _sanitize_parameters(
-        self, max_length: int | None = None, batch_size: int | None = None, truncate_prompt: bool | None = None
+        self,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        truncate_prompt: bool | None = None,
+        max_batch_tokens: int | None = None,
     ):
         preprocess_params, forward_params = {}, {}
         if truncate_prompt is not None:
@@ -111,6 +126,10 @@ class ArmoRMPipeline(Pipeline):
             if batch_size < 1:
                 raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
             forward_params["batch_size"] = batch_size
+        if max_batch_tokens is not None:
+            if max_batch_tokens < 1:
+                raise ValueError(f"`max_batch_tokens` must be >= 1, got {max_batch_tokens}.")
+            forward_params["max_batch_tokens"] = max_batch_tokens
         return preprocess_params, forward_params, {}
 
     # The three stages of a transformers pipeline, over the one scoring path.
@@ -119,9 +138,20 @@ class ArmoRMPipeline(Pipeline):
         return self.encoder.encode(conversation, where)
 
     def _forward(
-        self, encoded: list[EncodedConversation], batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None
+        self,
+        encoded: list[EncodedConversation],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> ScoreOutput:
-        return score_encoded(self.model, encoded, batch_size, pad_token_id(self.tokenizer), max_length=max_length)
+        return score_encoded(
+            self.model,
+            encoded,
+            batch_size,
+            pad_token_id(self.tokenizer),
+            max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
+        )
 
     def postprocess(self, outputs: ScoreOutput) -> list[dict]:
         names = self.objective_names
@@ -137,11 +167,19 @@ class ArmoRMPipeline(Pipeline):
         ]
 
     def _run(
-        self, conversations: list, batch_size: int | None, max_length: int | None, truncate_prompt: bool | None
+        self,
+        conversations: list,
+        batch_size: int | None,
+        max_length: int | None,
+        truncate_prompt: bool | None,
+        max_batch_tokens: int | None = None,
     ) -> ScoreOutput:
         """Encode every conversation, then score them all in length-sorted batches; outputs in input order."""
         call_preprocess, call_params, _ = self._sanitize_parameters(
-            max_length=max_length, batch_size=batch_size, truncate_prompt=truncate_prompt
+            max_length=max_length,
+            batch_size=batch_size,
+            truncate_prompt=truncate_prompt,
+            max_batch_tokens=max_batch_tokens,
         )
         # `transformers.Pipeline` defaults to batch_size=1; this pipeline to scoring's `DEFAULT_BATCH_SIZE`.
         params = {"batch_size": self._batch_size or DEFAULT_BATCH_SIZE, **self._forward_params, **call_params}
@@ -183,9 +221,16 @@ class ArmoRMPipeline(Pipeline):
         batch_size: int | None = None,
         max_length: int | None = None,
         truncate_prompt: bool | None = None,
+        max_batch_tokens: int | None = None,
     ):
         """`score(conversations)`."""
-        return self.score(conversations, batch_size=batch_size, max_length=max_length, truncate_prompt=truncate_prompt)
+        return self.score(
+            conversations,
+            batch_size=batch_size,
+            max_length=max_length,
+            truncate_prompt=truncate_prompt,
+            max_batch_tokens=max_batch_tokens,
+        )
 
     def score(
         self,
@@ -194,6 +239,7 @@ class ArmoRMPipeline(Pipeline):
         batch_size: int | None = None,
         max_length: int | None = None,
         truncate_prompt: bool | None = None,
+        max_batch_tokens: int | None = None,
     ):
         """Score one conversation (a message list ending with the assistant's answer) or a list of them.
 
@@ -201,7 +247,7 @@ class ArmoRMPipeline(Pipeline):
         input order, for a list)."""
         single = is_conversation(conversations)
         rows = [conversations] if single else list(conversations)
-        results = self.postprocess(self._run(rows, batch_size, max_length, truncate_prompt))
+        results = self.postprocess(self._run(rows, batch_size, max_length, truncate_prompt, max_batch_tokens))
         return results[0] if single else results
 
     def compare(self, prompt, answer_a: str, answer_b: str, **kwargs) -> dict:
@@ -233,11 +279,11 @@ class ArmoRMPipeline(Pipeline):
         the gating weights g, and the `top_k` objectives by |contribution|. One conversation or a list of them."""
         single = is_conversation(conversations)
         rows = [conversations] if single else list(conversations)
-        out = self._run(
-            rows, kwargs.pop("batch_size", None), kwargs.pop("max_length", None), kwargs.pop("truncate_prompt", None)
-        )
+        options = ("batch_size", "max_length", "truncate_prompt", "max_batch_tokens")
+        options = {name: kwargs.pop(name, None) for name in options}
         if kwargs:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kwargs)}.")
+        out = self._run(rows, **options)
         explanations = [
             explanation_from_heads(
                 self.objective_names,

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .batching import length_sorted_batches, right_pad
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
 from .heads import answer_lengths, position_ids_from_mask
 from .modeling_armorm import NonFiniteScoreError
+from .prefix_sharing import prefix_batches, run_prefix_batch, supports_prefix_sharing
 from .settings import DEFAULT_BATCH_SIZE
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "run_in_batches",
     "score_conversations",
     "score_encoded",
+    "scoring_steps",
     "tokenizer_lock",
     "validate_messages",
 ]
@@ -273,25 +276,6 @@ class ChatEncoder:
         return EncodedConversation(input_ids, gating_position, len(prompt_ids))
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of indices sorted by length, longest first (little padding; an out-of-memory error shows at once)."""
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Token rows padded on the right to one width: `input_ids` and `attention_mask`, each (batch, width)."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
-
-
 def collate(encoded: Sequence[EncodedConversation], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, `position_ids` and the rows' `gating_positions`."""
     input_ids, attention_mask = right_pad([row.input_ids for row in encoded], pad_id)
@@ -326,11 +310,12 @@ def run_in_batches(
     pad_id: int,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`forward(batch)` over length-sorted, right-padded batches of `encoded`; returns each output (n, ...) on the CPU
+    """`forward(batch)` over length-sorted, right-padded batches of `encoded` (`length_sorted_batches`); returns each output (n, ...) on the CPU
     in the order of `encoded`. `forward` gets the `collate` dict on `device` and returns per-row tensors."""
     outputs: dict[str, torch.Tensor] = {}
-    for batch in length_sorted_batches([len(row) for row in encoded], batch_size):
+    for batch in length_sorted_batches([len(row) for row in encoded], batch_size, max_tokens):
         inputs = {key: value.to(device) for key, value in collate([encoded[i] for i in batch], pad_id).items()}
         for key, value in forward(inputs).items():
             if key not in outputs:
@@ -363,8 +348,14 @@ def score_encoded(
     pad_id: int = 0,
     progress=None,
     max_length: int | None = None,
+    share_prefix: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> ScoreOutput:
     """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
+
+    Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens (`batching`). Conversations
+    that share their tokens up to the gating position run that prefix once (`share_prefix=False` runs each whole; the
+    scores agree up to float rounding, see `prefix_sharing`).
 
     A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
     `ValueError` naming it: a reward is never read from a cut conversation. A conversation whose score, rewards or
@@ -387,21 +378,36 @@ def score_encoded(
         k = model.config.num_objectives
         return ScoreOutput(torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k), torch.zeros(0, k))
 
+    shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
     # `run_in_batches` runs these batches in this order: the model's error names rows of a batch, this names ours.
-    batches = iter(length_sorted_batches([len(row) for row in encoded], batch_size))
+    batches = iter(length_sorted_batches([len(encoded[i]) for i in alone], batch_size, max_batch_tokens))
 
     def forward(inputs):
-        rows = next(batches)
+        rows = [alone[i] for i in next(batches)]
         try:
             output = model(**inputs)
         except NonFiniteScoreError as error:
             raise _non_finite_error([rows[i] for i in error.rows]) from None
         return {key: getattr(output, key).float() for key in OUTPUT_FIELDS}
 
+    k = model.config.num_objectives
+    outputs = {key: torch.zeros(len(encoded), *(() if key == "score" else (k,))) for key in OUTPUT_FIELDS}
     was_training = model.training
     model.eval()
     try:
-        outputs = run_in_batches(forward, encoded, batch_size, pad_id, device, progress)
+        for groups in shared_batches:
+            rows = [row for group in groups for row in group]
+            shared_outputs = run_prefix_batch(
+                model, encoded, groups, batch_size, pad_id, device, progress, max_batch_tokens
+            )
+            for key, value in shared_outputs.items():
+                outputs[key][rows] = value
+        if alone:
+            alone_outputs = run_in_batches(
+                forward, [encoded[i] for i in alone], batch_size, pad_id, device, progress, max_batch_tokens
+            )
+            for key, value in alone_outputs.items():
+                outputs[key][alone] = value
     finally:
         model.train(was_training)
     # Again on the outputs, for a model that does not check (remote code saved by an earlier version).
@@ -409,6 +415,32 @@ def score_encoded(
     if not finite.all():
         raise _non_finite_error((~finite.all(0)).nonzero().flatten().tolist())
     return ScoreOutput(**outputs)
+
+
+def scoring_steps(
+    model,
+    encoded: Sequence[EncodedConversation],
+    batch_size: int,
+    share_prefix: bool = True,
+    max_batch_tokens: int | None = None,
+) -> list[list[int]]:
+    """The steps `score_encoded` runs, as lists of row indices: each batch of shared prefixes (its answers), then each
+    batch of conversations run whole. `score_encoded` on one step's rows, in this order, runs exactly that step again
+    (the same rows padded together, so the same numbers): a process group can split the steps among its ranks."""
+    shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
+    steps = [[row for group in groups for row in group] for groups in shared_batches]
+    return steps + [
+        [alone[i] for i in batch]
+        for batch in length_sorted_batches([len(encoded[i]) for i in alone], batch_size, max_batch_tokens)
+    ]
+
+
+def _plan(model, encoded, batch_size: int, share_prefix: bool, max_tokens: int | None):
+    """(batches of shared prefixes, the rows run whole): answers to one prompt run it once (exact: `prefix_sharing`)."""
+    shared = share_prefix and supports_prefix_sharing(model)
+    shared_batches = prefix_batches(encoded, batch_size, max_tokens) if shared else []
+    shared = {row for groups in shared_batches for rows in groups for row in rows}
+    return shared_batches, [i for i in range(len(encoded)) if i not in shared]
 
 
 def _non_finite_error(rows: list[int]) -> NonFiniteScoreError:

@@ -41,7 +41,7 @@ from .scoring import (
     pad_token_id,
     score_encoded,
 )
-from .settings import DEFAULT_BATCH_SIZE, resolve_device
+from .settings import DEFAULT_BATCH_SIZE, fit_dtype, resolve_device
 
 
 logger = logging.get_logger(__name__)
@@ -95,7 +95,8 @@ class ArmoRMReward:
     Args:
         model_or_path (`ArmoRMForRewardModeling` or `str`, *optional*):
             The reward model, or the folder / Hub id of a checkpoint. A path is loaded on the first call (and again
-            after unpickling, so the function can be sent to another process without its weights). Not with `url`.
+            after unpickling, so the function can be sent to another process without its weights), in its saved dtype
+            but float32 for a bfloat16 one on a CPU without native bfloat16 (`settings.resolve_dtype`). Not with `url`.
         objectives (`list[str | int]`, *optional*):
             Return the sum of these objectives' raw rewards r_i (names from `config.objective_names`, or indices)
             instead of the gated score s. One objective per instance, combined with `reward_weights`, gives TRL's
@@ -113,6 +114,10 @@ class ArmoRMReward:
             its `/info` on the first call.
         timeout (`float`, defaults to 600):
             Seconds to wait for the server's answer to one call (with `url`).
+        max_batch_tokens (`int`, *optional*):
+            Padded tokens per forward pass (rows × the longest row): a batch holds at most `batch_size` rows and no
+            more than fit this budget (a longer conversation runs alone). Default: rows only. With `url`, the
+            server's own `--max-batch-tokens` applies.
 
     Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is always
     rendered with the reward model's chat template as a user turn, followed by the completion as the assistant's
@@ -136,9 +141,12 @@ class ArmoRMReward:
         device: str | torch.device | None = None,
         url: str | None = None,
         timeout: float = 600.0,
+        max_batch_tokens: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"`max_batch_tokens` must be at least 1, got {max_batch_tokens}.")
         if (model_or_path is None) == (url is None):
             raise ValueError(
                 "Give either `model_or_path` (score in this process) or `url` (an `armorm serve` server)."
@@ -146,6 +154,7 @@ class ArmoRMReward:
         self.model_or_path = model_or_path
         self.objectives = list(objectives) if objectives is not None else None
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.tokenizer = tokenizer
         self.device = device
         self.url = url.rstrip("/") if url is not None else None
@@ -203,7 +212,8 @@ class ArmoRMReward:
                 return self._model, self._tokenizer
             model = self.model_or_path
             if not isinstance(model, PreTrainedModel):
-                model = ArmoRMForRewardModeling.from_pretrained(model).to(resolve_device(self.device)).eval()
+                device = resolve_device(self.device)
+                model = fit_dtype(ArmoRMForRewardModeling.from_pretrained(model), "auto", device).to(device).eval()
             elif self.device is not None:
                 model = model.to(self.device)
             tokenizer = self.tokenizer
@@ -235,7 +245,9 @@ class ArmoRMReward:
             return ScoreOutput(score=torch.tensor(answer["scores"], dtype=torch.float32), **heads)
         model, tokenizer = self._load()
         encoded = [self.encode(p, c, where=f"completion {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
-        return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer))
+        return score_encoded(
+            model, encoded, self.batch_size, pad_token_id(tokenizer), max_batch_tokens=self.max_batch_tokens
+        )
 
     def _score_scorable(self, prompts: list, completions: list) -> tuple[ScoreOutput, list[int], dict[int, str]]:
         """`score` over the rows that can be scored: their outputs, their indices, and the others' reasons."""
@@ -275,7 +287,10 @@ class ArmoRMReward:
                 continue
             encoded.append(row)
             kept.append(i)
-        return score_encoded(model, encoded, self.batch_size, pad_token_id(tokenizer)), kept, refused
+        outputs = score_encoded(
+            model, encoded, self.batch_size, pad_token_id(tokenizer), max_batch_tokens=self.max_batch_tokens
+        )
+        return outputs, kept, refused
 
     def __call__(
         self, prompts: list, completions: list, log_metric=None, log_extra=None, **kwargs
@@ -328,7 +343,10 @@ class ArmoRMReward:
             source = type(source).__name__
         else:
             source = os.fspath(source)
-        return f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size})"
+        return (
+            f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size}, "
+            f"max_batch_tokens={self.max_batch_tokens})"
+        )
 
 
 __all__ = ["ArmoRMReward", "encode_prompt_completion"]

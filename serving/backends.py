@@ -5,7 +5,8 @@ from the rendering) and return a `ScoreOutput` in the caller's order.
 
 * `TransformersBackend`: requests that arrive together are merged into shared forwards, up to `max_batch_rows` rows
   or `max_wait_ms` after the first one waited, and run through `score_encoded` (the package's one scoring path) in a
-  worker thread, one forward at a time, while the event loop keeps accepting requests.
+  worker thread, one forward at a time (at most `max_batch_rows` rows and `max_batch_tokens` padded tokens), while
+  the event loop keeps accepting requests.
 * `VllmBackend`: every conversation is one request of vLLM's `AsyncLLM` (continuous batching, chunked prefill, prefix
   caching, tensor parallelism), scored by the ArmoRM plugin (`vllm_armorm`) at the gating position given.
 """
@@ -46,10 +47,13 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model, pad_id: int, max_batch_rows: int, max_wait_ms: float):
+    def __init__(
+        self, model, pad_id: int, max_batch_rows: int, max_wait_ms: float, max_batch_tokens: int | None = None
+    ):
         self.model = model
         self.pad_id = pad_id
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.stats = {"requests": 0, "rows": 0, "batches": 0}
@@ -105,7 +109,7 @@ class TransformersBackend:
             self.stats["rows"] += len(rows)
             self.stats["batches"] += 1
             try:
-                out = await asyncio.to_thread(score_encoded, self.model, rows, self.max_batch_rows, self.pad_id)
+                out = await asyncio.to_thread(self._score_rows, rows)
             except NonFiniteScoreError:
                 # A row of one request overflowed: score each request alone, so that only its own request fails,
                 # with the error naming its rows in that request.
@@ -124,11 +128,16 @@ class TransformersBackend:
                 if not job.future.done():
                     job.future.set_result(part)
 
+    def _score_rows(self, rows: list[EncodedConversation]) -> ScoreOutput:
+        return score_encoded(
+            self.model, rows, self.max_batch_rows, self.pad_id, max_batch_tokens=self.max_batch_tokens
+        )
+
     async def _score_alone(self, job: _Job) -> None:
         if job.future.done():
             return
         try:
-            out = await asyncio.to_thread(score_encoded, self.model, job.rows, self.max_batch_rows, self.pad_id)
+            out = await asyncio.to_thread(self._score_rows, job.rows)
         except Exception as error:
             if not job.future.done():
                 job.future.set_exception(error)
@@ -177,7 +186,7 @@ class VllmBackend:
     async def score(self, rows: list[EncodedConversation]) -> ScoreOutput:
         self.counts["requests"] += 1
         self.counts["rows"] += len(rows)
-        outputs = await asyncio.gather(*(self._one(row) for row in rows))
+        outputs = await asyncio.gather(*(self._one(row, f"row {i}") for i, row in enumerate(rows)))
         return ScoreOutput(
             score=torch.tensor([o.score for o in outputs], dtype=torch.float32),
             rewards=torch.tensor([o.rewards for o in outputs], dtype=torch.float32),
@@ -185,7 +194,7 @@ class VllmBackend:
             coefficients=torch.tensor([o.coefficients for o in outputs], dtype=torch.float32),
         )
 
-    async def _one(self, row: EncodedConversation):
+    async def _one(self, row: EncodedConversation, where: str):
         from vllm import TokensPrompt
 
         from vllm_armorm import ArmoRMOutput, ArmoRMRequestError, ErrorCode, pooling_params
@@ -198,7 +207,7 @@ class VllmBackend:
             async for output in self.engine.encode(prompt, params, request_id=f"armorm-{uuid.uuid4().hex}"):
                 final = output
             try:
-                return ArmoRMOutput.from_vector(final.outputs.data)
+                return ArmoRMOutput.from_vector(final.outputs.data, where)
             except ArmoRMRequestError as error:
                 if error.code != ErrorCode.PROMPT_FEATURE_EVICTED or skip_prefix_cache:
                     raise

@@ -3,6 +3,8 @@
 import functools
 import hashlib
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -102,7 +104,8 @@ def llama3_tokenizer():
 
 def reference_armorm_outputs(model, rows: list[list[int]], pattern: list[int]) -> dict[str, torch.Tensor]:
     """The ArmoRM forward written out row by row, independently of the model's batched code: each row alone (no
-    padding, no mask), a Python search for the last pattern, the heads computed from their weights."""
+    padding, no mask), a Python search for the last pattern, the heads computed from their weights (and the length
+    objective from the row's length)."""
     out = {"score": [], "rewards": [], "gating_output": [], "coefficients": []}
     n = len(pattern)
     temperature = model.config.gating_temperature
@@ -112,6 +115,8 @@ def reference_armorm_outputs(model, rows: list[list[int]], pattern: list[int]) -
             start = max(i for i in range(len(row) - n + 1) if row[i : i + n] == pattern)
             h, h_x = hidden[-1], hidden[start]
             r = model.regression_layer.weight.float() @ h  # (k,)
+            if model.config.length_objective is not None:  # r_len = log(1 + n), n = tokens after the gating token
+                r[model.config.length_objective] = math.log(1 + len(row) - 1 - start)
             x = h_x
             layers = model.gating.layers
             for layer in layers[:-1]:
@@ -153,6 +158,40 @@ def run_snippet_without_prompt(args: list[str], cwd: Path, env: dict, what: obje
     assert "custom code" not in process.stdout + process.stderr, process.stderr[-2000:]
     assert process.returncode == 0, (what, process.stderr[-3000:])
     return process.stdout
+
+
+# The checkpoint's tokenizer alone, as a user without the package loads it (`modeling_armorm` cannot be imported):
+# `trust_remote_code=False`, so transformers reads config.json's `auto_map` without asking and runs none of the
+# checkpoint's code (which it would import as `transformers_modules.*`).
+TOKENIZER_ALONE = """
+import json, sys
+sys.modules["modeling_armorm"] = None
+sys.modules["conversion"] = None
+from transformers import AutoTokenizer
+checkpoint, texts, conversations = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+result = {
+    "ids": [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts],
+    "chat": [list(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in conversations],
+    "pad_token_id": tokenizer.pad_token_id,
+    "custom_code": sorted(name for name in sys.modules if name.startswith("transformers_modules")),
+}
+print("RESULT", json.dumps(result))
+"""
+
+
+def load_tokenizer_alone(checkpoint, tmp_path: Path, texts: list[str], conversations: list[list[dict]]) -> dict:
+    """Tokenize `texts` (markup kept as text) and render `conversations` with the checkpoint's tokenizer loaded in a
+    fresh interpreter with stdin closed, outside the repository and without the package: no prompt, and none of the
+    checkpoint's code imported or copied. Returns `{"ids", "chat", "pad_token_id"}`."""
+    modules = tmp_path / "modules"
+    env = {**os.environ, "HF_MODULES_CACHE": str(modules), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    (tmp_path / "tokenizer_alone.py").write_text(TOKENIZER_ALONE)
+    args = ["tokenizer_alone.py", str(checkpoint), json.dumps(texts), json.dumps(conversations)]
+    result = json.loads(run_snippet_without_prompt(args, tmp_path, env, checkpoint).split("RESULT ", 1)[1])
+    assert result.pop("custom_code") == [] and not list(modules.rglob("*.py")), "the checkpoint's code ran"
+    return result
 
 
 class StageRuns(list):
@@ -198,3 +237,45 @@ def file_stamps(*folders) -> dict[Path, tuple[str, int, int]]:
                 status = path.stat()
                 stamps[path] = (hashlib.sha256(path.read_bytes()).hexdigest(), status.st_mtime_ns, status.st_ino)
     return stamps
+
+
+def spy_on_shared_prefixes(monkeypatch) -> list[list[tuple[int, ...]]]:
+    """Record every group of conversations that `score_encoded` runs through the shared-prefix path
+    (`prefix_sharing.run_prefix_batch`): each group as the sorted token ids of its conversations, in the order run. A
+    caller that scores answers to one prompt must show their group here; one that runs each conversation whole shows
+    none."""
+    from modeling_armorm import scoring
+
+    groups = []
+    run_prefix_batch = scoring.run_prefix_batch
+
+    def spy(model, encoded, batch, *args, **kwargs):
+        groups.extend(sorted(tuple(encoded[i].input_ids) for i in group) for group in batch)
+        return run_prefix_batch(model, encoded, batch, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "run_prefix_batch", spy)
+    return groups
+
+
+class BackboneForwards(list):
+    """The (rows, columns) of `input_ids` in every forward of `backbone` (an ArmoRM's `model.model`, or a bare
+    backbone), in order, while the `with` block runs: what a token budget bounds."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def __enter__(self) -> "BackboneForwards":
+        self.handle = self.backbone.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _record(self, module, args, kwargs):
+        self.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+
+    def over(self, max_tokens: int) -> list[tuple[int, int]]:
+        """The forwards of several rows with more than `max_tokens` padded tokens (rows × columns): none when the
+        budget reached the batching (a row longer than the budget runs alone)."""
+        return [(rows, columns) for rows, columns in self if rows > 1 and rows * columns > max_tokens]

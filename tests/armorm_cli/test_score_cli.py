@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, pipeline
 from armorm_cli import cli
 from armorm_cli.explain import plot_paths
 from tests.modeling_armorm.test_pipeline import CONVERSATIONS, NAMES, save_checkpoint
+from tests.utils import BackboneForwards
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,3 +174,31 @@ def test_score_json_never_prints_nan(checkpoint, tmp_path, capsys):
     with pytest.raises(NonFiniteScoreError, match=r"[Cc]onversation\(s\) \[1\]"):
         cli.main(["score", "--model", str(tmp_path / "overflow"), "--input", data, "--json"])
     assert "NaN" not in capsys.readouterr().out
+
+
+def test_max_batch_tokens_reaches_score_and_explain(checkpoint, expected, tmp_path, monkeypatch, capsys):
+    """`--max-batch-tokens` reaches the pipeline's batching in both commands: every forward of several rows holds at
+    most that many padded tokens (more forwards of fewer rows than by rows alone), and every score is unchanged."""
+    from modeling_armorm import pipeline as pipeline_module
+
+    score_encoded, runs = pipeline_module.score_encoded, []
+
+    def watched(model, *args, **kwargs):  # the backbone forwards of each scoring call
+        with BackboneForwards(model.model) as forwards:
+            out = score_encoded(model, *args, **kwargs)
+        runs.append(forwards)
+        return out
+
+    monkeypatch.setattr(pipeline_module, "score_encoded", watched)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    budget = 2 * max(len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in CONVERSATIONS)
+    data = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS)
+    flag = ["--max-batch-tokens", str(budget)]
+    for command, flags in (("score", []), ("score", flag), ("explain", flag)):
+        cli.main([command, "--model", checkpoint, "--input", data, "--json", "--batch-size", "8", *flags])
+        printed = json_lines(capsys.readouterr().out)
+        assert [row["score"] for row in printed] == pytest.approx([want["score"] for want in expected], abs=1e-5)
+    by_rows, *by_tokens = runs
+    assert by_rows.over(budget)
+    for forwards in by_tokens:
+        assert forwards and not forwards.over(budget) and len(forwards) > len(by_rows)

@@ -10,6 +10,7 @@ and every number of the results file (per-row scores, accuracy per subset with a
 each objective alone, the mean g/β, the length-bias block) is recomputed here from those reference values.
 """
 
+import copy
 import json
 import logging
 import os
@@ -28,11 +29,14 @@ from armorm_io.data import load_pairs
 from conversion.assemble import load_eval_results
 from evaluation import evaluate as evaluate_stage
 from evaluation.rewardbench import EXAMPLE_COUNTS, ties_score
+from tests.serving_utils import sensitive_gating
 from tests.utils import (
     SHARED_DATA,
+    BackboneForwards,
     file_stamps,
     reference_armorm_outputs,
     requires_shared_data,
+    spy_on_shared_prefixes,
     spy_on_stages,
     tiny_armorm,
     tiny_llama_config,
@@ -209,6 +213,40 @@ def test_pairs_cli_equals_independent_per_row_forward(checkpoint, reference, tmp
     assert results["inputs"]["model"]["sha256"] and "torch" in results["versions"]
 
 
+def test_answers_to_one_prompt_run_it_once(model, tok, tmp_path, monkeypatch):
+    """The answers of a pair (and of every row with that prompt) are scored together through the shared-prefix path,
+    and every reported score equals the conversation scored alone (`Reference`), within 1e-5 relative. The gate
+    depends strongly on h_x here, so an h_x read at a wrong position shows."""
+    sensitive = copy.deepcopy(model)
+    sensitive_gating(sensitive, seed=1)
+    sensitive.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    rows = [
+        ("Name a fruit.", "An apple.", "A chair, probably."),
+        ("What is 2 + 2?", "4.", "It is 5, of course, as everyone knows."),
+        ("Say hi.", "Hi!", "Hi!"),  # one conversation: nothing to share
+        ("Name a fruit.", "A pear.", "An apple."),  # the first row's prompt: three distinct answers to it
+    ]
+    data = [{"prompt": p, "chosen": c, "rejected": r, "subset": "chat", "id": i} for i, (p, c, r) in enumerate(rows)]
+    groups = spy_on_shared_prefixes(monkeypatch)
+    out = tmp_path / "results.json"
+    args = ["evaluate", "--model", str(tmp_path / "ckpt"), "--data", write_jsonl(tmp_path / "pairs.jsonl", data)]
+    cli_main([*args, "--out", str(out), "--batch-size", "2", "--device", "cpu"])
+    results = json.loads(out.read_text())
+
+    def ids(prompt: str, answer: str) -> tuple[int, ...]:
+        messages = [*user(prompt), {"role": "assistant", "content": answer}]
+        return tuple(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+
+    fruit = sorted(ids("Name a fruit.", a) for a in ("An apple.", "A chair, probably.", "A pear."))
+    sums = sorted(ids("What is 2 + 2?", a) for a in rows[1][1:])
+    assert sorted(groups) == sorted([fruit, sums])
+    reference = Reference(sensitive, tok)
+    got = [[entry["chosen_score"], entry["rejected_score"]] for entry in results["rows"]]
+    expected = [[reference(user(p), c)["score"], reference(user(p), r)["score"]] for p, c, r in rows]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_truncate_prompt_keeps_the_last_user_turn(checkpoint, reference, tmp_path):
     """Extraction's length policy: with `--truncate-prompt` earlier turns go (both answers lose the same ones)."""
     long_turns = [
@@ -370,6 +408,41 @@ def test_rewardbench2_layout_best_of_n_and_ties(checkpoint, reference, tmp_path)
     assert v2 == pytest.approx(
         {**{k: 100 * v for k, v in expected.items()}, "Score": 100 * np.mean(list(expected.values()))}
     )
+
+
+def test_max_batch_tokens_bounds_every_forward(checkpoint, reference, tmp_path, monkeypatch):
+    """`--max-batch-tokens` reaches the scoring steps: every forward of several rows (prompts run once, then their
+    answers) holds at most that many padded tokens, more forwards of fewer rows run than by rows alone, and every score
+    still equals the conversation scored alone."""
+    rows = rewardbench_rows()
+    data = write_jsonl(tmp_path / "rewardbench.jsonl", rows)
+    load_model, forwards = evaluate_stage.load_model, []
+
+    def load_and_watch(*args, **kwargs):  # the backbone forwards of the model `armorm evaluate` loads
+        model = load_model(*args, **kwargs)
+        forwards.append(BackboneForwards(model.model).__enter__())
+        return model
+
+    monkeypatch.setattr(evaluate_stage, "load_model", load_and_watch)
+    scored = [row for row in rows if row["id"] not in (110, 111)]  # the two skipped rows: no answer, too long
+    sides = [(user(row["prompt"]), answer) for row in scored for answer in (row["chosen"], row["rejected"])]
+    longest = max(reference(prompt, answer)["tokens"] for prompt, answer in sides)
+    budget = 2 * longest  # two rows of the longest conversation
+    args = ["evaluate", "--model", checkpoint, "--data", data, "--batch-size", "8", "--max-length", str(MAX_LENGTH)]
+    for name, extra in (("rows.json", []), ("tokens.json", ["--max-batch-tokens", str(budget)])):
+        cli_main([*args, "--device", "cpu", "--out", str(tmp_path / name), *extra])
+    by_rows, by_tokens = forwards
+    assert by_rows.over(budget) and by_tokens and not by_tokens.over(budget) and len(by_tokens) > len(by_rows)
+
+    results = json.loads((tmp_path / "tokens.json").read_text())
+    assert results["settings"]["max_batch_tokens"] == budget and len(results["rows"]) == len(scored)
+    prompts = {row["id"]: row for row in scored}
+    for entry in results["rows"]:
+        row = prompts[entry["id"]]
+        assert entry["chosen_score"] == pytest.approx(reference(user(row["prompt"]), row["chosen"])["score"], abs=ATOL)
+        assert entry["rejected_score"] == pytest.approx(
+            reference(user(row["prompt"]), row["rejected"])["score"], abs=ATOL
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- torchrun
@@ -553,3 +626,34 @@ def test_build_eval_puts_the_results_in_the_card_and_reuses_them(tmp_path, tok, 
     runs.forbidden = True
     cli_main(command)
     assert file_stamps(tmp_path / "work", tmp_path / "ckpt") == stamps
+
+
+def test_data_replaced_after_its_hash_is_refused(checkpoint, tmp_path, monkeypatch):
+    """The results' data hash is the one of the rows scored: data replaced between the stage's hash and its read
+    (simulated right after the hash) is refused, naming the file. It is hashed once, then checked after each of its
+    two reads (the table, then its pairs): three reads for hashing, not five."""
+    rows = [{"id": i, "prompt": "Say hi.", "chosen": "Hi!", "rejected": f"Go away {i}."} for i in range(2)]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, rows)
+    real = evaluate_stage.data_fingerprint
+
+    def fingerprint_then_replace(data):
+        fingerprint = real(data)
+        write_jsonl(path, rows[:1])
+        return fingerprint
+
+    monkeypatch.setattr(evaluate_stage, "data_fingerprint", fingerprint_then_replace)
+    with pytest.raises(ValueError, match=r"pairs\.jsonl.* changed "):
+        evaluate_stage.main(model=checkpoint, data=str(path), out=str(tmp_path / "r.json"))
+    assert not (tmp_path / "r.json").exists()
+    monkeypatch.undo()
+
+    from armorm_io import data as data_module
+    from armorm_io.files import file_sha256
+
+    hashed = []
+    monkeypatch.setattr(data_module, "file_sha256", lambda p: hashed.append(str(p)) or file_sha256(p))
+    results = evaluate_stage.main(model=checkpoint, data=str(path), out=str(tmp_path / "r.json"))
+    assert hashed == [str(path)] * 3 and results["counts"]["rows"] == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["inputs"]["data"]["sha256"] == file_sha256(path)

@@ -2,6 +2,7 @@
 and rank against score, batching, order, device/dtype/max_length, the text-classification pipeline and the chart."""
 
 import ast
+import copy
 import json
 import math
 import subprocess
@@ -14,7 +15,8 @@ from transformers import AutoTokenizer, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from modeling_armorm import ArmoRMForRewardModeling, ArmoRMPipeline, ArmoRMReward, Explanation, plot_explanation
-from tests.utils import tiny_armorm, tiny_llama_config
+from tests.serving_utils import sensitive_gating
+from tests.utils import BackboneForwards, spy_on_shared_prefixes, tiny_armorm, tiny_llama_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -205,6 +207,49 @@ def test_compare_and_rank_agree_with_score(rm):
         assert entry["score"] == pytest.approx(scores[entry["index"]], abs=1e-6)
 
 
+def assert_equal_alone(results: list[dict], expected: list[dict]) -> None:
+    """Every score, reward and gating weight equals the conversation's scored alone, within 1e-5 relative."""
+    keys = ("score", "rewards", "gating")
+    got = {key: [r[key] if key == "score" else list(r[key].values()) for r in results] for key in keys}
+    want = {key: [e[key] for e in expected] for key in keys}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # a failure names the key
+
+
+def test_answers_to_one_prompt_run_it_once(rm, tokenizer, monkeypatch):
+    """`compare`, `rank` and `score` on a list that repeats prompts score the answers to one prompt together through
+    the shared-prefix path (its groups are those the prompts make), and every number equals the conversation scored
+    alone (`reference`: apply_chat_template's tokens, one conversation at a time). The gate depends strongly on h_x
+    here, so an h_x read at a wrong position shows."""
+    model = copy.deepcopy(rm.model)
+    sensitive_gating(model, seed=1)
+    pipe = pipeline("reward-scoring", model=model, tokenizer=tokenizer, device="cpu")
+    groups = spy_on_shared_prefixes(monkeypatch)
+    prompt = "Explain recursion in one paragraph."
+    answers = ["It calls itself.", "A function that calls itself on a smaller input.", "", "See: recursion."]
+    convs = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": a}] for a in answers]
+    ids = [tuple(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in convs]
+    expected = reference(model, tokenizer, convs)
+
+    compared = pipe.compare(prompt, answers[0], answers[1])
+    assert groups == [sorted(ids[:2])]
+    torch.testing.assert_close(compared["scores"], [e["score"] for e in expected[:2]], rtol=1e-5, atol=1e-6)
+    groups.clear()
+    ranked = pipe.rank(prompt, answers)
+    assert groups == [sorted(ids)]
+    got = [entry["score"] for entry in sorted(ranked, key=lambda entry: entry["index"])]
+    torch.testing.assert_close(got, [e["score"] for e in expected], rtol=1e-5, atol=1e-6)
+
+    # Two prompts (one of several turns) three and two times, in between a conversation alone; batches of 2 split
+    # the group of three.
+    turns = CONVERSATIONS[1][:-1]
+    mixed = [convs[0], [*turns, convs[1][-1]], CONVERSATIONS[0], convs[2], [*turns, convs[3][-1]], convs[3]]
+    mixed_ids = [tuple(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in mixed]
+    groups.clear()
+    results = pipe.score(mixed, batch_size=2)
+    assert sorted(groups) == sorted([sorted(mixed_ids[i] for i in (0, 3, 5)), sorted(mixed_ids[i] for i in (1, 4))])
+    assert_equal_alone(results, reference(model, tokenizer, mixed))
+
+
 def test_device_dtype_batch_size_and_max_length(checkpoint, tokenizer):
     rm = pipeline(
         "reward-scoring", model=str(checkpoint), device="cpu", dtype=torch.bfloat16, batch_size=2, max_length=400
@@ -353,3 +398,26 @@ def test_no_module_imports_private_names_of_the_package():
                 if inside:
                     offenders += [f"{path}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert not offenders, offenders
+
+
+def test_max_batch_tokens_bounds_every_forward(checkpoint, rm, tokenizer):
+    """`max_batch_tokens`, given to `pipeline(...)` or to a call (`score`, `explain`), reaches the batching: every
+    forward of several rows holds at most that many padded tokens (rows × the longest), so more forwards of fewer rows
+    run than by rows alone, and every number still equals the conversation scored alone."""
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in CONVERSATIONS]
+    budget = 2 * max(lengths)  # two rows of the longest conversation
+    expected = reference(rm.model, tokenizer, CONVERSATIONS)
+    with BackboneForwards(rm.model.model) as rows_only:
+        rm.score(CONVERSATIONS, batch_size=8)
+    assert rows_only.over(budget)  # by rows alone, a forward holds more than the budget
+
+    built = pipeline("reward-scoring", model=str(checkpoint), device="cpu", batch_size=8, max_batch_tokens=budget)
+    for pipe, kwargs in ((built, {}), (rm, {"batch_size": 8, "max_batch_tokens": budget})):
+        with BackboneForwards(pipe.model.model) as forwards:
+            results = pipe.score(CONVERSATIONS, **kwargs)
+            explanations = pipe.explain(CONVERSATIONS, **kwargs)
+        assert forwards and not forwards.over(budget) and len(forwards) > 2 * len(rows_only)
+        assert_equal_alone(results, expected)
+        assert [e.score for e in explanations] == pytest.approx([e["score"] for e in expected], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="`max_batch_tokens` must be >= 1"):
+        rm.score(CONVERSATIONS, max_batch_tokens=0)

@@ -23,6 +23,7 @@ from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
 )
+from serving.serve import ServeSettings
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +33,14 @@ SHARED = {
     "dtype": DtypeSettings,
     "device": DeviceSettings,
     "batch_size": BatchSettings,
+    "max_batch_tokens": BatchSettings,
     "max_length": LengthSettings,
     "truncate_prompt": LengthSettings,
 }
 # A field that has a shared knob's name but is another knob, and why.
 OTHER_KNOBS = {
     (GateSettings, "batch_size"): "pairs per optimizer step on stored features, not conversations per forward pass",
+    (ServeSettings, "max_batch_tokens"): "the budget beside the server's `max_batch_rows`, not `batch_size`",
 }
 # The shared knobs each command has (`build`: through its stages' prefixed flags).
 EXPECTED = {
@@ -124,7 +127,7 @@ def required_values(config_class: type) -> dict:
     return values
 
 
-BAD = {"dtype": "float64", "batch_size": 0, "max_length": 0}
+BAD = {"dtype": "float64", "batch_size": 0, "max_batch_tokens": 0, "max_length": 0}
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"build"}))
@@ -177,7 +180,9 @@ def test_library_functions_take_the_shared_defaults():
             positional = node.args.posonlyargs + node.args.args
             defaults = [None] * (len(positional) - len(node.args.defaults)) + node.args.defaults
             for arg, default in [*zip(positional, defaults), *zip(node.args.kwonlyargs, node.args.kw_defaults)]:
-                if arg.arg not in ("batch_size", "max_length") or (where, node.name, arg.arg) in OTHER_DEFAULTS:
+                if arg.arg not in ("batch_size", "max_batch_tokens", "max_length"):
+                    continue
+                if (where, node.name, arg.arg) in OTHER_DEFAULTS:
                     continue
                 if isinstance(default, ast.Constant) and default.value is not None:
                     own.append(f"{where}: {node.name}({arg.arg}={default.value})")

@@ -6,6 +6,7 @@ rendered with the tokenizer's chat template, and the gating position chosen by t
 """
 
 import builtins
+import copy
 import pickle
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling
 from modeling_armorm.trl_reward import ArmoRMReward
-from tests.utils import tiny_armorm, tiny_llama_config
+from tests.serving_utils import sensitive_gating
+from tests.utils import BackboneForwards, spy_on_shared_prefixes, tiny_armorm, tiny_llama_config
 
 
 trl = pytest.importorskip("trl")
@@ -102,6 +104,16 @@ def reference_scores(model, tok, prompts, completions) -> list[float]:
     return [reference_score(model, tok, p, c).score.item() for p, c in zip(prompts, completions)]
 
 
+def prompt_groups(tok, prompts, completions) -> list[list[tuple[int, ...]]]:
+    """The conversations of each prompt given more than once, as `apply_chat_template` tokenizes them (sorted): the
+    groups the shared-prefix path should run (`spy_on_shared_prefixes`)."""
+    by_prompt = {}
+    for prompt, completion in zip(prompts, completions):
+        ids = tok.apply_chat_template(as_messages(prompt, completion), tokenize=True)["input_ids"]
+        by_prompt.setdefault(repr(prompt), []).append(tuple(ids))
+    return sorted(sorted(rows) for rows in by_prompt.values() if len(rows) > 1)
+
+
 def logged_rewards(trainer, name):
     """What the trainer scored in its last generation batch: prompts, completions and the rewards of `name`."""
     return list(trainer._logs["prompt"]), list(trainer._logs["completion"]), list(trainer._logs["rewards"][name])
@@ -140,6 +152,28 @@ def test_callable_renders_plain_text_prompts(reward_model, tok):
     ids = tok([p + a for p, a in zip(prompts, answers)], add_special_tokens=False, padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="gating pattern"):
         reward_model(**ids)
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_a_grpo_batch_runs_each_prompt_once(reward_model, tok, monkeypatch, conversational):
+    """GRPO passes each prompt `num_generations` times in a row: the completions to one prompt are scored together
+    through the shared-prefix path (conversational and plain-text prompts alike), and each reward equals the
+    conversation scored alone (`reference_score`). The gate depends strongly on h_x here, so an h_x read at a wrong
+    position shows."""
+    model = copy.deepcopy(reward_model)
+    sensitive_gating(model, seed=1)
+    groups = spy_on_shared_prefixes(monkeypatch)
+    num_generations = 4
+    unique = PROMPTS[:3] if conversational else ["What is the capital of France?", "Name a prime number."]
+    prompts = [prompt for prompt in unique for _ in range(num_generations)]
+    # Completions of several lengths, one written twice (a policy repeats itself).
+    completions = [ANSWERS[(i + j) % len(ANSWERS)] for i in range(len(unique)) for j in (0, 1, 2, 2)]
+    if conversational:
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    rewards = ArmoRMReward(model, batch_size=3, tokenizer=tok)(prompts, completions)
+    assert sorted(groups) == prompt_groups(tok, prompts, completions) and len(groups) == len(unique)
+    expected = reference_scores(model, tok, prompts, completions)
+    torch.testing.assert_close(torch.tensor(rewards), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_callable_objectives_and_logging(reward_model, tok):
@@ -189,6 +223,28 @@ def test_callable_pickles_without_weights_and_reloads(reward_model, tok, checkpo
     torch.testing.assert_close(torch.tensor(by_value(PROMPTS, ANSWERS)), torch.tensor(first))
 
 
+def test_max_batch_tokens_bounds_every_forward(reward_model, tok):
+    """`max_batch_tokens` reaches the batching of both calls (`__call__` and `score`): every forward of several rows
+    holds at most that many padded tokens, more forwards of fewer rows run, and every reward is unchanged."""
+    completions = [[{"role": "assistant", "content": a}] for a in ANSWERS]
+    expected = torch.tensor(reference_scores(reward_model, tok, PROMPTS, completions))
+    rows_only = ArmoRMReward(reward_model, batch_size=8, tokenizer=tok)
+    budget = 2 * max(len(rows_only.encode(p, c)) for p, c in zip(PROMPTS, completions))  # two of the longest
+    with BackboneForwards(reward_model.model) as by_rows:
+        rows_only(PROMPTS, completions)
+    assert by_rows.over(budget)
+
+    reward = ArmoRMReward(reward_model, batch_size=8, tokenizer=tok, max_batch_tokens=budget)
+    assert f"max_batch_tokens={budget}" in repr(reward)
+    assert pickle.loads(pickle.dumps(reward)).max_batch_tokens == budget
+    with BackboneForwards(reward_model.model) as forwards:
+        torch.testing.assert_close(torch.tensor(reward(PROMPTS, completions)), expected)
+        torch.testing.assert_close(reward.score(PROMPTS, completions).score, expected)
+    assert forwards and not forwards.over(budget) and len(forwards) > 2 * len(by_rows)
+    with pytest.raises(ValueError, match="`max_batch_tokens` must be at least 1"):
+        ArmoRMReward(reward_model, max_batch_tokens=0)
+
+
 def test_construction_does_no_io_and_the_first_call_fails_clearly(monkeypatch):
     """Building the function, naming it (TRL reads `__name__` when it builds the trainer) and pickling it send no
     request and read no file; the first call reads the server or the checkpoint and fails there, naming the fix."""
@@ -229,9 +285,10 @@ def grpo_args(tmp_path, **kwargs):
     )  # fmt: skip
 
 
-def test_grpo_with_model_object_and_callable(reward_model, tok, tmp_path):
+def test_grpo_with_model_object_and_callable(reward_model, tok, tmp_path, monkeypatch):
     """Both TRL paths (the model as reward model, and the callable) give the reference reward of each completion, and
-    TRL's `reward_weights` combine them (docs/trl.md)."""
+    TRL's `reward_weights` combine them (docs/trl.md). The callable scores each prompt's generations together, through
+    the shared-prefix path."""
     callable_reward = ArmoRMReward(reward_model, tokenizer=tok)
     trainer = trl.GRPOTrainer(
         model=tiny_policy(tok),
@@ -241,9 +298,11 @@ def test_grpo_with_model_object_and_callable(reward_model, tok, tmp_path):
         processing_class=tok,
         reward_processing_classes=[tok, None],
     )
+    groups = spy_on_shared_prefixes(monkeypatch)
     trainer.train()
     prompts, completions, from_model = logged_rewards(trainer, "tiny-armorm")
     _, _, from_callable = logged_rewards(trainer, "armorm")
+    assert groups and sorted(groups) == prompt_groups(tok, prompts, completions)
     expected = reference_scores(reward_model, tok, prompts, completions)
     torch.testing.assert_close(torch.tensor(from_model), torch.tensor(expected), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(from_callable), torch.tensor(expected), rtol=1e-4, atol=1e-5)

@@ -5,16 +5,25 @@ offline scoring of the same conversation (`modeling_armorm.scoring`), OpenRLHF's
 import os
 import pickle
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 from modeling_armorm import ArmoRMReward
-from modeling_armorm.scoring import score_conversations
-from serving.serve import ServeConfig
+from modeling_armorm.scoring import ChatEncoder, score_conversations
+from serving import backends
+from serving.serve import ServeConfig, build_app, build_service
 from tests.serving_utils import free_port, load_with_faults, request, running_server, sensitive_gating
-from tests.utils import llama3_tokenizer, tiny_armorm, tiny_llama_config
+from tests.utils import (
+    BackboneForwards,
+    llama3_tokenizer,
+    reference_armorm_outputs,
+    spy_on_shared_prefixes,
+    tiny_armorm,
+    tiny_llama_config,
+)
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,6 +177,65 @@ def test_concurrent_clients_with_malformed_and_abandoned_requests(server, offlin
     assert len(result.records) > 20 and batches < requests, (len(result.records), batches, requests)
 
 
+def test_answers_to_one_prompt_run_it_once(checkpoint, monkeypatch):
+    """The transformers backend scores rows that share a prompt through the shared-prefix path: the rows of one
+    request, and the rows of three concurrent requests merged into one batch (it closes once it holds
+    `--max-batch-rows` rows, long before `--max-wait-ms`). Every answer equals the conversation scored alone
+    (`reference_armorm_outputs` on `apply_chat_template`'s tokens); the gate depends strongly on h_x here."""
+    from fastapi.testclient import TestClient
+
+    folder, model, tokenizer = checkpoint
+    groups = spy_on_shared_prefixes(monkeypatch)
+    batches, score_encoded = [], backends.score_encoded  # the rows of each batch the backend scores
+
+    def spy(model, rows, *args, **kwargs):
+        batches.append(len(rows))
+        return score_encoded(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "score_encoded", spy)
+
+    def conversations(pairs) -> list[list[dict]]:  # (prompt, answer) indices
+        return [[*PROMPTS[p], {"role": "assistant", "content": ANSWERS[a]}] for p, a in pairs]
+
+    def ids(conversation) -> list[int]:
+        return list(tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"])
+
+    def groups_of(pairs) -> list[list[tuple[int, ...]]]:  # the rows of each prompt answered more than once
+        by_prompt = {}
+        for pair, conversation in zip(pairs, conversations(pairs)):
+            by_prompt.setdefault(pair[0], []).append(tuple(ids(conversation)))
+        return sorted(sorted(rows) for rows in by_prompt.values() if len(rows) > 1)
+
+    def assert_equal_alone(answer: dict, pairs) -> None:
+        expected = reference_armorm_outputs(
+            model, [ids(c) for c in conversations(pairs)], list(model.config.gating_token_pattern)
+        )
+        got = {key: torch.tensor(answer[key]) for key in ("scores", "rewards", "gating_output", "coefficients")}
+        want = {"scores": expected["score"], **{key: expected[key] for key in list(got)[1:]}}
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    one = [(0, 0), (1, 1), (0, 1), (3, 0), (2, 2), (0, 4), (3, 2), (1, 3), (3, 3)]  # prompt 2 alone
+    merged = [[(0, 2), (1, 0), (2, 1)], [(0, 3), (1, 2), (2, 0)], [(0, 0), (2, 3), (1, 4)]]  # each prompt across
+    config = ServeConfig(model=str(folder), max_batch_rows=len(one), max_wait_ms=30_000)
+    with TestClient(build_app(build_service(config))) as client:
+
+        def post(pairs):
+            return client.post("/score", json={"conversations": conversations(pairs)})
+
+        response = post(one)
+        assert response.status_code == 200, response.text
+        assert_equal_alone(response.json(), one)
+        assert batches == [len(one)] and sorted(groups) == groups_of(one)
+        batches.clear()
+        groups.clear()
+        with ThreadPoolExecutor(len(merged)) as threads:
+            responses = list(threads.map(post, merged))
+    for response, pairs in zip(responses, merged):
+        assert response.status_code == 200, response.text
+        assert_equal_alone(response.json(), pairs)
+    assert batches == [sum(map(len, merged))] and sorted(groups) == groups_of([p for pairs in merged for p in pairs])
+
+
 def test_armorm_reward_scores_through_the_server(server, checkpoint):
     """`ArmoRMReward(url=...)`: the same rewards, objectives and logged metrics as the local callable, picklable."""
     _, model, tokenizer = checkpoint
@@ -202,3 +270,27 @@ def test_unreachable_server_and_bad_settings_are_clear_errors(tmp_path):
         ServeConfig(model=str(tmp_path), vllm_engine_args="{tensor_parallel_size: 2}")
     with pytest.raises(ValueError, match=r"sets \['model'\]"):
         ServeConfig(model=str(tmp_path), vllm_engine_args='{"model": "other"}')
+
+
+def test_max_batch_tokens_bounds_every_forward(checkpoint, offline):
+    """`--max-batch-tokens` reaches the transformers backend: every forward of several rows (of one request, prompts
+    run once, then their answers) holds at most that many padded tokens, more forwards of fewer rows run than by
+    `--max-batch-rows` alone, and every answer still equals the offline scoring."""
+    from fastapi.testclient import TestClient
+
+    folder, _, tokenizer = checkpoint
+    conversations = pool()
+    budget = 2 * max(len(ChatEncoder(tokenizer).encode(c)) for c in conversations)  # two rows of the longest
+    runs = []
+    for max_batch_tokens in (None, budget):
+        config = ServeConfig(model=str(folder), max_batch_rows=8, max_wait_ms=1, max_batch_tokens=max_batch_tokens)
+        service = build_service(config)
+        with TestClient(build_app(service)) as client, BackboneForwards(service.backend.model.model) as forwards:
+            response = client.post("/score", json={"conversations": conversations})
+        assert response.status_code == 200, response.text
+        close(response.json()["scores"], offline.score)
+        runs.append(forwards)
+    by_rows, by_tokens = runs
+    assert by_rows.over(budget) and by_tokens and not by_tokens.over(budget) and len(by_tokens) > len(by_rows)
+    with pytest.raises(ValueError, match="`max_batch_tokens` must be at least 1"):
+        ServeConfig(model=str(folder), max_batch_tokens=0)

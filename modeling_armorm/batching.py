@@ -1,0 +1,47 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""Batches of token rows: sorted by length and bounded by a token budget, right-padded.
+
+The cost of a forward pass is its padded tokens (rows × the longest row), not its rows: a batch holds up to
+`batch_size` rows and, given `max_tokens`, no more rows than keep rows × longest within it. Sorting by length first
+keeps the padding small; the longest batch runs first, so an out-of-memory error shows at once.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+
+__all__ = ["length_sorted_batches", "right_pad"]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices in batches sorted by length, longest first: at most `batch_size` rows, and at most `max_tokens` padded
+    tokens (rows × the batch's longest row; a row longer than the budget runs alone)."""
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"`max_tokens` must be >= 1, got {max_tokens}.")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else None
+        # Sorted longest first: the batch's first row is its longest.
+        if (
+            batch
+            and len(batch) < batch_size
+            and (max_tokens is None or (len(batch) + 1) * lengths[batch[0]] <= max_tokens)
+        ):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token rows padded on the right to one width: `input_ids` and `attention_mask`, each (batch, width)."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,130 @@
+"""Shared-prefix scoring: answers to one prompt run the prompt once, and every output equals the conversation run alone."""
+
+import random
+
+import pytest
+import torch
+
+from modeling_armorm import prefix_sharing
+from modeling_armorm.scoring import EncodedConversation, score_encoded, scoring_steps
+from tests.serving_utils import sensitive_gating
+from tests.utils import reference_armorm_outputs, tiny_armorm, tiny_llama_config
+
+
+PATTERN = [5, 6]
+FIELDS = ("score", "rewards", "gating_output", "coefficients")
+
+
+def armorm(**config_kwargs):
+    """A tiny ArmoRM whose gating depends strongly on h_x, so an h_x read at the wrong token shows."""
+    model = tiny_armorm(gating_token_pattern=PATTERN, **config_kwargs)
+    sensitive_gating(model, seed=0)
+    return model
+
+
+def conversations(seed: int, shapes) -> list[EncodedConversation]:
+    """Rows for `shapes` = [(prompt tokens before the gating pattern, [answer lengths])], shuffled."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt_length, answers in shapes:
+        prompt = [rng.randrange(10, 128) for _ in range(prompt_length)] + PATTERN
+        for length in answers:
+            rows.append(
+                EncodedConversation(
+                    prompt + [rng.randrange(10, 128) for _ in range(length)], len(prompt) - 2, len(prompt)
+                )
+            )
+    rng.shuffle(rows)
+    return rows
+
+
+def assert_matches_alone(out, model, rows):
+    """Every output equals the conversation run alone, written out row by row in `reference_armorm_outputs`."""
+    expected = reference_armorm_outputs(model, [row.input_ids for row in rows], PATTERN)
+    for key in FIELDS:
+        torch.testing.assert_close(getattr(out, key), expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+class BackboneTokens:
+    """Counts the real tokens the backbone computes (prefix runs and answer runs)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        model.model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.tokens += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1] :].sum())
+
+
+SHAPES = [
+    [(20, [5, 1, 9]), (7, [3, 12]), (33, [4]), (0, [2, 2, 6])],  # groups of 3, 2, 1; a prompt of one token (the gate)
+    [(3, [1] * 9), (40, [30, 1])],  # a group larger than the batch; answers of one token
+    [(12, [4]), (9, [7]), (30, [2])],  # no shared prompt at all
+]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("length_objective", [None, 1])
+def test_shared_prefix_equals_each_conversation_alone(shapes, batch_size, length_objective):
+    model = armorm(length_objective=length_objective)
+    for seed, max_batch_tokens in [(0, None), (1, 64)]:  # two batch orders; batches by rows, then by a token budget
+        rows = conversations(seed, shapes)
+        out = score_encoded(model, rows, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        assert_matches_alone(out, model, rows)
+
+
+def test_a_shared_prompt_is_computed_once():
+    model = armorm()
+    rows = conversations(0, [(40, [3, 5, 7, 2]), (25, [4, 4]), (10, [6])])
+    counter = BackboneTokens(model)
+    out = score_encoded(model, rows, batch_size=4)
+    # Each prompt's tokens up to and including the gating position once (41, 26); then each answer's tokens after it
+    # (the pattern's second token and the answer); the lone row whole.
+    expected = (41 + 26) + (4 + 6 + 8 + 3) + (5 + 5) + (12 + 6)
+    assert counter.tokens == expected
+    counter.tokens = 0
+    alone = score_encoded(model, rows, batch_size=4, share_prefix=False)
+    assert counter.tokens == sum(len(row) for row in rows)
+    for key in FIELDS:
+        torch.testing.assert_close(getattr(out, key), getattr(alone, key), rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_comes_from_the_token_ids():
+    """Rows that share the prompt's text but not its tokens up to the gating position are not grouped; rows whose
+    gating positions differ are not grouped although one prompt is the other's prefix."""
+    base = [11, 12, 13] + PATTERN
+    rows = [
+        EncodedConversation(base + [20, 21], 3, 5),
+        EncodedConversation([11, 12, 14] + PATTERN + [20, 21], 3, 5),  # one token differs before the gate
+        EncodedConversation(base + [20, 21], 3, 5),
+        EncodedConversation(base + PATTERN + [30], 5, 7),  # its gate is later: its prefix holds the first answer's
+    ]
+    assert prefix_sharing.prefix_groups(rows) == [[0, 2]]
+    model = armorm()
+    assert_matches_alone(score_encoded(model, rows, batch_size=2), model, rows)
+
+
+def test_scoring_steps_run_again_give_the_same_numbers():
+    """`score_encoded` on one step's rows runs that step again: a process group splitting the steps gets the numbers
+    one process gets, bit for bit."""
+    model = armorm()
+    rows = conversations(1, SHAPES[0] + SHAPES[2])
+    whole = score_encoded(model, rows, batch_size=3)
+    steps = scoring_steps(model, rows, batch_size=3)
+    assert sorted(i for step in steps for i in step) == list(range(len(rows)))
+    for step in steps:
+        part = score_encoded(model, [rows[i] for i in step], batch_size=3)
+        for key in FIELDS:
+            assert torch.equal(getattr(part, key), getattr(whole, key)[step]), key
+
+
+def test_a_sliding_window_backbone_runs_each_conversation_whole():
+    """A sliding window counts positions in the padded cache: such a backbone is never shared, and is still exact."""
+    model = armorm(text_config=tiny_llama_config())
+    model.config.get_text_config().sliding_window = 8
+    assert not prefix_sharing.supports_prefix_sharing(model)
+    rows = conversations(0, SHAPES[0])
+    counter = BackboneTokens(model)
+    score_encoded(model, rows, batch_size=4)
+    assert counter.tokens == sum(len(row) for row in rows)
