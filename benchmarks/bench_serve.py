@@ -1,6 +1,8 @@
-"""`armorm serve`: the transformers backend against the vLLM backend on the same GRPO-shaped traffic, in one run.
+"""`armorm serve`: the transformers backend against today's server (a baseline checkout) and the vLLM backend, on the
+same GRPO-shaped traffic, in one run.
 
     .venv/bin/python benchmarks/bench_serve.py                                  # CPU: a small random Llama ArmoRM
+    .venv/bin/python benchmarks/bench_serve.py --backends transformers,baseline --rounds 3 --seconds 20
     .venv/bin/python benchmarks/bench_serve.py --preset llama3-8b --dtype bfloat16 --device cuda \\
         --vllm-python /path/to/vllm-venv/bin/python --vllm-engine-args '{"gpu_memory_utilization": 0.5}'
 
@@ -9,14 +11,21 @@ an `armorm serve` process on 127.0.0.1 and the same load is sent to it: `--clien
 group after the other for `--seconds` (a new prompt per group, `--group` completions of it, as a GRPO step sends
 them), to `/score`. Reported per backend: conversations scored per second, p50 and p99 latency of a group, and for
 vLLM the prefix-cache hit rate (tokens served from the cache / tokens looked up) on this traffic, with prefix caching
-on and off. Every group both backends answered is checked to agree (largest relative score difference). The
-transformers backend runs in this interpreter's environment, the vLLM backend in `--vllm-python`'s.
+on and off. Every group two backends answered is checked to agree (largest relative score difference).
+
+Backends (`--backends`): `transformers` (this checkout, this interpreter), `baseline` (`armorm serve --backend
+transformers` of another checkout, `--baseline-checkout`, made a git worktree of `--baseline-commit` when absent, run
+with this interpreter from that folder so that it imports that code: checked before the run), `vllm` and
+`vllm-no-prefix-caching` (in `--vllm-python`'s environment). `transformers` and `baseline` run side by side: both
+servers stay up and the `--rounds` rounds alternate between them (each round a fresh set of prompts, the same for
+both); the vLLM servers follow, one after the other, the same rounds each. Figures are medians over the rounds.
 """
 
 import argparse
+import contextlib
 import json
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +37,12 @@ sys.path.insert(0, str(REPO))
 
 from tests.serving_utils import free_port, run_load, running_server  # noqa: E402
 
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from timing import machine_facts  # noqa: E402
+
+
+BACKENDS = ("transformers", "baseline", "vllm", "vllm-no-prefix-caching")
 
 PRESETS = {
     # A small model that makes the CPU run take minutes, not hours.
@@ -88,20 +103,27 @@ def token_counts(checkpoint: Path, size: int) -> tuple[float, float]:
     return sum(r.answer_start for r in rows) / len(rows), sum(len(r) for r in rows) / len(rows)
 
 
-def measure(command: list[str], args, log: Path) -> dict:
-    """Start the server, warm it up with two groups, send the load; throughput, latency, cache hits, the answers."""
+def start(label: str, command: list[str], work: Path, stack, size: int, env: dict | None = None) -> int:
+    """Start one server in `stack` (its log: `work/label.log`) and warm it up with two groups of `size`; its port."""
+    port = free_port()
+    stack.enter_context(running_server([*command, "--port", str(port)], port, work / f"{label}.log", 1800, env))
+    run_load(port, "/score", lambda i: {"conversations": group(10**7 + i, size)}, 2, 600, limit=2)
+    return port
+
+
+def load_round(port: int, first: int, args) -> dict:
+    """One round of load on a running server, prompts `first`, `first + 1`, ...: throughput, latencies, cache hits,
+    the answers by prompt index."""
     from tests.serving_utils import request
 
-    port = free_port()
-    with running_server([*command, "--port", str(port)], port, log, timeout=1800):
-        run_load(port, "/score", lambda i: {"conversations": group(10**6 + i, args.group)}, 2, 600, limit=2)
-        _, before = request(port, "/info")
-        result = run_load(
-            port, "/score", lambda i: {"conversations": group(i, args.group)}, args.clients, args.seconds
-        )
-        _, after = request(port, "/info")
+    _, before = request(port, "/info")
+    result = run_load(
+        port, "/score", lambda i: {"conversations": group(first + i, args.group)}, args.clients, args.seconds
+    )
+    _, after = request(port, "/info")
     summary = result.summary(lambda i: args.group)
-    summary["answers"] = {r["index"]: r["answer"]["scores"] for r in result.records if r["status"] == 200}
+    summary["latencies_ms"] = result.latencies_ms()
+    summary["answers"] = {first + r["index"]: r["answer"]["scores"] for r in result.records if r["status"] == 200}
     summary["errors"] = sum(r["status"] != 200 for r in result.records)
     queries = after["stats"].get("prefix_cache_queries", 0) - before["stats"].get("prefix_cache_queries", 0)
     hits = after["stats"].get("prefix_cache_hits", 0) - before["stats"].get("prefix_cache_hits", 0)
@@ -109,19 +131,75 @@ def measure(command: list[str], args, log: Path) -> dict:
     return summary
 
 
+def baseline_checkout(args) -> Path:
+    """The baseline's folder (a git worktree of `--baseline-commit`, made when absent), checked to be what a server
+    started there imports."""
+    checkout = Path(args.baseline_checkout).resolve()
+    if not checkout.exists():
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), args.baseline_commit], check=True
+        )
+    # What `armorm serve` imports, then every module of a checkout that got loaded: none may come from this one (a
+    # module the baseline lacks would fall through to the editable install's finder, i.e. to this checkout).
+    probe = (
+        "import json, sys, armorm_cli, serving.serve, serving.backends, modeling_armorm.scoring, "
+        "modeling_armorm.pipeline; print(json.dumps(sorted({getattr(m, '__file__', None) or '' for m in "
+        "list(sys.modules.values())})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    files = [Path(f).resolve() for f in json.loads(out) if Path(f).is_absolute()]
+    ours = [f for f in files if f.is_relative_to(checkout)]
+    foreign = [str(f) for f in files if f.is_relative_to(REPO) and not f.is_relative_to(REPO / ".venv")]
+    if foreign or not ours:
+        raise SystemExit(f"a server started in {checkout} would import {foreign or 'nothing of it'}")
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    shares = (checkout / "modeling_armorm" / "prefix_sharing.py").exists()
+    print(f"baseline: {checkout} at {commit}; a server started there imports its {len(ours)} modules from there "
+          f"(none from {REPO}); shared-prefix scoring {'present' if shares else 'absent'} there")  # fmt: skip
+    return checkout
+
+
+def largest_difference(answers: dict, reference: dict) -> tuple[float, float, int]:
+    """(absolute, relative to |s| or 0.01, groups compared) over the prompts both sets of answers hold."""
+    worst_abs = worst_rel = 0.0
+    common = answers.keys() & reference.keys()
+    for index in common:
+        for a, b in zip(answers[index], reference[index], strict=True):
+            worst_abs = max(worst_abs, abs(a - b))
+            worst_rel = max(worst_rel, abs(a - b) / max(abs(b), 1e-2))
+    return worst_abs, worst_rel, len(common)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="Where the transformers backend runs (and builds the model).")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"Comma-separated, of {', '.join(BACKENDS)}.")
+    parser.add_argument("--rounds", type=int, default=1, help="Rounds of load per backend; medians are reported.")
+    parser.add_argument("--threads", type=int, default=2, help="Torch threads of the transformers servers.")
+    parser.add_argument("--baseline-checkout", default="/tmp/armorm-baseline")
+    parser.add_argument("--baseline-commit", default="9d52ffe", help="Today's code (before shared-prefix scoring).")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--vllm-engine-args", default="{}", help="More vLLM engine arguments (JSON).")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--group", type=int, default=8, help="Completions per prompt (GRPO's group size).")
     parser.add_argument("--max-batch-rows", type=int, default=32)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, help="The transformers server's token budget (not the baseline's)."
+    )
     parser.add_argument("--checkpoint", help="Reuse a checkpoint folder written by an earlier run.")
     args = parser.parse_args()
+    backends = args.backends.split(",")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / "checkpoint"
@@ -134,49 +212,80 @@ def main() -> None:
         engine = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30, "block_size": 32, **engine}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".venv-vllm" / "cache"))
+    threads = {"OMP_NUM_THREADS": str(args.threads)}
 
-    runs = {}
-    transformers_command = [sys.executable, *serve, "--backend", "transformers", "--device", args.device]
-    transformers_command += ["--max-batch-rows", str(args.max_batch_rows)]
-    runs["transformers"] = measure(transformers_command, args, work / "transformers.log")
-    for label, caching in (("vllm", True), ("vllm, prefix caching off", False)):
+    transformers_args = ["--backend", "transformers", "--device", args.device]
+    transformers_args += ["--max-batch-rows", str(args.max_batch_rows)]
+    commands = {}
+    if "transformers" in backends:
+        extra = [] if args.max_batch_tokens is None else ["--max-batch-tokens", str(args.max_batch_tokens)]
+        commands["transformers"] = ([sys.executable, *serve, *transformers_args, *extra], threads)
+    if "baseline" in backends:
+        checkout = baseline_checkout(args)
+        # `python -m` puts the working folder first on sys.path: the server runs from the baseline's folder.
+        in_checkout = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(checkout)]
+        commands["baseline"] = ([*in_checkout, sys.executable, *serve, *transformers_args],
+                                {**threads, "PYTHONPATH": str(checkout)})  # fmt: skip
+
+    rounds: dict[str, list[dict]] = {label: [] for label in backends}
+    with contextlib.ExitStack() as stack:  # the side-by-side servers: up together, rounds alternating
+        ports = {
+            label: start(label, command, work, stack, args.group, env) for label, (command, env) in commands.items()
+        }
+        for r in range(args.rounds):
+            order = list(ports) if r % 2 == 0 else list(reversed(ports))
+            for label in order:
+                rounds[label].append(load_round(ports[label], 10**5 * (r + 1), args))
+    for label, caching in (("vllm", True), ("vllm-no-prefix-caching", False)):
+        if label not in backends:
+            continue
         command = [args.vllm_python, *serve, "--backend", "vllm"]
         command += ["--vllm-engine-args", json.dumps({**engine, "enable_prefix_caching": caching})]
-        runs[label] = measure(command, args, work / f"vllm-prefix-caching-{'on' if caching else 'off'}.log")
+        with contextlib.ExitStack() as stack:
+            port = start(label, command, work, stack, args.group)
+            for r in range(args.rounds):
+                rounds[label].append(load_round(port, 10**5 * (r + 1), args))
 
-    reference = runs["transformers"]["answers"]
-    worst_abs = worst_rel = 0.0
-    for label in ("vllm", "vllm, prefix caching off"):
-        for index, scores in runs[label]["answers"].items():
-            for a, b in zip(scores, reference.get(index, [])):
-                worst_abs = max(worst_abs, abs(a - b))
-                worst_rel = max(worst_rel, abs(a - b) / max(abs(b), 1e-2))
     prompt_tokens, total_tokens = token_counts(checkpoint, args.group)
-
-    torch_version = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
-    ).stdout.strip()
-    vllm_version = subprocess.run(
-        [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
-    ).stdout.strip()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch_version}, "
-          f"vLLM {vllm_version}, Python {platform.python_version()}")  # fmt: skip
-    print(f"model: preset {args.preset}, {args.dtype}; {args.clients} clients x {args.seconds:g} s; GRPO groups of "
-          f"{args.group}; transformers backend --max-batch-rows {args.max_batch_rows}\n")  # fmt: skip
-    print("| backend | conversations/s | group p50 (ms) | group p99 (ms) | prefix-cache hit rate | errors |")
-    print("|---|---|---|---|---|---|")
-    for label, run in runs.items():
-        rate = "—" if run["prefix_cache_hit_rate"] is None else f"{100 * run['prefix_cache_hit_rate']:.1f} %"
+    print(f"\nmachine: {machine_facts(args.threads)}")
+    if any(label.startswith("vllm") for label in backends):
+        vllm_version = subprocess.run(
+            [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+        ).stdout.strip()
+        print(f"vLLM {vllm_version}")
+    print(f"model: preset {args.preset}, {args.dtype}; {args.clients} clients x {args.seconds:g} s x {args.rounds} "
+          f"round(s) per backend; GRPO groups of {args.group}; transformers servers --max-batch-rows "
+          f"{args.max_batch_rows}, {args.threads} torch thread(s); command: python {' '.join(sys.argv)}\n")  # fmt: skip
+    median = statistics.median
+    print("| backend | conversations/s (median) | per round | group p50 (ms) | group p99 (ms) | prefix-cache hit "
+          "rate | errors |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for label, runs in rounds.items():
+        latencies = sorted(t for run in runs for t in run["latencies_ms"])
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")
+        rates = [run["prefix_cache_hit_rate"] for run in runs if run["prefix_cache_hit_rate"] is not None]
+        rate = f"{100 * median(rates):.1f} %" if rates else "—"
+        per_round = ", ".join(f"{run['rows_per_s']:.1f}" for run in runs)
         print(
-            f"| {label} | {run['rows_per_s']:.1f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | {rate} | "
-            f"{run['errors']} |"
+            f"| {label} | {median(run['rows_per_s'] for run in runs):.1f} | {per_round} | "
+            f"{median(latencies) if latencies else float('nan'):.0f} | {p99:.0f} | {rate} | "
+            f"{sum(run['errors'] for run in runs)} |"
         )
-    base = runs["transformers"]["rows_per_s"]
-    print(f"\nthroughput vLLM / transformers: {runs['vllm']['rows_per_s'] / base:.2f}x (prefix caching on), "
-          f"{runs['vllm, prefix caching off']['rows_per_s'] / base:.2f}x (off)")  # fmt: skip
-    print(f"largest score difference between the backends on the same groups: {worst_abs:.1e} absolute, "
-          f"{worst_rel:.1e} relative (to |s| or 0.01)")  # fmt: skip
-    print(f"tokens per conversation: {total_tokens:.0f}, of which the shared prompt {prompt_tokens:.0f}")
+    reference_label = "transformers" if "transformers" in rounds else None
+    if reference_label:
+        reference = {i: s for run in rounds[reference_label] for i, s in run["answers"].items()}
+        for label, runs in rounds.items():
+            if label == reference_label:
+                continue
+            paired = [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(rounds[reference_label], runs)]
+            answers = {i: s for run in runs for i, s in run["answers"].items()}
+            worst_abs, worst_rel, compared = largest_difference(answers, reference)
+            print(
+                f"\ntransformers / {label}: {median(paired):.2f}x conversations/s (median of the rounds' ratios: "
+                f"{', '.join(f'{x:.2f}' for x in paired)}); scores on the {compared} groups both answered: largest "
+                f"difference {worst_abs:.1e} absolute, {worst_rel:.1e} relative (to |s| or 0.01)"
+            )
+    print(f"\ntokens per conversation: {total_tokens:.0f}, of which the shared prompt {prompt_tokens:.0f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
-`model.forward`, and the machine's CPU name for the report. On a GPU every reading waits for the queued kernels."""
+`model.forward`, and the machine's facts for the report. On a GPU every reading waits for the queued kernels."""
 
+import os
 import platform
 import subprocess
 import time
@@ -30,9 +31,15 @@ def bare_forward(model, batches, **forward_kwargs) -> float:
 def timed_with_forward_share(model, run: Callable[[], object]) -> tuple[float, float, object]:
     """(seconds of `run()`, seconds of it inside `model.forward`, what `run` returned): the in-run share of the
     forward is immune to the machine's noise, which swings both numbers of one run together."""
-    inner, inside = model.forward, [0.0]
+    return timed_inside(model, "forward", run)
 
-    def forward(*args, **kwargs):
+
+def timed_inside(owner, name: str, run: Callable[[], object]) -> tuple[float, float, object]:
+    """(seconds of `run()`, seconds of it inside `owner.name(...)`, what `run` returned), for a method called through
+    the instance (`model(...)` calls `model.forward`)."""
+    inner, inside = getattr(owner, name), [0.0]
+
+    def timed_method(*args, **kwargs):
         synchronize()
         start = time.perf_counter()
         output = inner(*args, **kwargs)
@@ -40,7 +47,7 @@ def timed_with_forward_share(model, run: Callable[[], object]) -> tuple[float, f
         inside[0] += time.perf_counter() - start
         return output
 
-    model.forward = forward  # an instance attribute: `model(...)` calls it, and `del` restores the class's method
+    setattr(owner, name, timed_method)  # an instance attribute: `del` restores the class's method
     try:
         synchronize()
         start = time.perf_counter()
@@ -48,7 +55,7 @@ def timed_with_forward_share(model, run: Callable[[], object]) -> tuple[float, f
         synchronize()
         seconds = time.perf_counter() - start
     finally:
-        del model.forward
+        delattr(owner, name)
     return seconds, inside[0], result
 
 
@@ -58,3 +65,20 @@ def cpu_model() -> str:
         return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def machine_facts(threads: int | None = None) -> str:
+    """One line for a report: the CPU (or GPU), cores, torch threads, load average, and the torch, transformers and
+    Python versions."""
+    import transformers
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host CPU {cpu_model()}"
+    else:
+        device = cpu_model()
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"{device}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch thread(s), load average "
+        f"{load} (1, 5, 15 min); torch {torch.__version__}, transformers {transformers.__version__}, Python "
+        f"{platform.python_version()}"
+    )
