@@ -1,6 +1,7 @@
 """Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
 `model.forward`, and the machine's facts for the report. On a GPU every reading waits for the queued kernels."""
 
+import functools
 import os
 import platform
 import subprocess
@@ -39,6 +40,7 @@ def timed_inside(owner, name: str, run: Callable[[], object]) -> tuple[float, fl
     the instance (`model(...)` calls `model.forward`)."""
     inner, inside = getattr(owner, name), [0.0]
 
+    @functools.wraps(inner)  # keeps the signature, which the scoring path reads (`prefix_sharing`)
     def timed_method(*args, **kwargs):
         synchronize()
         start = time.perf_counter()

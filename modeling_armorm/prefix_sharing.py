@@ -51,7 +51,8 @@ def supports_prefix_sharing(model) -> bool:
 
 def _cache_argument(backbone) -> str | None:
     # transformers renamed the backbone's `past_key_values` to `cache` (5.2x); both names are in use.
-    parameters = inspect.signature(backbone.forward).parameters
+    # The class's own forward: a hook or wrapper on the instance (a profiler, accelerate) may hide the signature.
+    parameters = inspect.signature(type(backbone).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 

@@ -128,3 +128,18 @@ def test_a_sliding_window_backbone_runs_each_conversation_whole():
     counter = BackboneTokens(model)
     score_encoded(model, rows, batch_size=4)
     assert counter.tokens == sum(len(row) for row in rows)
+
+
+def test_a_wrapper_on_the_backbone_keeps_sharing():
+    """A profiler or hook that replaces the backbone's `forward` on the instance hides its signature; sharing is read
+    from the class, so it stays on."""
+    model = armorm()
+    inner = model.model.forward
+    model.model.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    assert prefix_sharing.supports_prefix_sharing(model)
+    rows = conversations(0, SHAPES[0])
+    expected = reference_armorm_outputs(model, [row.input_ids for row in rows], PATTERN)
+    counter = BackboneTokens(model)
+    out = score_encoded(model, rows, batch_size=4)
+    assert counter.tokens < sum(len(row) for row in rows)
+    torch.testing.assert_close(out.score, expected["score"], rtol=1e-5, atol=1e-5)
