@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
+from huggingface_hub.errors import HfUriError
 from tqdm.auto import tqdm
 
 from armorm_io.files import Fingerprint, atomic_write, check_location, file_sha256, hub_unreachable
@@ -148,8 +150,8 @@ def _read_table(
             sources = [data] if BUILDERS.get(_inner_extension(data)) == "json" else []
         else:
             (table, builder), unreadable = _load_dataset(data, name, split, cache_dir), {}
-            sources = _data_files(builder, split) if builder.name == "json" else []
-        values = _exact_json_values(table, sources, split) if exact else {}
+            sources = _json_data_files(builder, split)
+        values = _exact_json_values(table, sources, split, data) if exact else {}
         if _content_sha256(data) != digest:
             shutil.rmtree(cache_dir, ignore_errors=True)
             raise ValueError(
@@ -165,10 +167,11 @@ def _read_table(
         raise FileNotFoundError(f"No such data file: {data!r}. Check the path (an absolute path is safest).")
     check_location(data, "The data")
     try:
-        table, _ = _load_dataset(data, name, split)
+        table, builder = _load_dataset(data, name, split)
     except (OSError, ConnectionError, ValueError) as error:  # offline, unknown id, no access
         raise hub_unreachable(data, "The data", error) from error
-    return _non_empty(table, data), {}, _exact_json_values(table, [], split) if exact else {}
+    values = _exact_json_values(table, _json_data_files(builder, split), split, data) if exact else {}
+    return _non_empty(table, data), {}, values
 
 
 def _load_dataset(
@@ -181,11 +184,29 @@ def _load_dataset(
     return datasets.load_dataset(data, name, split=split, cache_dir=cache_dir, **options), builder
 
 
-def _data_files(builder: datasets.DatasetBuilder, split: str) -> list[str]:
-    """The local files a folder's `split` is read from, in the order of its rows (empty if any is not local json)."""
-    files = list((builder.config.data_files or {}).get(split.split("[", 1)[0], []))
-    local = all(os.path.isfile(path) and BUILDERS.get(_inner_extension(path)) == "json" for path in files)
-    return files if local else []
+def _json_data_files(builder: datasets.DatasetBuilder, split: str) -> list[str]:
+    """The local json files `split` was read from, in the order of its rows: a data folder's own files, or the
+    copies of a Hub dataset's files that `datasets` downloaded. Empty unless every file is json and at hand."""
+    if builder.name != "json":
+        return []
+    files = [_local_copy(str(path)) for path in (builder.config.data_files or {}).get(split.split("[", 1)[0], [])]
+    found = all(path is not None and BUILDERS.get(_inner_extension(path)) == "json" for path in files)
+    return files if found else []
+
+
+def _local_copy(path: str) -> str | None:
+    """A data file's local path: the file itself, or for a Hub file (`hf://datasets/org/name@commit/file`) the copy
+    in the Hub cache, at the commit `datasets` read (looked up, never downloaded). None without one."""
+    if not path.startswith("hf://"):
+        return path if os.path.isfile(path) else None
+    try:
+        uri = huggingface_hub.parse_hf_uri(path)
+    except HfUriError:
+        return None
+    cached = huggingface_hub.try_to_load_from_cache(
+        uri.id, uri.path_in_repo, revision=uri.revision, repo_type=uri.type
+    )
+    return cached if isinstance(cached, str) else None
 
 
 def _read_file(data: str, split: str, cache_dir: str) -> tuple[datasets.Dataset, dict[int, str]]:
@@ -465,23 +486,7 @@ def load_pairs(
             skipped.append({"index": i, "reason": unreadable[i]})
             continue
         try:
-            if explicit:
-                prompt = _messages(row["prompt"], "prompt", as_turns=_prompt_turns)
-                # Answers to an HH transcript prompt start with the space after "Assistant:": strip them as
-                # `parse_hh_transcript` strips every turn.
-                hh = isinstance(row["prompt"], str) and row["prompt"].startswith(_HH_PROMPT_START)
-                as_answer = _stripped_assistant_turn if hh else _assistant_turn
-                chosen = prompt + _messages(row["chosen"], "chosen", as_turns=as_answer)
-                rejected = prompt + _messages(row["rejected"], "rejected", as_turns=as_answer)
-            else:
-                chosen = _messages(row["chosen"], "chosen", as_turns=parse_hh_transcript)
-                rejected = _messages(row["rejected"], "rejected", as_turns=parse_hh_transcript)
-            _check_conversation(chosen, "`chosen`")
-            _check_conversation(rejected, "`rejected`")
-            if chosen[:-1] != rejected[:-1]:
-                raise ValueError(
-                    "`chosen` and `rejected` have different prompts (every turn but the last must be the same)"
-                )
+            chosen, rejected = pair_conversations(row)
             if not keep_ties:
                 if chosen[-1]["content"] == rejected[-1]["content"]:
                     raise ValueError("`chosen` and `rejected` are the same answer: the pair states no preference")
@@ -496,6 +501,28 @@ def load_pairs(
     _log_skipped(skipped, len(table), data)
     layout = "explicit prompt" if explicit else "implicit prompt"
     return PairRows(chosen_rows, rejected_rows, subset, index, skipped, layout)
+
+
+def pair_conversations(row: dict) -> tuple[list[dict], list[dict]]:
+    """A pair row's `chosen` and `rejected` as two full conversations that share every turn but the last, in any
+    pairs layout of this module: with an explicit prompt when `row` has a `prompt` key. Raises a `ValueError` that
+    names the column (the row is then skipped by its caller); a tie is not checked here."""
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "prompt", as_turns=_prompt_turns)
+        # Answers to an HH transcript prompt start with the space after "Assistant:": strip them as
+        # `parse_hh_transcript` strips every turn.
+        hh = isinstance(row["prompt"], str) and row["prompt"].startswith(_HH_PROMPT_START)
+        as_answer = _stripped_assistant_turn if hh else _assistant_turn
+        chosen = prompt + _messages(row["chosen"], "chosen", as_turns=as_answer)
+        rejected = prompt + _messages(row["rejected"], "rejected", as_turns=as_answer)
+    else:
+        chosen = _messages(row["chosen"], "chosen", as_turns=parse_hh_transcript)
+        rejected = _messages(row["rejected"], "rejected", as_turns=parse_hh_transcript)
+    _check_conversation(chosen, "`chosen`")
+    _check_conversation(rejected, "`rejected`")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("`chosen` and `rejected` have different prompts (every turn but the last must be the same)")
+    return chosen, rejected
 
 
 def _check_not_a_tie(row: dict) -> None:
@@ -548,12 +575,13 @@ def _objective_columns(table: datasets.Dataset, data: str) -> list[str]:
     return sorted(objectives, key=lambda column: first_rated[column])
 
 
-def _exact_json_values(table: datasets.Dataset, sources: list[str], split: str) -> dict[str, list]:
+def _exact_json_values(table: datasets.Dataset, sources: list[str], split: str, data: str) -> dict[str, list]:
     """The exact values of the columns that `datasets` types `Json` (numbers and strings mixed), which it decodes
     lossily: JSON NaN becomes null, ±Infinity and the string "NaN" become None, the string "Infinity" becomes inf.
-    Local json files (`sources`: one file, or a folder's files of this split in row order) are read again with
-    Python's json; elsewhere (a Hub dataset) a value stored but decoded as None is marked unreadable, so that
-    `_label` lists it instead of taking it for a missing label, and a JSON NaN stored as null is missing."""
+    The json files (`sources`: one file, or the split's files in row order, a Hub dataset's as downloaded) are read
+    again with Python's json. Without them (a Hub dataset read offline from the `datasets` cache, a .zst file) a
+    value stored but decoded as None is marked unreadable, so that `_label` lists it instead of taking it for a
+    missing label, and a JSON NaN, stored as null, is missing: logged."""
     mixed = [
         column
         for column, feature in table.features.items()
@@ -574,6 +602,14 @@ def _exact_json_values(table: datasets.Dataset, sources: list[str], split: str) 
         exact[column] = [
             _NOT_A_NUMBER if value is None and text is not None else value for text, value in zip(stored, decoded)
         ]
+        if any(text is None for text in stored):
+            logger.warning(
+                "%s: column `%s` mixes numbers and strings and its json text is not at hand to read again: its "
+                "nulls are read as missing labels, and a JSON NaN, which `datasets` stores as null, cannot be told "
+                "from them. Read the json files themselves (online, or a local copy) to list NaN labels.",
+                data,
+                column,
+            )
     return exact
 
 

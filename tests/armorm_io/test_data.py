@@ -2,9 +2,17 @@
 
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -592,32 +600,139 @@ def test_nan_labels_in_a_data_folder_are_listed_with_their_rows(tmp_path):
     assert sorted(entry["index"] for entry in ratings.skipped) == [1, 2, 4, 5]
 
 
-def test_nan_labels_of_a_hub_dataset_are_listed_with_their_rows(tmp_path, monkeypatch):
-    """Where the json text is not at hand (a Hub dataset, parquet) a null is missing; a NaN float, the string "NaN"
-    or a csv cell "NaN" is listed with its row."""
-    hub = {"org/csv": tmp_path / "csv", "org/parquet": tmp_path / "parquet", "org/json": tmp_path / "json"}
-    for folder in hub.values():
-        folder.mkdir()
-    quoted = json.dumps(RATING_ROWS[0][0]).replace('"', '""')
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def serve_hub(repos: dict[str, dict[str, bytes]]) -> ThreadingHTTPServer:
+    """A Hugging Face Hub on 127.0.0.1 holding `repos` (dataset id -> {path in the repo: content}) at one commit:
+    what `datasets` asks to resolve a dataset id, list its data files and download them."""
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send(self, status: int, body: bytes, headers: dict) -> None:
+            self.send_response(status)
+            for key, value in {**headers, "X-Repo-Commit": HUB_COMMIT, "Content-Length": len(body)}.items():
+                self.send_header(key, str(value))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self):
+            path = unquote(urlsplit(self.path).path)
+            if match := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
+                content = repos.get(match[1], {}).get(match[2])
+                if content is not None:
+                    return self.send(200, content, {"ETag": f'"{hashlib.sha256(content).hexdigest()}"'})
+            elif match := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/.+)?", path):
+                info = {"id": match[1], "sha": HUB_COMMIT, "siblings": [{"rfilename": f} for f in repos[match[1]]]}
+                return self.send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            elif match := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/[^/]+/?(.*)", path):
+                folder = match[2].strip("/")
+                listing = {}  # the folder's own files and subfolders: `datasets` lists folder by folder
+                for name, content in repos[match[1]].items():
+                    if folder and not name.startswith(folder + "/"):
+                        continue
+                    child = name[len(folder) :].lstrip("/").split("/")[0]
+                    child = f"{folder}/{child}" if folder else child
+                    oid = hashlib.sha1(content).hexdigest()
+                    listing[child] = (
+                        {"type": "file", "path": name, "size": len(content), "oid": oid}
+                        if child == name
+                        else {"type": "directory", "path": child, "oid": "0" * 40}
+                    )
+                body = json.dumps(list(listing.values())).encode()
+                return self.send(200, body, {"Content-Type": "application/json"})
+            self.send(404, b"{}", {"X-Error-Code": "EntryNotFound"})
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# Reads every (dataset id, split) of argv[1] through the Hub at $HF_ENDPOINT; prints what `load_ratings` read.
+READ_FROM_THE_HUB = """
+import json, sys
+import datasets
+from armorm_io.data import load_ratings
+
+datasets.config.USE_PARQUET_EXPORT = False  # the Hub's parquet export is another server
+read = {}
+for data, split in json.loads(sys.argv[1]):
+    ratings = load_ratings(data, split, objectives=["score"])
+    read[f"{data} {split}"] = [ratings.index, ratings.labels.ravel().tolist(), [e["index"] for e in ratings.skipped]]
+print(json.dumps(read))
+"""
+
+
+def test_nan_labels_of_a_hub_dataset_are_listed_with_their_rows(tmp_path):
+    """A Hub dataset id goes through `datasets` (id -> builder -> data files -> downloads) to a Hub on 127.0.0.1; its
+    json files are read again from the copies `datasets` downloaded, so that a JSON NaN is listed with its row as
+    in a local file, across several files and split slices. Csv and parquet cells are judged as local ones."""
+    messages = json.dumps(RATING_ROWS[0][0])
+    quoted = messages.replace('"', '""')
     cells = ["0.5", "NaN", "", "NA", "1.0"]
-    (hub["org/csv"] / "train.csv").write_text("messages,score\n" + "".join(f'"{quoted}",{c}\n' for c in cells))
     labels = [0.5, math.nan, None, math.inf, 1.0]
-    write_rows([{"messages": RATING_ROWS[0][0], "score": v} for v in labels], hub["org/parquet"] / "train.parquet")
-    (hub["org/json"] / "train.jsonl").write_text(_mixed_label_rows(json.dumps(RATING_ROWS[0][0])))
-    for function in ("load_dataset", "load_dataset_builder"):  # the Hub id resolves to a local copy
-        real = getattr(data_module.datasets, function)
-        monkeypatch.setattr(
-            data_module.datasets, function, lambda path, *a, real=real, **k: real(str(hub.get(path, path)), *a, **k)
+    parquet = write_rows([{"messages": RATING_ROWS[0][0], "score": v} for v in labels], tmp_path / "train.parquet")
+    second = MIXED_LABELS[::-1]  # the second file in another order: a row read against the wrong file shows
+    server = serve_hub(
+        {
+            "org/csv": {"train.csv": ("messages,score\n" + "".join(f'"{quoted}",{c}\n' for c in cells)).encode()},
+            "org/parquet": {"train.parquet": Path(parquet).read_bytes()},
+            "org/json": {
+                "data/train-0.jsonl": _mixed_label_rows(messages).encode(),
+                "data/train-1.jsonl": "".join(f'{{"messages": {messages}, "score": {v}}}\n' for v in second).encode(),
+            },
+        }
+    )
+    assert data_fingerprint("org/json").sha256 is None  # a dataset id, not local data
+    reads = [["org/csv", "train"], ["org/parquet", "train"]]
+    reads += [["org/json", split] for split in ("train", "train[2:5]", "train[7:12]")]
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_DATASETS_CACHE": str(home / "datasets"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", READ_FROM_THE_HUB, json.dumps(reads)], env=env, capture_output=True, text=True
         )
-    ratings = load_ratings("org/csv")
-    assert ratings.index == [0, 2, 4] and sorted(entry["index"] for entry in ratings.skipped) == [1, 3]
-    ratings = load_ratings("org/parquet")
-    assert ratings.index == [0, 2, 4] and sorted(entry["index"] for entry in ratings.skipped) == [1, 3]
-    assert data_fingerprint("org/json").sha256 is None
-    ratings = load_ratings("org/json", objectives=["score"])
-    # JSON NaN (row 3) is stored as null by `datasets`: missing, the one loss a Hub dataset's json can have.
-    assert ratings.index == [0, 2, 3, 8]
-    assert sorted(entry["index"] for entry in ratings.skipped) == [1, 4, 5, 6, 7]
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    read = json.loads(result.stdout.splitlines()[-1])
+    # The json files were downloaded to the Hub cache (what the data is read again from), at the commit served.
+    snapshot = home / "hub" / "datasets--org--json" / "snapshots" / HUB_COMMIT / "data"
+    assert sorted(os.listdir(snapshot)) == ["train-0.jsonl", "train-1.jsonl"]
+
+    assert read["org/csv train"][0] == [0, 2, 4] and read["org/csv train"][2] == [1, 3]
+    assert read["org/parquet train"][0] == [0, 2, 4] and read["org/parquet train"][2] == [1, 3]
+    # Row by row: null is a missing label, a finite number a label, anything else (NaN, ±Infinity, strings) listed.
+    values = [json.loads(v) for v in MIXED_LABELS + second]
+    for split, rows in (("train", values), ("train[2:5]", values[2:5]), ("train[7:12]", values[7:12])):
+        kept = [i for i, v in enumerate(rows) if v is None or (type(v) in (int, float) and math.isfinite(v))]
+        index, read_labels, skipped = read[f"org/json {split}"]
+        assert index == kept, split
+        assert skipped == [i for i in range(len(rows)) if i not in kept], split
+        np.testing.assert_array_equal(read_labels, [math.nan if rows[i] is None else rows[i] for i in kept])
+
+    # Offline, `datasets` gives its cached rows, not the files: a JSON NaN is then read as missing, and said so.
+    offline = subprocess.run(
+        [sys.executable, "-c", READ_FROM_THE_HUB, json.dumps([["org/json", "train"]])],
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert 3 in json.loads(offline.stdout.splitlines()[-1])["org/json train"][0]
+    assert "column `score` mixes numbers and strings" in offline.stderr and "JSON NaN" in offline.stderr
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
