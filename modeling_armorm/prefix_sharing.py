@@ -12,6 +12,7 @@ answer's tokens follow its prefix's padded width, with the prefix's padding mask
 its real length.
 """
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -50,9 +51,14 @@ def supports_prefix_sharing(model) -> bool:
 
 
 def _cache_argument(backbone) -> str | None:
-    # transformers renamed the backbone's `past_key_values` to `cache` (5.2x); both names are in use.
     # The class's own forward: a hook or wrapper on the instance (a profiler, accelerate) may hide the signature.
-    parameters = inspect.signature(type(backbone).forward).parameters
+    return _forward_cache_argument(type(backbone))
+
+
+@functools.cache
+def _forward_cache_argument(backbone_class: type) -> str | None:
+    # transformers renamed the backbone's `past_key_values` to `cache` (5.2x); both names are in use.
+    parameters = inspect.signature(backbone_class.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 

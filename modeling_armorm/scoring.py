@@ -20,8 +20,10 @@ Every caller that renders conversations itself goes through here: `armorm extrac
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +34,7 @@ from .heads import answer_lengths, position_ids_from_mask
 from .modeling_armorm import NonFiniteScoreError
 from .prefix_sharing import prefix_batches, run_prefix_batch, supports_prefix_sharing
 from .settings import DEFAULT_BATCH_SIZE
+from .token_cut import Cut, TokenCuts
 
 
 __all__ = [
@@ -66,6 +69,9 @@ OUTPUT_FIELDS = ("score", "rewards", "gating_output", "coefficients")
 # or the template's as text. Every call of the encoders holds its tokenizer's lock.
 _TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+# Prompts a `ChatEncoder` keeps rendered and tokenized, the most recently used: a GRPO group's answers follow each other
+# (as do a pair's two sides), so one prompt serves them all.
+PROMPT_CACHE_SIZE = 64
 
 
 def tokenizer_lock(tokenizer) -> threading.Lock:
@@ -151,8 +157,21 @@ class EncodedConversation:
         return answer_lengths(len(self.input_ids) - 1, self.gating_position)
 
 
+class _Prompt(NamedTuple):
+    """A prompt rendered with the generation prompt, and its tokens."""
+
+    text: str
+    ids: list[int]
+    structured: bool  # its contents tokenized as text, apart from its markup
+    cut: Cut | None  # where every conversation that continues it can be cut (`token_cut`)
+
+
 class ChatEncoder:
     """Encode conversations for ArmoRM with `tokenizer`'s chat template (see the module docstring).
+
+    The last `PROMPT_CACHE_SIZE` prompts are kept rendered and tokenized: answers to one prompt render it and tokenize
+    it once, and each answer tokenizes only the text from the prompt's last added token on (`token_cut`), which gives
+    exactly the tokens of the whole conversation.
 
     Args:
         tokenizer: the reward model's tokenizer, with the chat template it was trained with.
@@ -167,6 +186,15 @@ class ChatEncoder:
         added = getattr(tokenizer, "added_tokens_decoder", {}).values()
         # The texts the tokenizer reads as special tokens (what `split_special_tokens=True` keeps as text).
         self._special_texts = ({t.content for t in added if t.special} | set(tokenizer.all_special_tokens)) - {""}
+        # By their first two characters: a text holds a special text only where it holds its start.
+        self._special_starts: dict[str, list[str]] = {}
+        for special in self._special_texts:
+            self._special_starts.setdefault(special[:2], []).append(special)
+        # A special token matched on the normalized text could hide in a text that holds none of them as written.
+        self._plain_by_text = not any(t.normalized for t in added if t.special)
+        self._cuts = TokenCuts(tokenizer)
+        self._prompts: OrderedDict[tuple, _Prompt] = OrderedDict()
+        self._prompts_lock = threading.Lock()
 
     def _ids(self, text: str, plain: bool = False) -> list[int]:
         # The rendered template already holds its special tokens (BOS included): add none.
@@ -178,7 +206,46 @@ class ChatEncoder:
 
     def _is_plain(self, text: str) -> bool:
         # No special token's text in it: it tokenizes the same with and without special tokens recognised.
-        return not any(special in text for special in self._special_texts)
+        return not any(
+            start in text and any(special in text for special in specials)
+            for start, specials in self._special_starts.items()
+        )
+
+    def _prompt(self, key: tuple, make: Callable[[], _Prompt]) -> _Prompt:
+        """The prompt of `key`, from the cache or made by `make` (a prompt that fails is not kept)."""
+        with self._prompts_lock:
+            prompt = self._prompts.get(key)
+            if prompt is not None:
+                self._prompts.move_to_end(key)
+                return prompt
+        prompt = make()
+        with self._prompts_lock:
+            self._prompts[key] = prompt
+            if len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        return prompt
+
+    def _tokenized_prompt(self, text: str) -> _Prompt:
+        """A rendered prompt whose markup is all chat structure: its tokens, and where its continuations can be cut."""
+        if not self._cuts.enabled:
+            return _Prompt(text, self._ids(text), False, None)
+        with self._lock:
+            encoding = self.tokenizer(
+                text, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True
+            )
+        ids = list(encoding["input_ids"])
+        cut = self._cuts.find(text, ids, encoding["offset_mapping"])
+        if cut is not None and self._ids(text[cut.start :]) != ids[cut.token :]:
+            cut = None
+        return _Prompt(text, ids, False, cut)
+
+    def _message_prompt(self, messages: list[Message], where: str) -> _Prompt:
+        text = self._render(messages, generation_prompt=True)
+        if all(self._is_plain(message["content"]) for message in messages):
+            return self._tokenized_prompt(text)
+        # Markup in an earlier turn stays text: the template's own text holds the only special tokens of the prompt.
+        ids = [i for piece, content in self._segments(messages, text, where) for i in self._ids(piece, content)]
+        return _Prompt(text, ids, True, None)
 
     def _segments(self, messages: list[Message], rendered: str, where: str) -> list[tuple[str, bool]]:
         """`rendered` (the prompt rendered with the generation prompt) cut into the template's own text (False) and
@@ -223,22 +290,17 @@ class ChatEncoder:
     def encode(self, messages, where: str = "the conversation") -> EncodedConversation:
         """Tokens and gating position of one conversation; a `ValueError` names `where` and the problem."""
         messages = validate_messages(messages, where)
-        prompt_text = self._render(messages[:-1], generation_prompt=True)
+        key = ("messages", *((message["role"], message["content"]) for message in messages[:-1]))
+        prompt = self._prompt(key, lambda: self._message_prompt(messages[:-1], where))
         full_text = self._render(messages, generation_prompt=False)
-        if not full_text.startswith(prompt_text) or not full_text.endswith(self.end_of_turn):
+        if not full_text.startswith(prompt.text) or not full_text.endswith(self.end_of_turn):
             raise ValueError(
                 f"{where}: the chat template does not render it as the prompt (with the generation prompt) followed by "
                 "the answer and the end-of-turn text, so the gating position cannot be read from the rendering. "
                 "Use the reward model's own tokenizer, or pass token ids with `gating_positions=`."
             )
-        answer_text = full_text[len(prompt_text) : len(full_text) - len(self.end_of_turn)]
-        if all(self._is_plain(message["content"]) for message in messages[:-1]):
-            return self._encode_parts(prompt_text, answer_text, where)
-        # Markup in an earlier turn stays text: the template's own text holds the only special tokens of the prompt.
-        prompt_ids = [
-            i for text, content in self._segments(messages[:-1], prompt_text, where) for i in self._ids(text, content)
-        ]
-        return self._encode_parts(prompt_text, answer_text, where, prompt_ids)
+        answer_text = full_text[len(prompt.text) : len(full_text) - len(self.end_of_turn)]
+        return self._encode_parts(prompt, answer_text, where)
 
     def encode_rendered(self, prompt_text: str, answer: str, where: str = "the conversation") -> EncodedConversation:
         """A prompt already rendered with the template (generation prompt included) and a plain-text answer.
@@ -248,14 +310,18 @@ class ChatEncoder:
         earlier turns."""
         check_encodable(prompt_text, f"{where}: the prompt")
         check_encodable(answer, f"{where}: the answer")
-        return self._encode_parts(prompt_text, answer, where)
+        prompt = self._prompt(("rendered", prompt_text), lambda: self._tokenized_prompt(prompt_text))
+        return self._encode_parts(prompt, answer, where)
 
-    def _encode_parts(
-        self, prompt_text: str, answer_text: str, where: str, prompt_ids: list[int] | None = None
-    ) -> EncodedConversation:
-        structured = prompt_ids is not None  # the prompt's contents tokenized as text, apart from its markup
-        if prompt_ids is None:
-            prompt_ids = self._ids(prompt_text)
+    def _whole_ids(self, prompt: _Prompt, answer_text: str) -> list[int]:
+        """The tokens of the whole conversation's text (`token_cut`: the prompt's, then those from its cut on)."""
+        if prompt.cut is None:
+            return self._ids(prompt.text + answer_text + self.end_of_turn)
+        start, token = prompt.cut
+        return prompt.ids[:token] + self._ids(prompt.text[start:] + answer_text + self.end_of_turn)
+
+    def _encode_parts(self, prompt: _Prompt, answer_text: str, where: str) -> EncodedConversation:
+        prompt_ids = prompt.ids
         n = len(self.pattern.token_ids)
         if prompt_ids[-n:] != list(self.pattern.token_ids):
             raise ValueError(
@@ -264,12 +330,14 @@ class ChatEncoder:
                 "and the reward model's chat template."
             )
         gating_position = len(prompt_ids) - n + self.pattern.offset
-        answer_ids = self._ids(answer_text, plain=True)
-        if not structured and answer_ids == self._ids(answer_text):
+        # No special token's text in the answer: it has the same tokens read either way, no need to compare them.
+        plain = self._plain_by_text and self._is_plain(answer_text)
+        answer_ids = None if plain and not prompt.structured else self._ids(answer_text, plain=True)
+        if not prompt.structured and (plain or answer_ids == self._ids(answer_text)):
             # No markup in the answer: the tokens `apply_chat_template` gives for the whole conversation.
-            input_ids = self._ids(prompt_text + answer_text + self.end_of_turn)
+            input_ids = self._whole_ids(prompt, answer_text)
             if input_ids[: gating_position + 1] != prompt_ids[: gating_position + 1]:
-                input_ids = prompt_ids + answer_ids + self._ids(self.end_of_turn)
+                input_ids = prompt_ids + self._ids(answer_text, plain=True) + self._ids(self.end_of_turn)
         else:
             # Markup in the answer stays plain text: it cannot close the turn or open a new one.
             input_ids = prompt_ids + answer_ids + self._ids(self.end_of_turn)
@@ -312,8 +380,9 @@ def run_in_batches(
     progress: Progress | None = None,
     max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`forward(batch)` over length-sorted, right-padded batches of `encoded` (`length_sorted_batches`); returns each output (n, ...) on the CPU
-    in the order of `encoded`. `forward` gets the `collate` dict on `device` and returns per-row tensors."""
+    """`forward(batch)` over length-sorted, right-padded batches of `encoded` (`length_sorted_batches`); returns each
+    output (n, ...) on the CPU in the order of `encoded`. `forward` gets the `collate` dict on `device` and returns
+    per-row tensors."""
     outputs: dict[str, torch.Tensor] = {}
     for batch in length_sorted_batches([len(row) for row in encoded], batch_size, max_tokens):
         inputs = {key: value.to(device) for key, value in collate([encoded[i] for i in batch], pad_id).items()}
@@ -410,7 +479,8 @@ def score_encoded(
                 outputs[key][alone] = value
     finally:
         model.train(was_training)
-    # Again on the outputs, for a model that does not check (remote code saved by an earlier version).
+    # Again on the outputs: the shared-prefix path composes the heads itself (`head_outputs`, no check of its own),
+    # and remote code saved by an earlier version may not check either.
     finite = torch.stack([torch.isfinite(value).reshape(len(encoded), -1).all(-1) for value in outputs.values()])
     if not finite.all():
         raise _non_finite_error((~finite.all(0)).nonzero().flatten().tolist())
