@@ -5,9 +5,10 @@ home of every knob) and `main(*configs)`, the importable function that does the 
 The flags are generated from the dataclasses by transformers' `HfArgumentParser`: a field `max_length` is the flag
 `--max-length` (or `--max_length`), and a boolean field `truncate_prompt` the flag `--truncate-prompt`.
 
-The commands come from four packages, and this module stands above all of them (nothing imports it):
-`conversion` builds and publishes checkpoints, `evaluation` scores them on preference data, `serving` serves them,
-and `armorm_cli.score` / `armorm_cli.explain` are the command-line face of the `reward-scoring` pipeline.
+The commands come from five packages, and this module stands above all of them (nothing imports it):
+`conversion` builds and publishes checkpoints, `evaluation` scores them on preference data, `annotation` scores data
+sets with them (`armorm annotate`), `serving` serves them, and `armorm_cli.score` / `armorm_cli.explain` are the
+command-line face of the `reward-scoring` pipeline.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from annotation import annotate
 from armorm_cli import explain, score
 from conversion import assemble, build, convert_rlhflow, decorrelate, extract, fit, gate, push
 from evaluation import evaluate, rewardbench_score
@@ -26,6 +28,7 @@ from serving import serve
 __all__ = ["COMMANDS", "build_parser", "console_main", "main"]
 
 COMMANDS = {
+    "annotate": annotate,
     "assemble": assemble,
     "build": build,
     "convert-rlhflow": convert_rlhflow,

@@ -79,6 +79,11 @@ def main(config: ScoreConfig | None = None, settings: ExplainSettings | None = N
         settings = settings or ExplainSettings(**{k: v for k, v in kwargs.items() if k in own})
         config = ScoreConfig(**{k: v for k, v in kwargs.items() if k not in own})
     settings = settings or ExplainSettings()
+    if config.normalize:
+        raise ValueError(
+            "`armorm explain` is on the raw scale (the contributions sum to the raw score s), so it takes no "
+            "`--normalize`; `armorm score --normalize` prints the normalized score."
+        )
     conversations = read_conversations(config.input)
     explanations = load_pipeline(config).explain(conversations, top_k=settings.top_k)
     if config.json:

@@ -10,7 +10,8 @@ even over several lines, is one conversation. Scoring goes through the `reward-s
 (`modeling_armorm.ArmoRMPipeline`): the gating position from the rendering, length-sorted batches, results in input
 order. A conversation longer than `--max-length` tokens (or the backbone's limit) is refused with an error naming it,
 or with `--truncate-prompt` loses its earliest prompt turns until it fits (as `armorm extract` does). `--json` prints one object per conversation and line: `{"score", "rewards": {objective: r_i}, "gating":
-{objective: g_i}}`.
+{objective: g_i}}`. `--normalize` prints each score as (s − mean) / std of the checkpoint's reference answers
+(`config.score_statistics`); the rewards stay raw.
 """
 
 import json
@@ -29,6 +30,7 @@ from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
     Location,
+    ScaleSettings,
     normalize_locations,
     resolve_device,
     torch_dtype,
@@ -48,9 +50,9 @@ __all__ = [
 
 
 @dataclass(kw_only=True)
-class ScoreSettings(LengthSettings, BatchSettings, DeviceSettings, DtypeSettings):
-    """How `armorm score` and `armorm explain` print, with the shared length policy, batch size, device and dtype
-    the model runs with."""
+class ScoreSettings(ScaleSettings, LengthSettings, BatchSettings, DeviceSettings, DtypeSettings):
+    """How `armorm score` and `armorm explain` print, with the shared score scale, length policy, batch size, device
+    and dtype the model runs with."""
 
     json: bool = field(default=False, metadata={"help": "Print JSON, one object per conversation and line."})
 
@@ -142,6 +144,7 @@ def load_pipeline(config: ScoreSettings) -> ArmoRMPipeline:
         max_batch_tokens=config.max_batch_tokens,
         max_length=config.max_length,
         truncate_prompt=config.truncate_prompt,
+        normalize=config.normalize,
     )
 
 

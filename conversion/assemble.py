@@ -12,6 +12,12 @@ anything is saved. The stage reports beside the head files (`fit.json`, `decorre
 features folder's `extract.json`) give the card its metrics and the whole build's commands; a report is used only
 when the content hash it records for its output is the head file's. The checkpoint loads with
 `import modeling_armorm` and with `trust_remote_code=True`.
+
+The config and the card record the score's scale (`ArmoRMConfig.score_statistics`): the distribution of the
+assembled heads' scores on the build's reference pairs, both answers of every pair the gate was trained and validated
+on (the features folders `gate.json` names, when they are still the ones it read), computed from the stored features
+with no backbone forward. Without them (a gating file without its report, features moved or changed) a warning says
+so and nothing is recorded.
 """
 
 import hashlib
@@ -27,6 +33,7 @@ from transformers import PreTrainedModel
 
 from armorm_io.artifacts import head_fingerprint, load_gating, load_regression, load_transform
 from armorm_io.backbone import backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
+from armorm_io.features import folder_fingerprint, load_pair_features
 from armorm_io.files import Fingerprint, file_sha256, make_readable
 from armorm_io.reports import (
     command_line,
@@ -44,8 +51,17 @@ from evaluation.rewardbench_score import read_accuracies
 from modeling_armorm import (
     ArmoRMConfig,
     ArmoRMForRewardModeling,
+    ArmoRMGatingNetwork,
     gating_pattern_from_tokenizer,
     turn_header_patterns_from_tokenizer,
+)
+from modeling_armorm.heads import (
+    CHUNK_ROWS,
+    chunked_rewards,
+    score_statistics,
+    scores,
+    set_length_objective,
+    transform,
 )
 from modeling_armorm.scoring import pad_token_id
 from modeling_armorm.settings import DtypeSettings, Location, normalize_locations, torch_dtype
@@ -63,6 +79,9 @@ __all__ = [
     "load_eval_results",
     "main",
     "read_heads",
+    "read_score_statistics",
+    "reference_features",
+    "reference_scores",
     "update_card",
     "write_card",
 ]
@@ -213,9 +232,76 @@ def read_heads(regression: str, transform: str, gating: str) -> Heads:
 # ---------------------------------------------------------------- build
 
 
-def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | None = None) -> ArmoRMConfig:
+def reference_features(heads: Heads) -> list[Path] | None:
+    """The pairs features folders the gate was trained and validated on, as its report `gate.json` names them; None
+    (with a warning saying why) when there is no report or a folder is gone or holds other features now."""
+    if "gate" not in heads.reports:
+        logger.warning(
+            "The gating file has no `gate.json` of its own beside it, so its reference pairs are unknown: the score "
+            "statistics (`config.score_statistics`, for `normalize=True`) are not recorded."
+        )
+        return None
+    folder, report = heads.reports["gate"]
+    entries = report["inputs"].get("features") or []
+    folders = [(folder / entry["path"]).resolve() for entry in entries]
+    for path, entry in zip(folders, entries):
+        if not path.is_dir() or folder_fingerprint(path).sha256 != entry["sha256"]:
+            logger.warning(
+                "%s, a features folder of `gate.json`, is gone or holds other features now: the score statistics "
+                "(`config.score_statistics`, for `normalize=True`) are not recorded. Assemble where the gate's "
+                "features are to record them.",
+                path,
+            )
+            return None
+    return folders or None
+
+
+@torch.no_grad()
+def reference_scores(heads: Heads, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """s = g(h_x) · (r T) of both answers of every pair of `features` (`embeddings` (N, 2, d), `prompt_embeddings`
+    (N, d), `answer_lengths` (N, 2) with a length objective), with the heads as the checkpoint holds them: the
+    model's math on stored features, CHUNK_ROWS pairs at a time. → (N, 2)"""
+    k, d = heads.weight.shape
+    gating = ArmoRMGatingNetwork(
+        d, k, heads.gating_hidden_dim, heads.gating_n_hidden, heads.gating_temperature, heads.gated_objectives
+    )
+    gating.load_state_dict(heads.gating_state, strict=True)
+    gating.eval()
+    chunks = []
+    for start in range(0, len(features["embeddings"]), CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        r = chunked_rewards(features["embeddings"][rows], heads.weight)  # (n, 2, k), the length row of W is zero
+        if heads.length_objective is not None:
+            r = set_length_objective(r, features["answer_lengths"][rows], heads.length_objective)
+        g = gating(features["prompt_embeddings"][rows].float())  # (n, k): both answers share the prompt
+        chunks.append(scores(g[:, None], transform(r, heads.matrix)))  # (n, 2)
+    return torch.cat(chunks)
+
+
+def read_score_statistics(heads: Heads) -> dict[str, float] | None:
+    """`score_statistics` of the heads' scores on the gate's reference pairs (`reference_features`), both
+    answers of each; None when those pairs are not at hand."""
+    folders = reference_features(heads)
+    if folders is None:
+        return None
+    features, _ = load_pair_features(folders)
+    statistics = score_statistics(reference_scores(heads, features))
+    logger.info(
+        "Scores on the %d reference answers: mean %.4g, std %.4g, 1-99 %% from %.4g to %.4g.",
+        statistics["count"], statistics["mean"], statistics["std"], statistics["p1"], statistics["p99"],
+    )  # fmt: skip
+    return statistics
+
+
+def build_config(
+    backbone_config,
+    heads: Heads,
+    tokenizer,
+    dtype: torch.dtype | None = None,
+    score_statistics: dict[str, float] | None = None,
+) -> ArmoRMConfig:
     """`ArmoRMConfig`: the backbone's config nested, the heads' sizes, the tokenizer's gating pattern, turn headers
-    and pad id."""
+    and pad id, and the score's scale (`read_score_statistics`) when given."""
     text_config = backbone_config.to_dict()
     # A GGUF backbone is dequantized: the checkpoint holds plain tensors, so no quantization config goes with it; and
     # the backbone's local path (`_name_or_path`) is not published with the checkpoint.
@@ -247,6 +333,7 @@ def build_config(backbone_config, heads: Heads, tokenizer, dtype: torch.dtype | 
         gating_temperature=heads.gating_temperature,
         **gating_pattern_from_tokenizer(tokenizer).config_kwargs(),
         turn_header_patterns=turn_header_patterns_from_tokenizer(tokenizer),
+        score_statistics=score_statistics,
     )
     config.pad_token_id = pad_token_id(tokenizer)
     return config
@@ -354,6 +441,7 @@ def _card_info(config: AssembleConfig, heads: Heads, model_config: ArmoRMConfig,
         gating_metrics=heads.gating_metrics,
         eval_results=results,
         build=build,
+        score_statistics=model_config.score_statistics,
     )
 
 
@@ -443,12 +531,13 @@ def main(config: AssembleConfig | None = None, /, **kwargs) -> ArmoRMForRewardMo
     heads = read_heads(config.regression, config.transform, config.gating)
     if config.eval_results is not None:
         load_eval_results(config.eval_results)  # a wrong file fails before the slow part
+    statistics = read_score_statistics(heads)  # before the backbone: the features and it need not fit together
     backbone_model = load_backbone(config.backbone, config.dtype)
     tokenizer = load_tokenizer(config.tokenizer or config.backbone)
 
     # build
     dtype = backbone_model.dtype if config.dtype == "auto" else torch_dtype(config.dtype)
-    model_config = build_config(backbone_model.config, heads, tokenizer, dtype=dtype)
+    model_config = build_config(backbone_model.config, heads, tokenizer, dtype=dtype, score_statistics=statistics)
     model = assemble_model(model_config, backbone_model, heads, dtype=dtype)
     del backbone_model
 

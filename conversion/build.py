@@ -254,7 +254,7 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
 
 def _assemble_and_evaluate(config: BuildConfig, work: Path, assemble_config, inputs: dict) -> None:
     """assemble → evaluate the checkpoint on `config.eval` → the card with the results. A rerun reuses each step: the
-    evaluation's model hash leaves out the card (`evaluate.NOT_SCORED`), so writing the results into the card does
+    evaluation's model hash leaves out the card (`checkpoints.NOT_SCORED`), so writing the results into the card does
     not make the evaluation stale, and the report the card step leaves is that of `assemble --eval-results`."""
     if assemble_config.eval_results is not None:
         raise ValueError("`--eval` puts its own results in the card: drop `--assemble-eval-results` (or `--eval`).")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_armorm.heads import SCORE_QUANTILES
+
 
 __all__ = [
     "METRIC_LABELS",
@@ -20,6 +22,7 @@ __all__ = [
     "evaluation_section",
     "objective_table",
     "remote_code_snippet",
+    "score_scale_section",
     "usage_snippet",
 ]
 
@@ -62,6 +65,8 @@ class CardInfo:
     eval_results: dict | None = None
     # every stage of the build in order: {"stage", "command", "settings"}, local paths reduced to file names.
     build: list[dict] = field(default_factory=list)
+    # the scores on the build's reference answers (`ArmoRMConfig.score_statistics`); None: not recorded.
+    score_statistics: dict[str, float] | None = None
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -242,6 +247,38 @@ for i in contributions.abs().argsort(descending=True).tolist():
 '''
 
 
+def score_scale_section(info: CardInfo) -> list[str]:
+    """What a score means: its distribution on the build's reference answers, and how to normalize it."""
+    lines = [
+        f"s is not a probability and not bounded to [0, 1]: it is a gated sum of linear rewards, the gating weights "
+        f"summing to β = {info.logit_scale:.4g}, so its scale is the rewards' times β. The model was trained on "
+        "differences of scores of answers to the same prompt (Bradley-Terry); a score alone is read against the "
+        "scores of other answers.",
+        "",
+    ]
+    statistics = info.score_statistics
+    if statistics is None:
+        return lines + [
+            "No reference distribution was recorded for this checkpoint (`config.score_statistics` is None), so "
+            "`normalize=True` refuses it."
+        ]
+    header = ["mean", "std", *(f"{q} %" for q in SCORE_QUANTILES)]
+    cells = [statistics["mean"], statistics["std"], *(statistics.get(f"p{q}") for q in SCORE_QUANTILES)]
+    return lines + [
+        f"The scores of the {statistics.get('count', '?')} reference answers of this build (both answers of every "
+        "pair the gating network was trained and validated on):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        "| " + " | ".join(_number(value) for value in cells) + " |",
+        "",
+        "A score above the 95 % quantile beats 95 % of those answers. `normalize=True` (the `reward-scoring` "
+        "pipeline, `ArmoRMReward`, `armorm serve --normalize`) returns z = (s − mean) / std: 0 is the reference "
+        "answers' mean, 1 one standard deviation above it. Only the score is normalized; rewards, gating weights "
+        "and explanations stay raw. The numbers are `config.score_statistics`.",
+    ]
+
+
 def build_section(build: list[dict]) -> list[str]:
     """The commands of every stage in the order they ran (local paths as file names), then each one's settings."""
     if not build:
@@ -314,6 +351,7 @@ def _body(info: CardInfo) -> str:
     if info.gating_metrics:
         parts += ["", "| gating metric | value |", "|---|---|"]
         parts += [f"| {name} | {_number(value)} |" for name, value in info.gating_metrics.items()]
+    parts += ["", "## Score scale", "", *score_scale_section(info)]
     if info.eval_results:
         parts += ["", "## Evaluation", "", *evaluation_section(info.eval_results)]
     parts += [

@@ -27,7 +27,6 @@ and `truncated`. Under `torchrun` / `accelerate launch` each rank scores its sha
 makes, and rank 0 writes the file, identical to a one-process run's.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -41,10 +40,10 @@ import torch
 import torch.distributed as dist
 
 from armorm_io.artifacts import load_gating, load_regression, load_transform
-from armorm_io.backbone import backbone_fingerprint, load_tokenizer
+from armorm_io.backbone import load_tokenizer
+from armorm_io.checkpoints import load_model, model_fingerprint
 from armorm_io.data import data_fingerprint, load_pairs, load_table
 from armorm_io.distributed import init_distributed
-from armorm_io.files import Fingerprint, file_sha256
 from armorm_io.reports import write_report
 from evaluation.rewardbench import (
     EXAMPLE_COUNTS,
@@ -77,9 +76,7 @@ from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
     Location,
-    fit_dtype,
     normalize_locations,
-    torch_dtype,
 )
 
 
@@ -103,9 +100,6 @@ __all__ = [
 
 # The subset of rows whose data has no `subset` (or `source`) column.
 DEFAULT_SUBSET = "all"
-# Files of a checkpoint folder that never change a score: the card, which `armorm build --eval` rewrites with these
-# very results, and the assembly report.
-NOT_SCORED = ("README.md", "assemble.json")
 
 
 @dataclass(kw_only=True)
@@ -651,24 +645,6 @@ def evaluate_features(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
-
-
-def model_fingerprint(model: str) -> Fingerprint:
-    """What identifies a checkpoint's scores: the sha256 of every file of a local folder but its card and assembly
-    report (`NOT_SCORED`), or what `backbone_fingerprint` gives for a Hub id."""
-    if not os.path.isdir(model):
-        return backbone_fingerprint(model)
-    files = sorted(
-        p for p in Path(model).rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in NOT_SCORED
-    )
-    listing = [[p.relative_to(model).as_posix(), file_sha256(p)] for p in files]
-    return Fingerprint(model, hashlib.sha256(json.dumps(listing).encode()).hexdigest())
-
-
-def load_model(model: str, dtype: str = "auto", device: torch.device | str = "cpu") -> ArmoRMForRewardModeling:
-    """The checkpoint on `device`, in the dtype `resolve_dtype` picks for `dtype` there."""
-    loaded = ArmoRMForRewardModeling.from_pretrained(model, dtype=torch_dtype(dtype)).eval()
-    return fit_dtype(loaded, dtype, device).to(device)
 
 
 def _headline(results: dict) -> dict:

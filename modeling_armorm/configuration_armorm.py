@@ -65,6 +65,13 @@ class ArmoRMConfig(PreTrainedConfig):
             ids itself, it refuses a row that is not one prompt and one answer: a system, user or tool header after
             the gating position, or a second assistant header after the last prompt turn (an answer that writes the
             template's markup, which would move h_x into itself). None (checkpoints made before): no such check.
+        score_statistics (`dict[str, float]`, *optional*):
+            The distribution of the score s on the build's reference answers (both answers of every pair the gating
+            network was trained and validated on), recorded by `armorm assemble`: `count`, `mean`, `std` and the
+            quantiles `p1`, `p5`, `p50`, `p95`, `p99` (`heads.score_statistics`). s is a gated sum of linear
+            rewards, not a probability: these numbers say what a high score is, and `normalize=True` (the pipeline,
+            `ArmoRMReward`, `armorm serve --normalize`) returns (s − mean) / std (`heads.normalize_scores`). None:
+            not recorded (a converted RLHFlow checkpoint, or one assembled before they were).
 
     `pad_token_id` lives in `text_config` only; the top-level attribute reads and writes it there, so the value
     that RewardBench reads (`config.pad_token_id`) and the one TRL reads (`config.get_text_config().pad_token_id`)
@@ -91,6 +98,7 @@ class ArmoRMConfig(PreTrainedConfig):
     gating_token_offset: int = 0
     gating_token_pattern_text: str | None = None
     turn_header_patterns: dict[str, list[int]] | None = None
+    score_statistics: dict[str, float] | None = None
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:
@@ -161,6 +169,18 @@ class ArmoRMConfig(PreTrainedConfig):
                     f"{list(TURN_ROLES)} within the backbone's vocabulary ({vocab_size}), as "
                     "`turn_header_patterns_from_tokenizer(tokenizer)` derives them."
                 )
+
+        statistics = self.score_statistics
+        if statistics is not None and not (
+            isinstance(statistics, dict)
+            and all(isinstance(statistics.get(key), (int, float)) for key in ("mean", "std"))
+            and abs(statistics["mean"]) < float("inf")
+            and 0 < statistics["std"] < float("inf")
+        ):
+            raise ValueError(
+                f"`score_statistics` ({statistics!r:.200}) must hold a finite `mean` and a finite `std` > 0 (the "
+                "scale `normalize=True` divides by), as `armorm assemble` records them; set it to None otherwise."
+            )
 
     @property
     def pad_token_id(self) -> int | None:

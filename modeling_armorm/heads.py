@@ -8,6 +8,8 @@
     r'   = r T                                           decorrelated rewards       `transform`
     s    = g · r' = g · (r T)                            the score                  `scores`
     c    = g Tᵀ                                          coefficients, s = c · r    `coefficients`
+    z    = (s − mean) / std                              the normalized score       `normalize_scores`
+    (s, r, g, c) from h, h_x and n, composed once                                   `armorm_heads`
 
 (g = β · softmax(MLP(h_x) / temperature) is `ArmoRMGatingNetwork`.) `misplaced_turns` is the rule by which the model
 and the vLLM plugin refuse raw token ids that are not one prompt and one answer. Three callers share these functions:
@@ -33,8 +35,10 @@ __all__ = [
     "CHUNK_ROWS",
     "LENGTH_OBJECTIVE",
     "PROMPT_ROLES",
+    "SCORE_QUANTILES",
     "answer_lengths",
     "append_length_objective",
+    "armorm_heads",
     "chunked_rewards",
     "chunked_transformed_rewards",
     "coefficients",
@@ -43,10 +47,12 @@ __all__ = [
     "last_token_positions",
     "length_reward",
     "misplaced_turns",
+    "normalize_scores",
     "pair_scores",
     "pattern_starts",
     "position_ids_from_mask",
     "rewards",
+    "score_statistics",
     "scores",
     "set_length_objective",
     "transform",
@@ -58,6 +64,8 @@ CHUNK_ROWS = 65536
 PROMPT_ROLES = ("system", "user", "tool")
 # The name of the length objective, the verbosity stand-in of `armorm decorrelate --verbosity length`.
 LENGTH_OBJECTIVE = "answer-length"
+# The quantiles (in %) of the reference scores that `score_statistics` records.
+SCORE_QUANTILES = (1, 5, 50, 95, 99)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,6 +207,25 @@ def coefficients(g: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return g @ matrix.T
 
 
+def armorm_heads(
+    h: torch.Tensor,
+    h_x: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    regression: nn.Module | torch.Tensor,
+    gating: nn.Module,
+    matrix: torch.Tensor,
+    length_objective: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, r, g, c) from h (n, d) at each answer's last token, h_x (n, d) at its gating position and n (n,), the
+    answer's tokens after the gating position: the one composition of the heads that the model's forward, its
+    shared-prefix path and the vLLM plugin all run."""
+    r = rewards(h, regression)  # r = W h, (n, k)
+    if length_objective is not None:
+        r = set_length_objective(r, answer_lengths, length_objective)  # r_len = log(1 + n) in place of W h
+    g = gating(h_x)  # g = β softmax(MLP(h_x)/τ), (n, k)
+    return scores(g, transform(r, matrix)), r, g, coefficients(g, matrix)  # s = g · (r T), c = g Tᵀ
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The heads on stored features, in chunks
 
@@ -235,3 +262,43 @@ def pair_scores(gating: nn.Module, prompt_embeddings: torch.Tensor, transformed:
     """
     g = gating(prompt_embeddings)  # (B, k), softmax over the objectives, β included
     return scores(g[:, None], transformed)  # (B, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The score's scale
+
+
+def score_statistics(scores: torch.Tensor) -> dict[str, float]:
+    """The distribution of scores on reference answers, as `ArmoRMConfig.score_statistics` records it: `count`,
+    `mean`, `std` (the population's, ddof 0) and the quantiles `p1` … `p99` of `SCORE_QUANTILES` (linear
+    interpolation between the sorted scores, numpy's default). scores: any shape, in float64 here.
+
+    `armorm assemble` records them from the build's reference pairs; for a checkpoint without them (an RLHFlow
+    conversion), score a reference set of answers and set `config.score_statistics = score_statistics(scores)`."""
+    s = torch.as_tensor(scores).detach().double().flatten().sort().values.cpu()
+    if not len(s) or not torch.isfinite(s).all():
+        raise ValueError(f"`score_statistics` needs finite scores, got {len(s)} with non-finite or none.")
+    mean = s.mean()
+    statistics = {"count": len(s), "mean": float(mean), "std": float((s - mean).pow(2).mean().sqrt())}
+    for q in SCORE_QUANTILES:
+        # numpy's "linear": position q (n − 1) in the sorted scores, between its two neighbours.
+        position = q / 100 * (len(s) - 1)
+        low = int(position)
+        high = min(low + 1, len(s) - 1)
+        statistics[f"p{q}"] = float(s[low] + (s[high] - s[low]) * (position - low))
+    return statistics
+
+
+def normalize_scores(scores, statistics: dict[str, float] | None):
+    """z = (s − mean) / std: the score in standard deviations from the reference answers' mean (0: their mean, +1:
+    one standard deviation above it), `statistics` being `config.score_statistics`. Only the score is normalized:
+    rewards, gating weights and coefficients stay raw. scores: a tensor of any shape, or a float."""
+    if statistics is None:
+        raise ValueError(
+            "This checkpoint records no score statistics (`config.score_statistics` is None: a converted RLHFlow "
+            "checkpoint, or one assembled before they were recorded), so its scores cannot be normalized. Drop "
+            "`normalize`, or score a reference set of answers (e.g. both answers of a few thousand preference pairs) "
+            "and record their distribution: `config.score_statistics = modeling_armorm.heads.score_statistics(scores)`"
+            ", then `config.save_pretrained(CKPT)`."
+        )
+    return (scores - statistics["mean"]) / statistics["std"]

@@ -22,15 +22,11 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .configuration_armorm import ArmoRMConfig
 from .heads import (
     answer_lengths,
-    coefficients,
+    armorm_heads,
     last_pattern_positions,
     last_token_positions,
     misplaced_turns,
     position_ids_from_mask,
-    rewards,
-    scores,
-    set_length_objective,
-    transform,
 )
 
 
@@ -296,15 +292,16 @@ class ArmoRMForRewardModeling(ArmoRMPreTrainedModel):
         head_dtype = self.regression_layer.weight.dtype
         # The heads run in their own (float32) dtype even under a trainer's bf16 autocast.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            h, h_x = h.to(head_dtype), h_x.to(head_dtype)
             # r = W h ; g = β softmax(MLP(h_x)/τ) ; s = g · (r T) ; c = g Tᵀ  (the math: `heads.py`)
-            r = rewards(h, self.regression_layer)  # (batch, k)
-            if self.config.length_objective is not None:
-                # r_len = log(1 + n), n = the answer's tokens after the gating position, in place of W h.
-                r = set_length_objective(r, n, self.config.length_objective)
-            gating_output = self.gating(h_x)  # (batch, k)
-            T = self.reward_transform_matrix.to(head_dtype)  # (k, k)
-            return scores(gating_output, transform(r, T)), r, gating_output, coefficients(gating_output, T)
+            return armorm_heads(
+                h.to(head_dtype),
+                h_x.to(head_dtype),
+                n,
+                self.regression_layer,
+                self.gating,
+                self.reward_transform_matrix.to(head_dtype),
+                self.config.length_objective,
+            )
 
     @staticmethod
     def _check_finite(score: torch.Tensor, r: torch.Tensor, gating_output: torch.Tensor) -> None:

@@ -16,7 +16,8 @@ with `scoring.score_encoded` (length-sorted, right-padded batches of `batch_size
 than one item at a time, so the batches are sorted by length across every conversation given; `device`, `dtype` and
 `batch_size` are the base class's arguments, `max_batch_tokens` this pipeline's, and so are `max_length` and
 `truncate_prompt` (the length policy of `length_policy.ConversationEncoder`, which `armorm extract` and
-`armorm evaluate` apply too). `dtype="auto"` (transformers' default) is `settings.resolve_dtype`'s: the saved dtype,
+`armorm evaluate` apply too), and `normalize` (the score as (s − mean) / std of the reference answers,
+`heads.normalize_scores`). `dtype="auto"` (transformers' default) is `settings.resolve_dtype`'s: the saved dtype,
 but float32 for a bfloat16 or float16 model on a CPU that only emulates it.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from transformers import Pipeline
 
 from .explanation import Explanation, explanation_from_heads
+from .heads import normalize_scores
 from .length_policy import ConversationEncoder
 from .scoring import (
     ChatEncoder,
@@ -88,6 +90,11 @@ class ArmoRMPipeline(Pipeline):
         truncate_prompt (`bool`, defaults to `False`): instead of refusing a conversation that is too long, drop its
             earliest prompt turns (never the system turn, the last user turn or the answer) until it fits; one that
             does not fit even then still raises the `ValueError`.
+        normalize (`bool`, defaults to `False`): return each score as z = (s − mean) / std, with the mean and
+            standard deviation of the scores of the checkpoint's reference answers (`config.score_statistics`,
+            recorded by `armorm assemble`; a checkpoint without them raises a `ValueError` saying how to record
+            them). Only `score` (and what `compare` and `rank` derive from it) is normalized: rewards and gating
+            weights stay raw, and so does `explain`, whose contributions sum to the raw score.
     """
 
     _load_tokenizer = True
@@ -114,8 +121,13 @@ class ArmoRMPipeline(Pipeline):
         batch_size: int | None = None,
         truncate_prompt: bool | None = None,
         max_batch_tokens: int | None = None,
+        normalize: bool | None = None,
     ):
-        preprocess_params, forward_params = {}, {}
+        preprocess_params, forward_params, postprocess_params = {}, {}, {}
+        if normalize is not None:
+            if normalize:
+                normalize_scores(0.0, self.model.config.score_statistics)  # a checkpoint without them fails here
+            postprocess_params["normalize"] = normalize
         if truncate_prompt is not None:
             preprocess_params["truncate_prompt"] = truncate_prompt
         if max_length is not None:
@@ -130,7 +142,7 @@ class ArmoRMPipeline(Pipeline):
             if max_batch_tokens < 1:
                 raise ValueError(f"`max_batch_tokens` must be >= 1, got {max_batch_tokens}.")
             forward_params["max_batch_tokens"] = max_batch_tokens
-        return preprocess_params, forward_params, {}
+        return preprocess_params, forward_params, postprocess_params
 
     # The three stages of a transformers pipeline, over the one scoring path.
 
@@ -153,17 +165,18 @@ class ArmoRMPipeline(Pipeline):
             max_batch_tokens=max_batch_tokens,
         )
 
-    def postprocess(self, outputs: ScoreOutput) -> list[dict]:
+    def postprocess(self, outputs: ScoreOutput, normalize: bool = False) -> list[dict]:
         names = self.objective_names
+        score = outputs.score
+        if normalize:
+            score = normalize_scores(score, self.model.config.score_statistics)
         return [
             {
                 "score": score,
                 "rewards": dict(zip(names, rewards)),
                 "gating": dict(zip(names, gating)),
             }
-            for score, rewards, gating in zip(
-                outputs.score.tolist(), outputs.rewards.tolist(), outputs.gating_output.tolist()
-            )
+            for score, rewards, gating in zip(score.tolist(), outputs.rewards.tolist(), outputs.gating_output.tolist())
         ]
 
     def _run(
@@ -222,6 +235,7 @@ class ArmoRMPipeline(Pipeline):
         max_length: int | None = None,
         truncate_prompt: bool | None = None,
         max_batch_tokens: int | None = None,
+        normalize: bool | None = None,
     ):
         """`score(conversations)`."""
         return self.score(
@@ -230,6 +244,7 @@ class ArmoRMPipeline(Pipeline):
             max_length=max_length,
             truncate_prompt=truncate_prompt,
             max_batch_tokens=max_batch_tokens,
+            normalize=normalize,
         )
 
     def score(
@@ -240,14 +255,17 @@ class ArmoRMPipeline(Pipeline):
         max_length: int | None = None,
         truncate_prompt: bool | None = None,
         max_batch_tokens: int | None = None,
+        normalize: bool | None = None,
     ):
         """Score one conversation (a message list ending with the assistant's answer) or a list of them.
 
         Returns `{"score": s, "rewards": {objective: r_i}, "gating": {objective: g_i}}` per conversation (a list, in
-        input order, for a list)."""
+        input order, for a list); with `normalize`, s is (s − mean) / std (see the class docstring)."""
         single = is_conversation(conversations)
         rows = [conversations] if single else list(conversations)
-        results = self.postprocess(self._run(rows, batch_size, max_length, truncate_prompt, max_batch_tokens))
+        postprocess_params = {**self._postprocess_params, **self._sanitize_parameters(normalize=normalize)[2]}
+        outputs = self._run(rows, batch_size, max_length, truncate_prompt, max_batch_tokens)
+        results = self.postprocess(outputs, **postprocess_params)
         return results[0] if single else results
 
     def compare(self, prompt, answer_a: str, answer_b: str, **kwargs) -> dict:
@@ -281,6 +299,11 @@ class ArmoRMPipeline(Pipeline):
         rows = [conversations] if single else list(conversations)
         options = ("batch_size", "max_length", "truncate_prompt", "max_batch_tokens")
         options = {name: kwargs.pop(name, None) for name in options}
+        if kwargs.pop("normalize", None):
+            raise ValueError(
+                "`explain` is on the raw scale (its contributions sum to the raw score s), so it takes no `normalize`; "
+                "`score(..., normalize=True)` gives the normalized score."
+            )
         if kwargs:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kwargs)}.")
         out = self._run(rows, **options)

@@ -18,9 +18,11 @@ their folder (`armorm_io.reports`).
 
 import dataclasses
 import functools
+import json
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NewType
 
 import torch
@@ -30,9 +32,11 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_LENGTH",
     "DTYPES",
+    "BackendSettings",
     "BatchSettings",
     "DeviceSettings",
     "DtypeSettings",
@@ -205,6 +209,68 @@ class LengthSettings(SettingsGroup):
         super().__post_init__()
         if self.max_length < 1:
             raise ValueError(f"`max_length` must be at least 1, got {self.max_length}.")
+
+
+@dataclass(kw_only=True)
+class ScaleSettings(SettingsGroup):
+    """The score's scale: raw, or normalized by the reference answers' statistics the checkpoint records."""
+
+    normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Return each score as (s - mean) / std of the checkpoint's reference answers "
+            "(`config.score_statistics`, recorded by `armorm assemble`); rewards and gating weights stay raw."
+        },
+    )
+
+
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass(kw_only=True)
+class BackendSettings(SettingsGroup):
+    """Which engine runs the checkpoint: transformers in this process, or vLLM's engine with this package's plugin."""
+
+    backend: Literal["transformers", "vllm"] = field(
+        default="transformers",
+        metadata={
+            "help": "`transformers` (this process; the answers to one prompt run it once) or `vllm` (vLLM's engine "
+            'with this package\'s plugin: pip install "armorm[vllm]").'
+        },
+    )
+    vllm_engine_args: str = field(
+        default="{}",
+        metadata={
+            "help": 'vLLM backend: vLLM engine arguments as JSON, e.g. `{"tensor_parallel_size": 2, '
+            '"gpu_memory_utilization": 0.5}` (`model` comes from `--model`, `dtype` from `--dtype` unless given here).'
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {self.backend!r}.")
+        self.engine_arguments()
+
+    def engine_arguments(self, model: str | None = None, dtype: str = "auto") -> dict:
+        """`vllm_engine_args` as a dict, with the dtype: `dtype`, where "auto" means as the checkpoint `model` was
+        saved (vLLM's own "auto" would run a float32 checkpoint in half precision), unless the JSON sets one."""
+        try:
+            arguments = json.loads(self.vllm_engine_args)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`vllm_engine_args` is not JSON ({error}): give an object such as '{{}}'.") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"`vllm_engine_args` must be a JSON object, got {self.vllm_engine_args!r}.")
+        taken = sorted({"model", "runner"} & set(arguments))
+        if taken:
+            raise ValueError(f"`vllm_engine_args` sets {taken}, which armorm sets itself (`--model`); drop them.")
+        if model is not None and "dtype" not in arguments:
+            saved = Path(model) / "config.json"
+            if dtype == "auto" and saved.is_file():
+                saved = json.loads(saved.read_text())
+                dtype = saved.get("dtype") or saved.get("torch_dtype") or "auto"
+            arguments["dtype"] = dtype
+        return arguments
 
 
 def normalize_locations(config) -> None:

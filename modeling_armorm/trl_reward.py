@@ -31,6 +31,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
+from .heads import normalize_scores
 from .modeling_armorm import ArmoRMForRewardModeling, NonFiniteScoreError
 from .scoring import (
     ChatEncoder,
@@ -118,6 +119,13 @@ class ArmoRMReward:
             Padded tokens per forward pass (rows × the longest row): a batch holds at most `batch_size` rows and no
             more than fit this budget (a longer conversation runs alone). Default: rows only. With `url`, the
             server's own `--max-batch-tokens` applies.
+        normalize (`bool`, defaults to `False`):
+            Return each score as z = (s − mean) / std, with the mean and standard deviation of the scores of the
+            checkpoint's reference answers (`config.score_statistics`, or the server's `/info`; a checkpoint without
+            them raises a `ValueError` on the first call, saying how to record them). Only the returned score is
+            normalized: the logged rewards and gating weights, and `score`'s outputs, stay as the model gives them.
+            Not with `objectives` (raw rewards). A server started with `--normalize` returns normalized scores
+            already: pass `normalize=True` for it (`False` is refused, rather than mistaking them for raw ones).
 
     Prompts and completions may be conversational (message lists) or plain strings. A plain prompt is always
     rendered with the reward model's chat template as a user turn, followed by the completion as the assistant's
@@ -142,6 +150,7 @@ class ArmoRMReward:
         url: str | None = None,
         timeout: float = 600.0,
         max_batch_tokens: int | None = None,
+        normalize: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
@@ -161,11 +170,18 @@ class ArmoRMReward:
         self.timeout = timeout
         if self.objectives == []:
             raise ValueError("`objectives` is empty; pass None for the gated score, or at least one objective.")
+        if normalize and self.objectives is not None:
+            raise ValueError(
+                "`normalize` applies to the gated score, and `objectives` returns raw rewards: pass one or the other."
+            )
+        self.normalize = normalize
         # TRL names each reward function by its `__name__` (`rewards/<name>/mean`) when it builds the trainer: the
         # objectives as given, so that naming needs no checkpoint.
         self.__name__ = "armorm" + (f"[{'+'.join(map(str, self.objectives))}]" if self.objectives else "")
         self.objective_names_ = None  # the checkpoint's, read on the first call
         self.objective_indices_ = None
+        self.score_statistics_ = None  # `config.score_statistics` (or the server's), read on the first call
+        self.server_normalizes_ = False  # a server started with `--normalize` returns z already
         self._lock = threading.Lock()
         self._model = None
         self._tokenizer = None
@@ -176,9 +192,20 @@ class ArmoRMReward:
         if self.objective_names_ is not None:
             return
         if self.url is not None:
-            names = list(_request_json(self.url + "/info", None, self.timeout)["objective_names"])
+            info = _request_json(self.url + "/info", None, self.timeout)
+            names, statistics = list(info["objective_names"]), info.get("score_statistics")
+            self.server_normalizes_ = bool(info.get("normalize"))
+            if self.server_normalizes_ and not self.normalize:
+                raise ValueError(
+                    f"The reward server at {self.url} normalizes its scores (`armorm serve --normalize`): pass "
+                    "`normalize=True`, or restart it without `--normalize` for raw scores."
+                )
         else:
-            names = objective_names(self._load()[0].config)
+            config = self._load()[0].config
+            names, statistics = objective_names(config), config.score_statistics
+        if self.normalize and not self.server_normalizes_:
+            normalize_scores(0.0, statistics)  # a checkpoint without statistics fails before anything is scored
+        self.score_statistics_ = statistics
         self.objective_indices_ = self._objective_indices(self.objectives, names)
         self.objective_names_ = names  # last: other threads read it as "resolved"
 
@@ -302,7 +329,10 @@ class ArmoRMReward:
                 f"leaves them out of this reward): {'; '.join(list(refused.values())[:3])}"
             )
         if self.objective_indices_ is None:
-            values = out.score.tolist()
+            score = out.score
+            if self.normalize and not self.server_normalizes_:
+                score = normalize_scores(score, self.score_statistics_)
+            values = score.tolist()
         else:
             values = out.rewards[:, self.objective_indices_].sum(-1).tolist()
         # A NaN would reach TRL, which `nansum`s it to 0 without a word (the local path raises in `score_encoded`).
@@ -345,7 +375,7 @@ class ArmoRMReward:
             source = os.fspath(source)
         return (
             f"ArmoRMReward({source!r}, objectives={self.objectives}, batch_size={self.batch_size}, "
-            f"max_batch_tokens={self.max_batch_tokens})"
+            f"max_batch_tokens={self.max_batch_tokens}, normalize={self.normalize})"
         )
 
 

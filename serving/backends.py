@@ -203,7 +203,7 @@ class VllmBackend:
         for skip_prefix_cache in (False, True):
             final = None
             # Cancelling this coroutine (a client that went away) aborts the vLLM request.
-            params = pooling_params(row.gating_position, skip_prefix_cache=skip_prefix_cache)
+            params = pooling_params(row.gating_position, skip_prefix_cache=skip_prefix_cache, full_output=True)
             async for output in self.engine.encode(prompt, params, request_id=f"armorm-{uuid.uuid4().hex}"):
                 final = output
             try:

@@ -13,7 +13,12 @@ Endpoints (JSON in, JSON out; a malformed request gets a 422 that names the row 
   or TRL's `{"prompts": [...], "completions": [...]}` (strings or message lists) → `{"objective_names",
   "scores", "rewards", "gating_output", "coefficients"}` (s, r, g = β softmax(MLP(h_x)/τ), c = g Tᵀ, per row).
   `ArmoRMReward(url=...)` scores through it.
-* `GET /info` (the checkpoint's folder name, backend, objectives, counters) and `GET /health`.
+* `GET /info` (the checkpoint's folder name, backend, objectives, `normalize`, `score_statistics`, counters) and
+  `GET /health`.
+
+With `--normalize`, every score returned (`/score`'s `scores`, `/get_reward`'s `rewards` and `scores`) is
+z = (s − mean) / std of the checkpoint's reference answers (`config.score_statistics`); the per-objective rewards,
+gating weights and coefficients stay raw. A checkpoint without the statistics is refused at startup.
 
 One request cannot stall the others: a body over `--max-body-mb` gets a 413 before it is read whole, one over 1 MiB
 is read once the smaller requests pause (waiting at most 0.1 s); a conversation with more characters than the
@@ -37,12 +42,14 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from modeling_armorm.settings import (
+    BackendSettings,
     DeviceSettings,
     DtypeSettings,
     Location,
+    ScaleSettings,
     fit_dtype,
     normalize_locations,
     resolve_device,
@@ -52,17 +59,12 @@ from modeling_armorm.settings import (
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("transformers", "vllm")
-
 
 @dataclass(kw_only=True)
-class ServeSettings(DeviceSettings, DtypeSettings):
-    """The knobs of `armorm serve`, with the shared device (the transformers backend's) and dtype (both backends')."""
+class ServeSettings(BackendSettings, ScaleSettings, DeviceSettings, DtypeSettings):
+    """The knobs of `armorm serve`, with the shared backend, score scale, device (the transformers backend's) and dtype
+    (both backends')."""
 
-    backend: Literal["transformers", "vllm"] = field(
-        default="transformers",
-        metadata={"help": "`transformers` (this process, dynamic batching) or `vllm` (vLLM's async engine)."},
-    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (`0.0.0.0`: every interface)."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
     max_batch_rows: int = field(
@@ -73,7 +75,8 @@ class ServeSettings(DeviceSettings, DtypeSettings):
         default=None,
         metadata={
             "help": "Transformers backend: padded tokens per forward (rows x the longest row): a forward holds at most "
-            "`max_batch_rows` rows and no more than fit this budget (default: rows only)."
+            "`max_batch_rows` rows and no more than fit this budget (default: 1024 on a CPU, where a forward costs its "
+            "padded tokens, so that short and long answers run apart; rows only on a GPU)."
         },
     )
     max_wait_ms: float = field(
@@ -89,13 +92,6 @@ class ServeSettings(DeviceSettings, DtypeSettings):
             "a few thousand conversations of a few thousand tokens)."
         },
     )
-    vllm_engine_args: str = field(
-        default="{}",
-        metadata={
-            "help": 'vLLM backend: vLLM engine arguments as JSON, e.g. `{"tensor_parallel_size": 2, '
-            '"gpu_memory_utilization": 0.5}` (`dtype` comes from `--dtype`).'
-        },
-    )
 
 
 @dataclass(kw_only=True)
@@ -109,19 +105,6 @@ class ServeConfig(ServeSettings):
     def __post_init__(self):
         super().__post_init__()
         normalize_locations(self)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {self.backend!r}.")
-        try:
-            engine_args = json.loads(self.vllm_engine_args)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`vllm_engine_args` is not JSON ({error}): give an object such as '{{}}'.") from None
-        if not isinstance(engine_args, dict):
-            raise ValueError(f"`vllm_engine_args` must be a JSON object, got {self.vllm_engine_args!r}.")
-        taken = sorted({"model", "runner"} & set(engine_args))
-        if taken:
-            raise ValueError(
-                f"`vllm_engine_args` sets {taken}, which `armorm serve` sets itself (`--model`); drop them."
-            )
         for name in ("max_batch_rows", "max_request_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
@@ -147,10 +130,12 @@ def checkpoint_config(path: str):
     return rlhflow_config(json.loads(config_file.read_text()))
 
 
+# The token budget of a forward on a CPU when `max_batch_tokens` is not given: a CPU forward costs its padded tokens,
+# and GRPO answers to merged prompts (25 to 100 tokens each) padded to the longest of 32 waste a third of them
+# (BENCHMARKS.md, "`armorm serve --backend transformers`").
+CPU_MAX_BATCH_TOKENS = 1024
 # How long a worker thread encodes rows before handing the tokenizer to other requests' rows.
 ENCODE_SLICE_S = 0.02
-# How often a waiting request checks whether its client hung up.
-DISCONNECT_POLL_S = 0.05
 # A body larger than this waits until no smaller request has been in flight for `LARGE_BODY_QUIET_S`, at most
 # `LARGE_BODY_WAIT_S` (see `BodyLimit`).
 LARGE_BODY_BYTES = 2**20
@@ -190,11 +175,15 @@ class RewardService:
     """Requests → conversations encoded by `ChatEncoder` → the backend → JSON-ready lists."""
 
     def __init__(self, config: ServeConfig, tokenizer, armorm_config, backend):
+        from modeling_armorm.heads import normalize_scores
         from modeling_armorm.scoring import ChatEncoder, model_gating_pattern, objective_names
 
         self.config = config
         self.tokenizer = tokenizer
         self.objective_names = objective_names(armorm_config)
+        self.score_statistics = armorm_config.score_statistics
+        if config.normalize:
+            normalize_scores(0.0, self.score_statistics)  # a checkpoint without them fails at startup
         # `model_gating_pattern` checks the checkpoint's pattern against the tokenizer's template; it reads `.config`.
         self.encoder = ChatEncoder(
             tokenizer, model_gating_pattern(types.SimpleNamespace(config=armorm_config), tokenizer)
@@ -315,11 +304,17 @@ class RewardService:
             )
         return {
             "objective_names": self.objective_names,
-            "scores": out.score.tolist(),
+            "scores": self.scale(out.score).tolist(),
             "rewards": out.rewards.tolist(),
             "gating_output": out.gating_output.tolist(),
             "coefficients": out.coefficients.tolist(),
         }
+
+    def scale(self, scores):
+        """The scores as the server returns them: raw, or with `--normalize` z = (s − mean) / std."""
+        from modeling_armorm.heads import normalize_scores
+
+        return normalize_scores(scores, self.score_statistics) if self.config.normalize else scores
 
 
 class BodyLimit:
@@ -436,19 +431,23 @@ def build_app(service: RewardService):
     async def model_fault(request: Request, error: ScoringFault):
         return JSONResponse(status_code=500, content={"error": str(error)})
 
+    async def hang_up(request: Request) -> None:
+        """Returns when the client hangs up: its body was read, so what the server receives next is the disconnect."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def unless_disconnected(request: Request, work):
         """`work`'s answer; when the client hangs up first, `work` is cancelled, and with it the wait for its forward:
-        its rows still queued are dropped (`TransformersBackend`) or aborted (vLLM)."""
-        task = asyncio.ensure_future(work)
+        its rows still queued are dropped (`TransformersBackend`) or aborted (vLLM). Waits on both, polls neither."""
+        task, gone = asyncio.ensure_future(work), asyncio.ensure_future(hang_up(request))
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    return Response(status_code=499)  # nobody reads it
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                return Response(status_code=499)  # nobody reads it
             return task.result()
         finally:
             task.cancel()
+            gone.cancel()
 
     @app.get("/health")
     async def health():
@@ -463,6 +462,8 @@ def build_app(service: RewardService):
             else model,  # the folder's name, never the machine's path
             "backend": service.backend.name,
             "objective_names": service.objective_names,
+            "normalize": service.config.normalize,  # whether `scores` are (s − mean) / std
+            "score_statistics": service.score_statistics,
             "gating_pattern": list(service.encoder.pattern.token_ids),
             "stats": service.backend.stats,
         }
@@ -477,7 +478,9 @@ def build_app(service: RewardService):
             raise ValueError("Send `conversations` (message lists) or `prompts` and `completions`.")
         else:
             rows = service.pair_rows(body.prompts, body.completions)
-        return await unless_disconnected(request, service.score(rows))
+        out = await unless_disconnected(request, service.score(rows))
+        # Lists of floats as they are: a `JSONResponse` skips FastAPI's walk over every number (`jsonable_encoder`).
+        return JSONResponse(out) if isinstance(out, dict) else out
 
     @app.post("/get_reward")
     async def get_reward(body: RewardRequest, request: Request):
@@ -485,13 +488,15 @@ def build_app(service: RewardService):
         if not isinstance(out, dict):
             return out
         per_objective = list(zip(*out["rewards"])) if out["rewards"] else []
-        return {
-            "rewards": out["scores"],
-            "scores": out["scores"],
-            "extra_logs": {
-                f"armorm/{name}": list(values) for name, values in zip(out["objective_names"], per_objective)
-            },
-        }
+        return JSONResponse(
+            {
+                "rewards": out["scores"],
+                "scores": out["scores"],
+                "extra_logs": {
+                    f"armorm/{name}": list(values) for name, values in zip(out["objective_names"], per_objective)
+                },
+            }
+        )
 
     return app
 
@@ -507,15 +512,7 @@ def build_service(config: ServeConfig) -> RewardService:
     if config.backend == "vllm":
         from serving.backends import VllmBackend
 
-        engine_args = json.loads(config.vllm_engine_args)
-        if config.dtype == "auto":
-            # vLLM's own "auto" runs a float32 checkpoint in half precision; here "auto" means as saved, as it does
-            # for the transformers backend.
-            saved = json.loads((Path(config.model) / "config.json").read_text())
-            engine_args.setdefault("dtype", saved.get("dtype") or saved.get("torch_dtype") or "auto")
-        else:
-            engine_args.setdefault("dtype", config.dtype)
-        backend = VllmBackend(config.model, engine_args)
+        backend = VllmBackend(config.model, config.engine_arguments(config.model, config.dtype))
     else:
         from modeling_armorm import ArmoRMForRewardModeling
         from modeling_armorm.scoring import pad_token_id
@@ -529,8 +526,11 @@ def build_service(config: ServeConfig) -> RewardService:
         model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
         device = resolve_device(config.device)
         model = fit_dtype(model, config.dtype, device).to(device).eval()
+        budget = config.max_batch_tokens
+        if budget is None and device.type == "cpu":
+            budget = CPU_MAX_BATCH_TOKENS
         backend = TransformersBackend(
-            model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms, config.max_batch_tokens
+            model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms, budget
         )
     return RewardService(config, tokenizer, armorm_config, backend)
 

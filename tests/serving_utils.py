@@ -16,6 +16,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def save_served_checkpoint(folder, objective_names: list[str]):
+    """A tiny ArmoRM (Llama-3 tokenizer, verbosity objective 2, `sensitive_gating`) saved with its tokenizer in
+    `folder`, as the server tests serve it; returns (model, tokenizer)."""
+    import torch
+
+    from tests.utils import llama3_tokenizer, tiny_armorm, tiny_llama_config
+
+    torch.set_num_threads(1)
+    tokenizer = llama3_tokenizer()
+    model = tiny_armorm(
+        tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer=tokenizer,
+        objective_names=objective_names, verbosity_objective=2,
+    )  # fmt: skip
+    sensitive_gating(model, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 def sensitive_gating(model, seed: int) -> None:
     """Gating weights that make g depend strongly on h_x: the default initialisation (std 0.02, temperature 10) gives
     a nearly uniform g whatever h_x is, and a test on it could not tell a right prompt feature from a wrong one."""

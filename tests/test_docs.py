@@ -65,6 +65,10 @@ RUN_ELSEWHERE = {
         ["tests/serving/test_serve.py::test_armorm_reward_scores_through_the_server"],
         ["ArmoRMReward(url="],
     ),
+    ("docs/verl.md", "from serving.verl_reward import compute_score"): (
+        ["tests/serving/test_verl_reward.py::test_loaded_as_a_pkg_path"],
+        ["compute_score(", "ARMORM_SERVE_URL"],
+    ),
     ("docs/evaluation.md", "evaluate.load("): (
         ["tests/evaluation/test_rewardbench.py::test_evaluate_metric_loaded_by_path"],
         ["evaluate.load(", "subset=", "chosen_score=", "rejected_score="],

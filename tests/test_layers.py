@@ -1,11 +1,11 @@
 """The packages stand in layers, read from the source's own imports (every `import`, at module level or inside a
 function, is an edge: a lazy import is still a dependency).
 
-    armorm_cli                                   the `armorm` dispatcher: imported by nothing
-    conversion                                   builds checkpoints (and runs an evaluation in `armorm build`)
-    evaluation            serving, vllm_armorm   scores checkpoints on data / serves them
-    armorm_io                                    the files every command reads and writes
-    modeling_armorm                              the model and its scoring path: torch and transformers only
+    armorm_cli                                       the `armorm` dispatcher: imported by nothing
+    conversion                                       builds checkpoints (and runs an evaluation in `armorm build`)
+    evaluation, annotation    serving, vllm_armorm   score checkpoints on data, annotate data / serve them
+    armorm_io                                        the files every command reads and writes
+    modeling_armorm                                  the model and its scoring path: torch and transformers only
 
 A package imports only the floors below it and itself; no module imports a private name of another; no two modules
 import each other, directly or through others. `test_the_checker_fails_on_planted_bugs` shows each rule firing.
@@ -25,6 +25,7 @@ PACKAGES = {
     "modeling_armorm": "modeling_armorm",
     "armorm_io": "armorm_io",
     "evaluation": "evaluation",
+    "annotation": "annotation",
     "conversion": "conversion",
     "serving": "serving",
     "vllm_armorm": "serving/vllm_armorm",
@@ -35,10 +36,12 @@ ALLOWED = {
     "modeling_armorm": set(),
     "armorm_io": {"modeling_armorm"},
     "evaluation": {"modeling_armorm", "armorm_io"},
+    # Beside `evaluation`: it scores data sets with a checkpoint, through vLLM too (`--backend vllm`).
+    "annotation": {"modeling_armorm", "armorm_io", "vllm_armorm"},
     "conversion": {"modeling_armorm", "armorm_io", "evaluation"},
     "vllm_armorm": {"modeling_armorm"},
     "serving": {"modeling_armorm", "vllm_armorm"},
-    "armorm_cli": {"modeling_armorm", "armorm_io", "evaluation", "conversion", "serving"},
+    "armorm_cli": {"modeling_armorm", "armorm_io", "evaluation", "annotation", "conversion", "serving"},
 }
 # Code that uses the packages as a user does: it may import any package but the dispatcher.
 CLIENTS = ("examples", "benchmarks", "metrics")

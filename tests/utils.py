@@ -279,3 +279,37 @@ class BackboneForwards(list):
         """The forwards of several rows with more than `max_tokens` padded tokens (rows × columns): none when the
         budget reached the batching (a row longer than the budget runs alone)."""
         return [(rows, columns) for rows, columns in self if rows > 1 and rows * columns > max_tokens]
+
+
+# huggingface_hub fetches its AI-agent registry (for the user agent, once a day, without a token) on some calls:
+# a library lookup, not part of an upload.
+HUB_AGENT_REGISTRY = "/api/agent-harnesses"
+
+
+def hub_upload_handler(requests: list, repo_id: str, repo_type: str = "model"):
+    """An httpx MockTransport handler that answers every request huggingface_hub makes like the Hub answers an upload
+    of small files to `repo_id` (a "model" or "dataset" repository), appending each request to `requests`."""
+    import httpx2
+
+    api = f"/api/{repo_type}s/{repo_id}"
+    page = f"https://huggingface.co/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        requests.append(request)
+        path = request.url.path
+        if path == HUB_AGENT_REGISTRY:
+            return httpx2.Response(404)
+        if path == "/api/repos/create":
+            return httpx2.Response(200, json={"url": page, "name": repo_id})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path == f"{api}/preupload/main":
+            files = json.loads(request.content)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return httpx2.Response(200, json={"files": modes})
+        if path == f"{api}/commit/main":
+            oid = "0123456789abcdef0123456789abcdef01234567"
+            return httpx2.Response(200, json={"commitUrl": f"{page}/commit/{oid}", "commitOid": oid})
+        return httpx2.Response(404, json={"error": f"unexpected request {request.method} {path}"})
+
+    return handler

@@ -3,16 +3,26 @@
 
 Once installed, vLLM serves ArmoRM checkpoints, this package's and the released `RLHFlow/ArmoRM-Llama3-8B-v0.1`, as
 pooling models (`vllm serve CKPT --runner pooling`, `LLM(CKPT, runner="pooling").classify(...)`): each request returns
+the reward [score] (what verl and any single-label client read), or, asked with `pooling_params(full_output=True)`,
 [status, score, rewards, gating weights, coefficients] (see `vllm_armorm.outputs`); `score_tokens(llm, token_ids,
-gating_positions)` reads them for an offline `LLM`.
+gating_positions)` reads the full vector for an offline `LLM`.
 """
 
 from .offline import score_tokens
-from .outputs import GATING_POSITION_KEY, ArmoRMOutput, ArmoRMRequestError, ErrorCode, output_size, pooling_params
+from .outputs import (
+    FULL_OUTPUT_KEY,
+    GATING_POSITION_KEY,
+    ArmoRMOutput,
+    ArmoRMRequestError,
+    ErrorCode,
+    output_size,
+    pooling_params,
+)
 
 
 __all__ = [
     "ARCHITECTURES",
+    "FULL_OUTPUT_KEY",
     "GATING_POSITION_KEY",
     "ArmoRMOutput",
     "ArmoRMRequestError",

@@ -35,7 +35,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
-from modeling_armorm.heads import coefficients, rewards, scores, set_length_objective, transform
+from modeling_armorm.heads import armorm_heads
 from modeling_armorm.rlhflow import rlhflow_config
 
 from .pooler import ArmoRMPooler
@@ -135,15 +135,17 @@ class ArmoRMRewardModel(nn.Module, SupportsPP):
 
     def heads(self, h: torch.Tensor, h_x: torch.Tensor, answer_tokens: torch.Tensor) -> torch.Tensor:
         """[s, r, g, c] for n requests from h (n, d), h_x (n, d) and the tokens after the gating position (n,)."""
-        h, h_x = h.to(self.head_dtype), h_x.to(self.head_dtype)
-        # The math of `ArmoRMForRewardModeling.forward`, from the same functions (`modeling_armorm.heads`).
-        r = rewards(h, self.regression_layer)  # r = W h, (n, k)
-        if self.config.length_objective is not None:
-            r = set_length_objective(r, answer_tokens, self.config.length_objective)  # r_len = log(1 + n), not W h
-        g = self.gating(h_x)  # g = β softmax(MLP(h_x)/τ), (n, k)
-        T = self.reward_transform_matrix  # (k, k)
-        s = scores(g, transform(r, T))  # s = g · (r T), (n,)
-        return torch.cat([s[:, None], r, g, coefficients(g, T)], dim=-1)  # c = g Tᵀ, (n, k)
+        # The math of `ArmoRMForRewardModeling.forward`, the same function (`modeling_armorm.heads`).
+        s, r, g, c = armorm_heads(
+            h.to(self.head_dtype),
+            h_x.to(self.head_dtype),
+            answer_tokens,
+            self.regression_layer,
+            self.gating,
+            self.reward_transform_matrix,
+            self.config.length_objective,
+        )
+        return torch.cat([s[:, None], r, g, c], dim=-1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Strict: vLLM checks that every parameter was loaded, so a checkpoint missing a head tensor fails here.

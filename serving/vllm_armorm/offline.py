@@ -26,7 +26,7 @@ def score_tokens(
     for skip_prefix_cache in (False, True):
         outputs = llm.classify(
             [{"prompt_token_ids": list(token_ids[i])} for i in pending],
-            pooling_params=[pooling_params(positions[i], skip_prefix_cache=skip_prefix_cache) for i in pending],
+            pooling_params=[pooling_params(positions[i], skip_prefix_cache, full_output=True) for i in pending],
             use_tqdm=use_tqdm,
         )
         retry = []

@@ -2,14 +2,25 @@
 """What one ArmoRM request returns through vLLM's pooling API, and how to ask for it.
 
 vLLM's pooling outputs are one float vector per request (`LLM.classify(...)[i].outputs.probs`, the `probs` of the
-OpenAI server's `/classify`, the `data` of `/pooling`). The ArmoRM pooler lays it out as
+OpenAI server's `/classify`, the `data` of `/pooling`). The ArmoRM pooler writes one of two layouts:
 
-    [status, score, r_1 … r_k, g_1 … g_k, c_1 … c_k]            (length 2 + 3k)
+* the reward, for every client (the default): `[score]`, one value, so that a client reading `probs[-1]` (verl's
+  reward loop) and one reading `probs[0]` (a single-label classifier) both read the score s, raw (the pooler applies
+  no activation, whatever `use_activation` says). A request that cannot be scored gets `[NaN]`, never a number: the
+  OpenAI server cannot write NaN in JSON and answers that HTTP request with an error (400) instead, while the other
+  requests it serves are scored; offline, read why with the full layout.
+* the full vector, when the request asks for it with `PoolingParams(extra_kwargs={FULL_OUTPUT_KEY: True})`
+  (`pooling_params(..., full_output=True)`, as `score_tokens` and `armorm serve --backend vllm` do):
 
-status 0 = scored; any other value is an `ErrorCode`, and then every other entry is 0 (never NaN: the JSON stays
-valid and the engine keeps serving the other requests). The status comes first so that a reader who takes element 0
-for the score sees at once that it is not. score s = g · (r T); r = W h, the k raw rewards; g = β softmax(MLP(h_x)/τ),
-the gating weights; c = g Tᵀ, the weight of each raw reward in the score (s = c · r).
+      [status, score, r_1 … r_k, g_1 … g_k, c_1 … c_k]            (length 2 + 3k)
+
+  status 0 = scored; any other value is an `ErrorCode`, and then every other entry is 0. score s = g · (r T); r = W h,
+  the k raw rewards; g = β softmax(MLP(h_x)/τ), the gating weights; c = g Tᵀ, the weight of each raw reward in the
+  score (s = c · r).
+
+vLLM 0.32 gives a pooler the same `PoolingParams` for `/classify` and `/pooling` (the task of both is the server's one
+pooling task, "classify", and neither request carries `extra_kwargs`), so over HTTP both return the reward; the full
+vector is for clients that build their own `PoolingParams` (`LLM.classify`, `LLM.encode`, `AsyncLLM.encode`).
 """
 
 from dataclasses import dataclass
@@ -21,12 +32,15 @@ __all__ = [
     "ArmoRMOutput",
     "ArmoRMRequestError",
     "ErrorCode",
+    "FULL_OUTPUT_KEY",
     "output_size",
     "pooling_params",
 ]
 
 # `PoolingParams.extra_kwargs` key of the position where h_x is read, when the client knows it from the rendering.
 GATING_POSITION_KEY = "armorm_gating_position"
+# `PoolingParams.extra_kwargs` key that asks for the full vector [status, s, r, g, c] instead of the reward [s] alone.
+FULL_OUTPUT_KEY = "armorm_full_output"
 
 
 class ErrorCode(IntEnum):
@@ -97,12 +111,17 @@ class ArmoRMOutput:
         return cls(values[1], values[2 : 2 + k], values[2 + k : 2 + 2 * k], values[2 + 2 * k :])
 
 
-def pooling_params(gating_position: int | None = None, skip_prefix_cache: bool = False):
+def pooling_params(gating_position: int | None = None, skip_prefix_cache: bool = False, full_output: bool = False):
     """`PoolingParams` of an ArmoRM request: the `classify` task, the gating position when the client knows it (from
-    the rendering, as `modeling_armorm.scoring.ChatEncoder` gives it), and whether to bypass the prefix cache."""
+    the rendering, as `modeling_armorm.scoring.ChatEncoder` gives it), whether to bypass the prefix cache, and whether
+    to return the full vector [status, s, r, g, c] (`ArmoRMOutput.from_vector` reads it) instead of [s]."""
     from vllm import PoolingParams
 
-    extra = None if gating_position is None else {GATING_POSITION_KEY: int(gating_position)}
+    extra = {}
+    if gating_position is not None:
+        extra[GATING_POSITION_KEY] = int(gating_position)
+    if full_output:
+        extra[FULL_OUTPUT_KEY] = True
     return PoolingParams(
-        task="classify", extra_kwargs=extra, skip_reading_prefix_cache=True if skip_prefix_cache else None
+        task="classify", extra_kwargs=extra or None, skip_reading_prefix_cache=True if skip_prefix_cache else None
     )

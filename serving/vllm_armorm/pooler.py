@@ -13,10 +13,11 @@ caching). Per request, the pooler therefore
 2. in every step, stores the hidden states of the scheduled tokens that could be gating positions
    (`PromptFeatureStore`), then takes h_x from this step's hidden states when the gating position is scheduled now,
    or from the store when vLLM served it from its prefix cache;
-3. in the step that computes the last prompt token, returns [status, s, r, g, c] (see `vllm_armorm.outputs`).
+3. in the step that computes the last prompt token, returns the reward [s], or [status, s, r, g, c] to a request
+   that asks for the full vector (see `vllm_armorm.outputs`).
 
 It never raises for a request (an exception here would stop the engine for every request): a request it cannot score
-gets a status code and zeros.
+gets [NaN] (the OpenAI server answers it with an error), or in the full vector a status code and zeros.
 """
 
 from collections.abc import Callable, Set
@@ -29,7 +30,7 @@ from vllm.v1.pool.metadata import PoolingMetadata
 
 from modeling_armorm.heads import answer_lengths, misplaced_turns
 
-from .outputs import GATING_POSITION_KEY, ErrorCode, output_size
+from .outputs import FULL_OUTPUT_KEY, GATING_POSITION_KEY, ErrorCode, output_size
 from .prompt_features import PromptFeatureStore, candidate_positions, prefix_keys
 
 
@@ -49,6 +50,7 @@ class Plan:
     keys: list[bytes]
     gating_key: bytes | None
     prompt_feature: torch.Tensor | None = None  # h_x once known, (d,)
+    full_output: bool = False  # [status, s, r, g, c] instead of [s]
 
 
 @dataclass
@@ -143,6 +145,7 @@ class ArmoRMPooler(Pooler):
             extra = params.extra_kwargs or {}
             given = extra.get(GATING_POSITION_KEY)
             plan = plan_request(tokens.numpy(), self.pattern, self.offset, given, self.turn_header_patterns)
+            plan.full_output = bool(extra.get(FULL_OUTPUT_KEY, False))
             state.armorm_plan = plan  # lives as long as the request's pooling state
             self.stats.refused += plan.error != ErrorCode.OK
         return plan
@@ -205,10 +208,18 @@ class ArmoRMPooler(Pooler):
             values = self.score_fn(h, h_x, answer)  # (n, 1 + 3k)
             status = torch.zeros(len(scored), 1, dtype=values.dtype, device=device)
             for i, vector in zip(scored, torch.cat([status, values], dim=-1)):
-                outputs[i] = vector
+                outputs[i] = vector if plans[i].full_output else reward(vector[1:2])
         for i in done:
             if plans[i].error != ErrorCode.OK:
-                vector = torch.zeros(output_size(self.num_objectives), device=hidden_states.device)
-                vector[0] = float(plans[i].error)
+                if plans[i].full_output:
+                    vector = torch.zeros(output_size(self.num_objectives), device=hidden_states.device)
+                    vector[0] = float(plans[i].error)
+                else:
+                    vector = torch.full((1,), float("nan"), device=hidden_states.device)
                 outputs[i] = vector
         return outputs
+
+
+def reward(score: torch.Tensor) -> torch.Tensor:
+    """The reward layout [s]: a non-finite s is NaN, which the OpenAI server refuses to write as a number."""
+    return torch.where(score.isfinite(), score, torch.full_like(score, float("nan")))

@@ -2,10 +2,11 @@
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer, pipeline
+from transformers import AutoConfig, AutoTokenizer, pipeline
 
 from armorm_cli import cli
 from armorm_cli.explain import plot_paths
@@ -202,3 +203,24 @@ def test_max_batch_tokens_reaches_score_and_explain(checkpoint, expected, tmp_pa
     assert by_rows.over(budget)
     for forwards in by_tokens:
         assert forwards and not forwards.over(budget) and len(forwards) > len(by_rows)
+
+
+def test_score_normalize_and_explain_refusing_it(checkpoint, expected, tmp_path, capsys):
+    """`--normalize` prints (s − mean) / std of the pipeline's raw scores, with the config's statistics; `explain`,
+    on the raw scale, and a checkpoint without statistics refuse it by name."""
+    data = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS)
+    with pytest.raises(ValueError, match="records no score statistics"):
+        cli.main(["score", "--model", checkpoint, "--input", data, "--normalize"])
+    scaled = tmp_path / "scaled"
+    shutil.copytree(checkpoint, scaled)
+    config = AutoConfig.from_pretrained(scaled)
+    config.score_statistics = {"count": 2, "mean": -1.5, "std": 4.0}
+    config.save_pretrained(scaled)
+    capsys.readouterr()
+    cli.main(["score", "--model", str(scaled), "--input", data, "--json", "--normalize"])
+    printed = json_lines(capsys.readouterr().out)
+    assert [row["score"] for row in printed] == pytest.approx([(want["score"] + 1.5) / 4.0 for want in expected])
+    for row, want in zip(printed, expected):
+        assert list(row["rewards"].values()) == pytest.approx(list(want["rewards"].values()), abs=1e-5)
+    with pytest.raises(ValueError, match="`armorm explain` is on the raw scale"):
+        cli.main(["explain", "--model", str(scaled), "--input", data, "--normalize"])

@@ -21,13 +21,15 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from scipy.special import softmax
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
 from armorm_cli import cli
 from armorm_io.artifacts import head_fingerprint, save_gating, save_regression, save_transform
+from armorm_io.features import folder_fingerprint, write_features
 from armorm_io.reports import report_path, write_report
 from conversion import assemble
 from conversion.fit import FitConfig
+from conversion.gate import GateConfig
 from tests.utils import (
     SMOLLM2_GGUF,
     load_tokenizer_alone,
@@ -462,3 +464,74 @@ def test_assemble_from_a_gguf_backbone(tmp_path):
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.model.state_dict()[name], value, msg=name)
     assert "quantization_config" not in model.config.get_text_config().to_dict()
+
+
+def score_of(tensors: dict, h: np.ndarray, x: np.ndarray) -> float:
+    """s = g(h_x) · (W h T) of one answer, in numpy from the head tensors as written."""
+    gating = {key: value.numpy().astype(np.float64) for key, value in tensors["gating"].items()}
+    for i in range(N_HIDDEN):
+        x = np.maximum(gating[f"layers.{i}.weight"] @ x + gating[f"layers.{i}.bias"], 0.0)
+    g = BETA * softmax((gating[f"layers.{N_HIDDEN}.weight"] @ x + gating[f"layers.{N_HIDDEN}.bias"]) / TEMPERATURE)
+    return float(g @ (tensors["weight"].numpy() @ h @ tensors["matrix"].numpy()))
+
+
+def write_gate_report(folder, features: list) -> None:
+    """`gate.json` beside `folder`'s gating file, naming `features` as the pairs it was trained on (as `armorm gate`
+    writes it)."""
+    gating = folder / "gating.safetensors"
+    paths = head_paths(folder)
+    heads = {"regression": paths["regression"], "transform": paths["transform"]}
+    config = GateConfig(features=[str(f) for f in features], **heads, out=str(gating))
+    inputs = {"features": [folder_fingerprint(f) for f in features]}
+    outputs = {"gating": head_fingerprint(gating)}
+    write_report(report_path("gate", gating), "gate", config, inputs, outputs, {"final": {"val_accuracy": 0.5}})
+
+
+def test_the_score_statistics_of_the_gate_pairs_are_recorded_in_the_config_and_the_card(built, tmp_path):
+    """The config's `score_statistics` are numpy's mean, std and percentiles of s over both answers of every pair of
+    the gate's two features folders, each score computed alone here; the card shows them in its score scale."""
+    tensors = write_heads(tmp_path)
+    generator = torch.Generator().manual_seed(3)
+    folders, expected = [tmp_path / "pairs-a", tmp_path / "pairs-b"], []
+    for folder, n in zip(folders, (37, 20)):
+        h, x = torch.randn(n, 2, HIDDEN, generator=generator), torch.randn(n, HIDDEN, generator=generator)
+        write_features(folder, "pairs", {"embeddings": h, "prompt_embeddings": x}, shard_rows=16)
+        h, x = h.double().numpy(), x.double().numpy()
+        expected += [score_of(tensors, h[i, j], x[i]) for i in range(n) for j in (0, 1)]
+    write_gate_report(tmp_path, folders)
+
+    assemble.main(backbone=str(built["backbone"]), **head_paths(tmp_path), out=str(tmp_path / "ckpt"))
+    statistics = AutoConfig.from_pretrained(tmp_path / "ckpt").score_statistics
+    expected = np.array(expected)
+    assert statistics["count"] == 2 * 57
+    np.testing.assert_allclose(statistics["mean"], expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(statistics["std"], expected.std(), rtol=1e-5)
+    for q in (1, 5, 50, 95, 99):
+        np.testing.assert_allclose(statistics[f"p{q}"], np.percentile(expected, q), rtol=1e-5, atol=1e-6)
+
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md").text
+    header, _, row = table_rows(card, "mean")
+    assert header == ["mean", "std", "1 %", "5 %", "50 %", "95 %", "99 %"]
+    shown = [expected.mean(), expected.std(), *np.percentile(expected, [1, 5, 50, 95, 99])]
+    np.testing.assert_allclose([float(cell) for cell in row], shown, rtol=1e-3)
+    assert "114 reference answers" in card and "(s − mean) / std" in card
+
+
+def test_no_score_statistics_without_the_gate_pairs(built, tmp_path, caplog):
+    """A gating file without its report, or a report whose features changed since: nothing recorded, a warning,
+    and the card says so."""
+    write_heads(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="conversion.assemble"):
+        assemble.main(backbone=str(built["backbone"]), **head_paths(tmp_path), out=str(tmp_path / "ckpt"))
+    assert "no `gate.json`" in caplog.text
+    assert AutoConfig.from_pretrained(tmp_path / "ckpt").score_statistics is None
+    assert "No reference distribution was recorded" in (tmp_path / "ckpt" / "README.md").read_text()
+
+    pairs = {"embeddings": torch.randn(4, 2, HIDDEN), "prompt_embeddings": torch.randn(4, HIDDEN)}
+    write_features(tmp_path / "pairs", "pairs", pairs)
+    write_gate_report(tmp_path, [tmp_path / "pairs"])
+    write_features(tmp_path / "pairs", "pairs", {key: value + 1 for key, value in pairs.items()})  # changed since
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="conversion.assemble"):
+        assert assemble.read_score_statistics(assemble.read_heads(**head_paths(tmp_path))) is None
+    assert "holds other features now" in caplog.text

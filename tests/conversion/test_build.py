@@ -62,6 +62,9 @@ def test_build_makes_a_checkpoint_from_its_stages_and_reuses_them(backbone, tmp_
     for name, tensor in gating.items():
         torch.testing.assert_close(model.gating.state_dict()[name], tensor, rtol=0, atol=0)
     assert {p.name for p in (work / "features").iterdir()} == {"ratings-0", "pairs-0"}
+    # The score's scale, over both answers of each pair the gate read (values: test_assemble's statistics test).
+    pairs = json.loads((work / "features" / "pairs-0" / "meta.json").read_text())["counts"]["rows"]
+    assert model.config.score_statistics["count"] == 2 * pairs > 0
 
     # A rerun reuses every finished stage: no stage runs (one that starts raises), no file is written again.
     stamps = file_stamps(work, checkpoint)

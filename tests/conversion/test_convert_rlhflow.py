@@ -2,12 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, pipeline
 
 from armorm_cli.cli import main as cli
+from modeling_armorm import ArmoRMConfig
+from modeling_armorm.heads import score_statistics
 from modeling_armorm.rlhflow import LLAMA3_GATING_PATTERN, LLAMA3_TURN_HEADERS, RLHFLOW_OBJECTIVES
 from tests.modeling_armorm.test_remote_code import load_as_remote_code
 from tests.utils import (
@@ -156,3 +159,21 @@ def test_converted_tokenizer_loads_without_the_package_or_custom_code(tmp_path):
     assert loaded["ids"] == [reference(text, add_special_tokens=False)["input_ids"] for text in texts]
     assert loaded["chat"] == token_rows(reference)
     assert loaded["pad_token_id"] == EOT
+
+
+def test_a_conversion_records_no_score_statistics_and_refuses_to_normalize_until_given_them(tmp_path):
+    """The release has no reference distribution: `normalize=True` says so and how to record one; recorded as the
+    message says (`score_statistics` of scored answers), the pipeline returns (s − mean) / std with them."""
+    released_layout(tmp_path / "released")
+    cli(["convert-rlhflow", "--src-dir", str(tmp_path / "released"), "--out-dir", str(tmp_path / "converted")])
+    config = ArmoRMConfig.from_pretrained(tmp_path / "converted")
+    assert config.score_statistics is None
+    with pytest.raises(ValueError, match=r"records no score statistics \(`config.score_statistics` is None: a conv"):
+        pipeline("reward-scoring", model=str(tmp_path / "converted"), device="cpu", normalize=True)
+
+    raw = [row["score"] for row in pipeline("reward-scoring", model=str(tmp_path / "converted"))(CONVERSATIONS)]
+    config.score_statistics = score_statistics(torch.tensor(raw))
+    config.save_pretrained(tmp_path / "converted")
+    rm = pipeline("reward-scoring", model=str(tmp_path / "converted"), device="cpu", normalize=True)
+    mean, std = np.mean(raw), np.std(raw)
+    assert [row["score"] for row in rm(CONVERSATIONS)] == pytest.approx((np.array(raw) - mean) / std, abs=1e-5)

@@ -17,18 +17,15 @@ from huggingface_hub.utils._http import default_client_factory
 from armorm_cli import cli
 from conversion import push
 from conversion.model_card import CardInfo, build_model_card
-from tests.utils import tiny_armorm
+from tests.utils import HUB_AGENT_REGISTRY, hub_upload_handler, tiny_armorm
 
 
 REPO_ID = "someone/armorm-tiny"
 TOKEN = "hf_test_token"
-# huggingface_hub fetches its AI-agent registry (for the user agent, once a day, without a token) on some calls:
-# a library lookup, not part of the push.
-AGENT_REGISTRY = "/api/agent-harnesses"
 
 
 def api_calls(requests) -> list:
-    return [request for request in requests if request.url.path != AGENT_REGISTRY]
+    return [request for request in requests if request.url.path != HUB_AGENT_REGISTRY]
 
 
 @pytest.fixture
@@ -36,24 +33,7 @@ def hub():
     """Every request huggingface_hub makes, answered like the Hub answers an upload of small files."""
     requests = []
 
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        requests.append(request)
-        path = request.url.path
-        if path == AGENT_REGISTRY:
-            return httpx2.Response(404)
-        if path == "/api/repos/create":
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO_ID}", "name": REPO_ID})
-        if path == "/api/validate-yaml":
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
-        if path == f"/api/models/{REPO_ID}/preupload/main":
-            files = json.loads(request.content)["files"]
-            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return httpx2.Response(200, json={"files": modes})
-        if path == f"/api/models/{REPO_ID}/commit/main":
-            oid = "0123456789abcdef0123456789abcdef01234567"
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO_ID}/commit/{oid}", "commitOid": oid})  # fmt: skip
-        return httpx2.Response(404, json={"error": f"unexpected request {request.method} {path}"})
-
+    handler = hub_upload_handler(requests, REPO_ID, "model")
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
     yield requests
     set_client_factory(default_client_factory)

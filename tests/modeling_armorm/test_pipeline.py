@@ -5,13 +5,14 @@ import ast
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, pipeline
+from transformers import AutoConfig, AutoTokenizer, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from modeling_armorm import ArmoRMForRewardModeling, ArmoRMPipeline, ArmoRMReward, Explanation, plot_explanation
@@ -421,3 +422,50 @@ def test_max_batch_tokens_bounds_every_forward(checkpoint, rm, tokenizer):
         assert [e.score for e in explanations] == pytest.approx([e["score"] for e in expected], rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="`max_batch_tokens` must be >= 1"):
         rm.score(CONVERSATIONS, max_batch_tokens=0)
+
+
+STATISTICS = {"count": 10, "mean": 0.25, "std": 0.5, "p1": -1.0, "p5": -0.5, "p50": 0.2, "p95": 1.0, "p99": 1.5}
+
+
+@pytest.fixture(scope="module")
+def scaled_checkpoint(checkpoint, tmp_path_factory):
+    """The checkpoint with `score_statistics` recorded in its config, as `armorm assemble` records them."""
+    folder = tmp_path_factory.mktemp("scaled") / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.score_statistics = STATISTICS
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_normalize_returns_the_score_minus_the_reference_mean_over_the_std(scaled_checkpoint, rm, tokenizer):
+    """z = (s − mean) / std of the per-row forward's s; rewards and gating stay raw; a call's `normalize` overrides
+    the pipeline's; compare's margin and rank are on the normalized scale."""
+    expected = reference(rm.model, tokenizer, CONVERSATIONS)
+    normalized = [{**row, "score": (row["score"] - 0.25) / 0.5} for row in expected]
+    scaled = pipeline("reward-scoring", model=str(scaled_checkpoint), device="cpu", normalize=True)
+    for result, row in zip(scaled(CONVERSATIONS), normalized):
+        assert_row(result, row)
+    for result, row in zip(scaled(CONVERSATIONS, normalize=False), expected):
+        assert_row(result, row)
+    plain = pipeline("reward-scoring", model=str(scaled_checkpoint), device="cpu")
+    for result, row in zip(plain.score(CONVERSATIONS, normalize=True), normalized):
+        assert_row(result, row)
+    prompt, answers = CONVERSATIONS[0][0]["content"], ["4.", "Four, since 2 + 2 = 4."]
+    raw = rm.compare(prompt, *answers)
+    compared = scaled.compare(prompt, *answers)
+    assert compared["margin"] == pytest.approx(raw["margin"] / 0.5, rel=1e-5, abs=1e-6)
+    assert [r["score"] for r in scaled.rank(prompt, answers)] == pytest.approx(
+        [(r["score"] - 0.25) / 0.5 for r in rm.rank(prompt, answers)], rel=1e-5, abs=1e-6
+    )
+    with pytest.raises(ValueError, match="`explain` is on the raw scale"):
+        scaled.explain(CONVERSATIONS[0], normalize=True)
+    assert scaled.explain(CONVERSATIONS[0]).score == pytest.approx(expected[0]["score"], rel=1e-4, abs=1e-5)
+
+
+def test_normalize_without_score_statistics_says_how_to_get_them(checkpoint, rm):
+    """A checkpoint that records no statistics (an RLHFlow conversion) refuses, at build and at call."""
+    with pytest.raises(ValueError, match=r"records no score statistics.*score_statistics\(scores\)"):
+        pipeline("reward-scoring", model=str(checkpoint), device="cpu", normalize=True)
+    with pytest.raises(ValueError, match="records no score statistics"):
+        rm(CONVERSATIONS[0], normalize=True)

@@ -1,6 +1,7 @@
-"""The knobs several commands share (dtype, device, batch size, max length, the length policy): one declaration in
-`modeling_armorm.settings`, one help text, one default and one flag name in every command, `armorm build`'s
-prefixed flags included, and no default of their own in the library functions of the scoring path."""
+"""The knobs several commands share (dtype, device, batch size, max length, the length policy, the score's scale,
+the backend): one declaration in `modeling_armorm.settings`, one help text, one default and one flag name in every
+command, `armorm build`'s prefixed flags included, and no default of their own in the library functions of the
+scoring path."""
 
 import ast
 import dataclasses
@@ -18,10 +19,12 @@ from evaluation.evaluate import EvaluateSettings
 from modeling_armorm.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_LENGTH,
+    BackendSettings,
     BatchSettings,
     DeviceSettings,
     DtypeSettings,
     LengthSettings,
+    ScaleSettings,
 )
 from serving.serve import ServeSettings
 
@@ -36,7 +39,11 @@ SHARED = {
     "max_batch_tokens": BatchSettings,
     "max_length": LengthSettings,
     "truncate_prompt": LengthSettings,
+    "normalize": ScaleSettings,
+    "backend": BackendSettings,
+    "vllm_engine_args": BackendSettings,
 }
+BACKEND = {"backend", "vllm_engine_args"}
 # A field that has a shared knob's name but is another knob, and why.
 OTHER_KNOBS = {
     (GateSettings, "batch_size"): "pairs per optimizer step on stored features, not conversations per forward pass",
@@ -44,14 +51,15 @@ OTHER_KNOBS = {
 }
 # The shared knobs each command has (`build`: through its stages' prefixed flags).
 EXPECTED = {
-    "extract": set(SHARED),
-    "evaluate": set(SHARED),
-    "score": set(SHARED),
-    "explain": set(SHARED),
-    "serve": {"dtype", "device"},
+    "extract": set(SHARED) - {"normalize"} - BACKEND,
+    "evaluate": set(SHARED) - {"normalize"} - BACKEND,
+    "score": set(SHARED) - BACKEND,
+    "explain": set(SHARED) - BACKEND,
+    "serve": {"dtype", "device", "normalize"} | BACKEND,
     "assemble": {"dtype"},
     "gate": {"device"},
-    "build": set(SHARED),
+    "build": set(SHARED) - {"normalize"} - BACKEND,
+    "annotate": set(SHARED),
 }
 
 

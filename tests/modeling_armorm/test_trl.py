@@ -207,6 +207,27 @@ def test_callable_objectives_and_logging(reward_model, tok):
         ArmoRMReward(reward_model, objectives=[], tokenizer=tok)
 
 
+def test_normalize_returns_the_score_minus_the_reference_mean_over_the_std(reward_model, tok):
+    """z = (s − mean) / std of the per-row score with the config's statistics; the logged rewards stay raw; a
+    checkpoint without statistics refuses on the first call, and `objectives` (raw rewards) at construction."""
+    scaled = copy.deepcopy(reward_model)
+    scaled.config.score_statistics = {"count": 8, "mean": -0.3, "std": 0.25}
+    expected = torch.tensor(reference_scores(reward_model, tok, PROMPTS, ANSWERS))
+    metrics = {}
+    reward = ArmoRMReward(scaled, tokenizer=tok, normalize=True)
+    normalized = reward(PROMPTS, ANSWERS, log_metric=metrics.__setitem__)
+    torch.testing.assert_close(torch.tensor(normalized), (expected + 0.3) / 0.25)
+    raw = {}
+    ArmoRMReward(reward_model, tokenizer=tok)(PROMPTS, ANSWERS, log_metric=raw.__setitem__)
+    assert metrics == pytest.approx(raw)
+    assert "normalize=True" in repr(reward)
+
+    with pytest.raises(ValueError, match=r"records no score statistics.*score_statistics\(scores\)"):
+        ArmoRMReward(reward_model, tokenizer=tok, normalize=True)(PROMPTS, ANSWERS)
+    with pytest.raises(ValueError, match="`normalize` applies to the gated score"):
+        ArmoRMReward(scaled, objectives=["correctness"], tokenizer=tok, normalize=True)
+
+
 def test_callable_pickles_without_weights_and_reloads(reward_model, tok, checkpoint):
     reward = ArmoRMReward(Path(checkpoint), batch_size=2, device="cpu")
     first = reward(PROMPTS, ANSWERS)  # loads the model

@@ -4,6 +4,7 @@ offline scoring of the same conversation (`modeling_armorm.scoring`), OpenRLHF's
 
 import os
 import pickle
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,15 +15,18 @@ import torch
 from modeling_armorm import ArmoRMReward
 from modeling_armorm.scoring import ChatEncoder, score_conversations
 from serving import backends
-from serving.serve import ServeConfig, build_app, build_service
-from tests.serving_utils import free_port, load_with_faults, request, running_server, sensitive_gating
+from serving.serve import CPU_MAX_BATCH_TOKENS, ServeConfig, build_app, build_service
+from tests.serving_utils import (
+    free_port,
+    load_with_faults,
+    request,
+    running_server,
+    save_served_checkpoint,
+)
 from tests.utils import (
     BackboneForwards,
-    llama3_tokenizer,
     reference_armorm_outputs,
     spy_on_shared_prefixes,
-    tiny_armorm,
-    tiny_llama_config,
 )
 
 
@@ -54,17 +58,8 @@ def pool() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.set_num_threads(1)
-    tokenizer = llama3_tokenizer()
-    model = tiny_armorm(
-        tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), tokenizer=tokenizer,
-        objective_names=OBJECTIVES, verbosity_objective=2,
-    )  # fmt: skip
-    sensitive_gating(model, seed=0)
     folder = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, model, tokenizer
+    return folder, *save_served_checkpoint(folder, OBJECTIVES)
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +289,66 @@ def test_max_batch_tokens_bounds_every_forward(checkpoint, offline):
     assert by_rows.over(budget) and by_tokens and not by_tokens.over(budget) and len(by_tokens) > len(by_rows)
     with pytest.raises(ValueError, match="`max_batch_tokens` must be at least 1"):
         ServeConfig(model=str(folder), max_batch_tokens=0)
+
+
+def test_a_cpu_forward_has_a_token_budget_by_default(checkpoint):
+    """A CPU forward costs its padded tokens: without `--max-batch-tokens` the transformers backend on a CPU cuts its
+    forwards at `CPU_MAX_BATCH_TOKENS` padded tokens; a budget given is the one used."""
+    folder, _, _ = checkpoint
+    assert build_service(ServeConfig(model=str(folder), device="cpu")).backend.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+    given = ServeConfig(model=str(folder), device="cpu", max_batch_tokens=4096)
+    assert build_service(given).backend.max_batch_tokens == 4096
+
+
+STATISTICS = {"count": 40, "mean": 0.125, "std": 0.5}
+
+
+@pytest.fixture(scope="module")
+def normalizing_server(checkpoint, tmp_path_factory):
+    """`armorm serve --normalize` on the checkpoint with `score_statistics` recorded in its config."""
+    from transformers import AutoConfig
+
+    folder = tmp_path_factory.mktemp("scaled") / "ckpt"
+    shutil.copytree(checkpoint[0], folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.score_statistics = STATISTICS
+    config.save_pretrained(folder)
+    port = free_port()
+    command = [sys.executable, "-m", "armorm_cli", "serve", "--model", str(folder), "--port", str(port), "--normalize"]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    with running_server(command, port, tmp_path_factory.mktemp("serve") / "server.log", env=env):
+        yield port
+
+
+def test_normalize_gives_the_score_minus_the_mean_over_the_std(normalizing_server, server, checkpoint, offline):
+    """With `--normalize`: z = (s − mean) / std of the offline scores in `/score` and `/get_reward`, the rewards raw;
+    `ArmoRMReward(url=..., normalize=True)` takes them as they come, or normalizes a raw server's scores with its
+    `/info` statistics, and refuses where it cannot."""
+    _, model, tokenizer = checkpoint
+    expected = (offline.score - 0.125) / 0.5
+    status, answer = request(normalizing_server, "/score", {"conversations": pool()})
+    assert status == 200, answer
+    close(answer["scores"], expected)
+    close(answer["rewards"], offline.rewards)
+    status, answer = request(normalizing_server, "/get_reward", openrlhf_request(tokenizer, pool()))
+    assert status == 200, answer
+    close(answer["rewards"], expected)
+    close(answer["scores"], expected)
+    close(answer["extra_logs"]["armorm/safety"], offline.rewards[:, 3])
+    status, info = request(normalizing_server, "/info")
+    assert info["normalize"] is True and info["score_statistics"] == STATISTICS
+
+    conversations = pool()[:6]
+    prompts, completions = [c[:-1] for c in conversations], [c[-1:] for c in conversations]
+    remote = ArmoRMReward(url=f"http://127.0.0.1:{normalizing_server}", normalize=True)
+    close(remote(prompts, completions), expected[:6])
+    with pytest.raises(ValueError, match="normalizes its scores"):
+        ArmoRMReward(url=f"http://127.0.0.1:{normalizing_server}")(prompts, completions)
+    # The raw server's checkpoint records no statistics: nothing to normalize with, said on the first call.
+    with pytest.raises(ValueError, match="records no score statistics"):
+        ArmoRMReward(url=f"http://127.0.0.1:{server}", normalize=True)(prompts, completions)
+
+
+def test_normalize_without_score_statistics_is_refused_at_startup(checkpoint):
+    with pytest.raises(ValueError, match=r"records no score statistics.*score_statistics\(scores\)"):
+        build_service(ServeConfig(model=str(checkpoint[0]), normalize=True))

@@ -1,9 +1,11 @@
 """vLLM's own OpenAI-compatible server with the plugin (`python -m vllm.entrypoints.openai.api_server --runner
-pooling`): `/pooling` and `/classify` return the ArmoRM vector [status, s, r, g, c] per input, equal to the
-transformers model's outputs; a conversation without the gating pattern, or tokens that are not one prompt and one
-answer, get their error status in valid JSON and the server keeps serving."""
+pooling`): `/classify` and `/pooling` return the reward [s] per input, the transformers model's score, read as verl's
+reward loop reads it (`probs[-1]`) and as a single-label client reads it (`probs[0]`); a conversation that cannot be
+scored (no gating pattern, tokens that are not one prompt and one answer) is an error for its own HTTP request, the
+requests served beside it get their scores and the server keeps serving."""
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -11,9 +13,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these in .venv-vllm")
 
 from tests.serving.vllm.conftest import ENGINE  # noqa: E402
-from tests.serving.vllm.test_plugin import assert_matches  # noqa: E402
+from tests.serving.vllm.test_plugin import assert_score  # noqa: E402
 from tests.serving_utils import free_port, request, running_server  # noqa: E402
-from vllm_armorm import ArmoRMOutput, ErrorCode  # noqa: E402
 
 
 def engine_flags() -> list[str]:
@@ -35,16 +36,54 @@ def server(reference, tmp_path_factory):
         yield port, model
 
 
-def test_pooling_and_classify_endpoints_match_transformers(server, cases):
+def verl_reward(port: int, model: str, tokenizer, messages: list[dict]) -> float:
+    """What verl's reward loop does with a discriminative reward model on vLLM (`RewardLoopWorker.compute_score_disrm`,
+    verl/experimental/reward_loop/reward_loop.py): render the chat as text, drop the leading BOS that vLLM's
+    tokenization adds again (verl drops it always, for Llama tokenizers, which add it; this test tokenizer does not,
+    so it is kept), POST that one input to `/classify` with `"activation": False`, and take the last value of `probs`
+    of the last item."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if adds_bos and tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token) :]
+    status, output = request(port, "/classify", {"model": model, "input": text, "activation": False})
+    assert status == 200, output
+    return output["data"][-1]["probs"][-1]
+
+
+def concurrently(port: int, route: str, payloads: list[dict]) -> list[tuple[int, dict]]:
+    """Every payload its own HTTP request, all in flight at once (vLLM batches them into the same engine steps)."""
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        return list(pool.map(lambda payload: request(port, route, payload), payloads))
+
+
+def test_classify_and_pooling_return_the_score_alone(server, cases):
+    """One value per input, the transformers model's score, raw: some references exceed 1, where a sigmoid cannot
+    land, and they differ, where a softmax over one value (always 1) could not."""
     port, model = server
     rows = cases["armorm"]["rows"]
-    status, pooled = request(port, "/pooling", {"model": model, "input": [r["input_ids"] for r in rows]})
-    assert status == 200, pooled
+    assert max(r["score"] for r in rows) > 1 and len({r["score"] for r in rows}) > 1
     status, classified = request(port, "/classify", {"model": model, "input": [r["input_ids"] for r in rows]})
     assert status == 200, classified
-    for row, item, klass in zip(rows, pooled["data"], classified["data"]):
-        assert_matches(ArmoRMOutput.from_vector(item["data"], row["name"]), row)
-        assert_matches(ArmoRMOutput.from_vector(klass["probs"], row["name"]), row)
+    status, pooled = request(port, "/pooling", {"model": model, "input": [r["input_ids"] for r in rows]})
+    assert status == 200, pooled
+    for row, item, pooled_item in zip(rows, classified["data"], pooled["data"]):
+        assert item["num_classes"] == 1 and len(item["probs"]) == 1, item
+        assert_score(item["probs"][-1], row)  # verl
+        assert_score(item["probs"][0], row)  # a single-label client
+        (pooled_score,) = pooled_item["data"]
+        assert_score(pooled_score, row)
+
+
+def test_classify_read_as_verl_reads_it(server, cases):
+    """verl's request: the chat rendered as text by the reward model's tokenizer, tokenized by vLLM."""
+    from transformers import PreTrainedTokenizerFast
+
+    port, model = server
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model)  # the reward model's tokenizer, without its config
+    for row in cases["armorm"]["rows"]:
+        if row["name"] in ("single-turn", "multi-turn", "unicode"):
+            assert_score(verl_reward(port, model, tokenizer, row["messages"]), row)
 
 
 def test_pooling_renders_message_lists_with_the_template(server, cases):
@@ -56,39 +95,44 @@ def test_pooling_renders_message_lists_with_the_template(server, cases):
             continue
         status, answer = request(port, "/pooling", {"model": model, "messages": row["messages"]})
         assert status == 200, answer
-        assert_matches(ArmoRMOutput.from_vector(answer["data"][0]["data"], row["name"]), row)
+        (score,) = answer["data"][0]["data"]
+        assert_score(score, row)
 
 
-def test_a_conversation_without_the_pattern_gets_its_status_and_the_server_goes_on(server, cases):
+def test_a_conversation_without_the_pattern_is_an_error_for_its_request_alone(server, cases):
+    """The prompt cut before its assistant header, sent while two scorable conversations are in flight: its request
+    is answered with an error (no number), theirs with their scores, and the server goes on."""
     port, model = server
-    good = cases["armorm"]["rows"][0]
+    good, other = cases["armorm"]["rows"][:2]
     cut = good["input_ids"][: good["gating_position"]]
-    status, answer = request(port, "/classify", {"model": model, "input": [cut, good["input_ids"]]})
-    assert status == 200, answer
-    refused, scored = (item["probs"] for item in answer["data"])
-    assert refused[0] == ErrorCode.NO_GATING_PATTERN and not any(refused[1:])
-    assert_matches(ArmoRMOutput.from_vector(scored), good)
+    answers = concurrently(
+        port, "/classify", [{"model": model, "input": [ids]} for ids in (good["input_ids"], cut, other["input_ids"])]
+    )
+    (status, refused) = answers[1]
+    assert status == 400 and "error" in refused and "data" not in refused, (status, refused)
+    for (status, answer), row in ((answers[0], good), (answers[2], other)):
+        assert status == 200, answer
+        assert_score(answer["data"][0]["probs"][0], row)
     status, answer = request(port, "/classify", {"model": model, "input": [good["input_ids"]]})
-    assert status == 200
-    assert_matches(ArmoRMOutput.from_vector(answer["data"][0]["probs"]), good)
+    assert status == 200, answer
+    assert_score(answer["data"][0]["probs"][-1], good)
 
 
-def test_tokens_that_are_not_one_prompt_and_one_answer_get_their_status(server, cases):
+def test_tokens_that_are_not_one_prompt_and_one_answer_are_an_error_for_their_request(server, cases):
     """The rows the transformers model refuses as not one prompt and one answer (a user turn after the answer; an
-    answer that writes the assistant header, as token ids or in `messages`, whose special tokens vLLM parses) get
-    status 4 and zeros; the row between them is scored as the model scores it."""
+    answer that writes the assistant header, as token ids or in `messages`, whose special tokens vLLM parses) are
+    errors for their own requests; the row between them, in flight at the same time, is scored as the model scores
+    it."""
     port, model = server
     raw = {row["name"]: row for row in cases["armorm"]["raw"]}
     names = ("ends-with-a-user-turn", "one-prompt-one-answer", "answer-writes-the-header")
-    status, answer = request(port, "/classify", {"model": model, "input": [raw[name]["input_ids"] for name in names]})
-    assert status == 200, answer
-    first, scored, last = (item["probs"] for item in answer["data"])
-    for refused in (first, last):
-        assert refused[0] == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and not any(refused[1:])
-    assert_matches(ArmoRMOutput.from_vector(scored), raw["one-prompt-one-answer"])
+    payloads = [{"model": model, "input": [raw[name]["input_ids"]]} for name in names]
+    first, scored, last = concurrently(port, "/classify", payloads)
+    for status, refused in (first, last):
+        assert status == 400 and "data" not in refused, (status, refused)
+    assert scored[0] == 200, scored
+    assert_score(scored[1]["data"][0]["probs"][-1], raw["one-prompt-one-answer"])
     status, answer = request(
         port, "/pooling", {"model": model, "messages": raw["answer-writes-the-header"]["messages"]}
     )
-    assert status == 200, answer
-    refused = answer["data"][0]["data"]
-    assert refused[0] == ErrorCode.NOT_ONE_PROMPT_AND_ONE_ANSWER and not any(refused[1:])
+    assert status == 400 and "data" not in answer, (status, answer)

@@ -1,11 +1,13 @@
 """The vLLM plugin offline (`LLM.classify`): both checkpoint layouts score as `ArmoRMForRewardModeling` does, under
 chunked prefill and with prefix caching on, and a request it cannot score gets an error while the others are served.
+A plain `LLM.classify` returns the reward [s] alone; `pooling_params(full_output=True)` the full vector.
 
 Bars (float32): rewards, gating weights and coefficients within 1e-5, scores within 1e-4 relative, of the
 transformers model on the same weights (`make_reference.py`, run in the main environment).
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -27,11 +29,16 @@ def assert_matches(got: ArmoRMOutput, row: dict) -> None:
     assert abs(got.score - row["score"]) <= 1e-4 * max(abs(row["score"]), 1e-3), (row["name"], got.score, row["score"])
 
 
+def assert_score(got: float, row: dict) -> None:
+    assert abs(got - row["score"]) <= 1e-4 * max(abs(row["score"]), 1e-3), (row["name"], got, row["score"])
+
+
 def classify(llm, token_ids: list[list[int]], gating_positions=None) -> list[list[float]]:
+    """The full vectors [status, s, r, g, c] of `LLM.classify`."""
     positions = gating_positions or [None] * len(token_ids)
     outputs = llm.classify(
         [{"prompt_token_ids": ids} for ids in token_ids],
-        pooling_params=[pooling_params(g) for g in positions],
+        pooling_params=[pooling_params(g, full_output=True) for g in positions],
         use_tqdm=False,
     )
     return [output.outputs.probs for output in outputs]
@@ -196,7 +203,49 @@ def test_an_evicted_prompt_feature_is_reported_and_recomputed_exactly(rlhflow_ll
     assert vector[0] == ErrorCode.PROMPT_FEATURE_EVICTED and not any(vector[1:])
     again = rlhflow_llm.classify(
         [{"prompt_token_ids": other["input_ids"]}],
-        pooling_params=pooling_params(other["gating_position"], skip_prefix_cache=True),
+        pooling_params=pooling_params(other["gating_position"], skip_prefix_cache=True, full_output=True),
         use_tqdm=False,
     )
     assert_matches(ArmoRMOutput.from_vector(again[0].outputs.probs), other)
+
+
+def test_a_plain_classify_returns_the_score_alone(armorm_llm, cases):
+    """What a generic reward-model client sends (no `PoolingParams`, so vLLM's default `use_activation=True`) and reads:
+    one value per request, so verl's `probs[-1]` and a single-label client's `probs[0]` are both the transformers
+    model's score, raw: some references exceed 1, where a sigmoid cannot land, and they differ, where a softmax over
+    one value (always 1) could not."""
+    rows = cases["armorm"]["rows"]
+    scores = [row["score"] for row in rows]
+    assert max(scores) > 1 and len(set(scores)) > 1, scores
+    outputs = armorm_llm.classify([{"prompt_token_ids": r["input_ids"]} for r in rows], use_tqdm=False)
+    for row, output in zip(rows, outputs):
+        probs = output.outputs.probs
+        assert len(probs) == 1, (row["name"], probs)
+        assert_score(probs[-1], row)  # verl
+        assert_score(probs[0], row)  # a single-label client
+    encoded = armorm_llm.encode([{"prompt_token_ids": rows[0]["input_ids"]}], pooling_task="classify", use_tqdm=False)
+    (score,) = encoded[0].outputs.data.tolist()
+    assert_score(score, rows[0])
+
+
+def test_a_plain_classify_gives_no_number_to_an_unscorable_request(armorm_llm, cases):
+    """No gating pattern, a gating position outside the prompt, and raw tokens that are not one prompt and one answer:
+    NaN (which the OpenAI server answers with an error), never a number; the requests beside them get their scores."""
+    rows = cases["armorm"]["rows"]
+    raw = {row["name"]: row for row in cases["armorm"]["raw"]}
+    good = rows[:2]
+    no_pattern = good[0]["input_ids"][: good[0]["gating_position"]]
+    token_ids = [good[0]["input_ids"], no_pattern, good[1]["input_ids"], good[1]["input_ids"]]
+    token_ids.append(raw["answer-writes-the-header"]["input_ids"])
+    positions = [None, None, None, len(good[1]["input_ids"]) + 3, None]
+    outputs = armorm_llm.classify(
+        [{"prompt_token_ids": ids} for ids in token_ids],
+        pooling_params=[pooling_params(g) for g in positions],
+        use_tqdm=False,
+    )
+    probs = [output.outputs.probs for output in outputs]
+    for i in (1, 3, 4):
+        assert len(probs[i]) == 1 and math.isnan(probs[i][0]), (i, probs[i])
+    for i, row in ((0, good[0]), (2, good[1])):
+        (score,) = probs[i]
+        assert_score(score, row)

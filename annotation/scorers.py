@@ -1,0 +1,163 @@
+# Copyright 2026 The armorm developers. Licensed under the Apache License, Version 2.0.
+"""What `armorm annotate` scores with, behind one interface: `encode` a conversation, `score` a list of them.
+
+Both scorers encode a conversation with `length_policy.ConversationEncoder` (the gating position from the rendering,
+markup in an answer kept as text, the length policy of `armorm extract` and `armorm evaluate`); they differ in who
+runs the forward pass:
+
+* `TransformersScorer`: `modeling_armorm.scoring.score_encoded`, the path of the `reward-scoring` pipeline: a chunk's
+  answers to one prompt share their tokens up to the gating position, so that prefix runs once
+  (`modeling_armorm.prefix_sharing`).
+* `VllmScorer` (`--backend vllm`): vLLM's offline engine with this package's plugin (`vllm_armorm.score_tokens`).
+
+`score` never raises over one conversation: a score that comes out NaN or infinite (a backbone overflow), or a request
+vLLM refuses, is that conversation's reason, and the others are scored.
+"""
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
+from modeling_armorm.modeling_armorm import NonFiniteScoreError
+from modeling_armorm.scoring import (
+    EncodedConversation,
+    ScoreOutput,
+    model_gating_pattern,
+    objective_names,
+    pad_token_id,
+    score_encoded,
+)
+
+
+__all__ = ["Scored", "TransformersScorer", "VllmScorer"]
+
+
+class Scored:
+    """Per-conversation outputs in the caller's order: `score` (n,), `rewards` and `gating_output` (n, k) as float32,
+    NaN where `reasons[i]` says why conversation i has none."""
+
+    def __init__(self, n: int, k: int):
+        self.score = torch.full((n,), math.nan)
+        self.rewards = torch.full((n, k), math.nan)
+        self.gating_output = torch.full((n, k), math.nan)
+        self.reasons: dict[int, str] = {}
+
+    def put(self, indices: list[int], output: ScoreOutput) -> None:
+        self.score[indices] = output.score
+        self.rewards[indices] = output.rewards
+        self.gating_output[indices] = output.gating_output
+
+
+class _Encoding:
+    """The shared half of both scorers: a conversation as tokens and gating position, or the reason it has none."""
+
+    def __init__(self, tokenizer, pattern, max_length: int, truncate_prompt: bool, position_limit: int | None):
+        self.tokenizer = tokenizer
+        self.policy = ConversationEncoder(tokenizer, max_length, truncate_prompt, position_limit, pattern)
+
+    def encode(self, messages: list[dict]) -> EncodedConversation | str:
+        (row,) = self.policy.encode([[messages]])
+        return row.sides[0] if isinstance(row, EncodedRow) else row
+
+
+class TransformersScorer(_Encoding):
+    """An `ArmoRMForRewardModeling` (already on its device, in its dtype) and its tokenizer."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_length: int,
+        truncate_prompt: bool,
+        batch_size: int,
+        max_batch_tokens: int | None,
+    ):
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        super().__init__(tokenizer, model_gating_pattern(model, tokenizer), max_length, truncate_prompt, limit)
+        self.model, self.config = model, model.config
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.objectives = objective_names(model.config)
+        parameter = next(model.parameters())
+        # What decides the numbers besides the weights and the tokens: the batches' make-up changes float rounding.
+        self.identity = {
+            "backend": self.name,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": parameter.device.type,
+            "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens,
+        }
+
+    def score(self, encoded: list[EncodedConversation], progress=None) -> Scored:
+        out = Scored(len(encoded), len(self.objectives))
+        if not encoded:
+            return out
+        try:
+            out.put(list(range(len(encoded))), self._run(encoded, progress))
+        except NonFiniteScoreError:
+            # Rare: find the conversations at fault by scoring each alone, and keep the others' scores.
+            for i, row in enumerate(encoded):
+                try:
+                    out.put([i], self._run([row], None))
+                except NonFiniteScoreError:
+                    out.reasons[i] = (
+                        "the score came out NaN or infinite (the backbone overflowed: load the model in bfloat16 or "
+                        "float32 with `--dtype`)"
+                    )
+        return out
+
+    def _run(self, encoded, progress) -> ScoreOutput:
+        pad_id = pad_token_id(self.tokenizer)
+        return score_encoded(
+            self.model, encoded, self.batch_size, pad_id, progress, max_batch_tokens=self.max_batch_tokens
+        )
+
+
+class VllmScorer(_Encoding):
+    """vLLM's offline `LLM` running the checkpoint with this package's plugin: the same encoding, the forward pass
+    in vLLM (`vllm_armorm.score_tokens`, the gating position passed; a prompt's answers share it through vLLM's prefix
+    cache). `engine_args`: `vllm.LLM` keywords (`dtype` among them)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, *, max_length: int, truncate_prompt: bool, engine_args: dict):
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        config = AutoConfig.from_pretrained(model_path)
+        # The checkpoint's own gating pattern, checked against the tokenizer's template (only the config is read).
+        pattern = model_gating_pattern(SimpleNamespace(config=config), tokenizer)
+        self.llm = LLM(model=model_path, runner="pooling", **engine_args)
+        model_config = self.llm.llm_engine.model_config
+        super().__init__(tokenizer, pattern, max_length, truncate_prompt, model_config.max_model_len)
+        self.config, self.objectives = config, objective_names(config)
+        self.identity = {
+            "backend": self.name,
+            "dtype": str(model_config.dtype).removeprefix("torch."),
+            "engine_args": engine_args,
+        }
+
+    def score(self, encoded: list[EncodedConversation], progress=None) -> Scored:
+        from vllm_armorm import ArmoRMRequestError, score_tokens
+
+        out = Scored(len(encoded), len(self.objectives))
+        if not encoded:
+            return out
+        results = score_tokens(self.llm, [row.input_ids for row in encoded], [row.gating_position for row in encoded])
+        for i, result in enumerate(results):
+            if isinstance(result, ArmoRMRequestError):
+                out.reasons[i] = f"vLLM refused it: {result}"
+                continue
+            values = [[result.score], [result.rewards], [result.gating_output], [result.coefficients]]
+            output = ScoreOutput(*(torch.tensor(value, dtype=torch.float32) for value in values))
+            if not all(torch.isfinite(value).all() for value in (output.score, output.rewards, output.gating_output)):
+                out.reasons[i] = "the score came out NaN or infinite (the backbone overflowed: try another `--dtype`)"
+                continue
+            out.put([i], output)
+        if progress is not None:
+            progress.update(len(encoded), sum(len(row) for row in encoded))
+        return out
