@@ -7,7 +7,8 @@ file; readers verify a shard whose checksum is recorded and trust the others (a 
 Ratings shards: `embeddings` (N, d) float32, `labels` (N, k) float32 (NaN = missing), `index` (N,) int64.
 Pairs shards: `embeddings` (N, 2, d) (0 chosen, 1 rejected), `prompt_embeddings` (N, d), `index` (N,) int64.
 `armorm extract` also writes `answer_lengths`, (N,) or (N, 2) int64: each answer's tokens after the gating position
-(the length objective's input); folders written by other tools may lack it.
+(the length objective's input), and for pairs `prompt_keys` and `pair_keys`, (N,) int64: the content keys of each
+row's prompt and pair (`armorm_io.pair_keys`); folders written by other tools may lack them.
 `index` is a row's position in the source data, so rows written by several ranks come back in the source order.
 """
 

@@ -39,6 +39,7 @@ from armorm_io.data import PairRows, RatingRows, data_fingerprint, load_pairs, l
 from armorm_io.distributed import init_distributed
 from armorm_io.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint, read_meta, save_meta, save_shard
 from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
+from armorm_io.pair_keys import pair_key, prompt_key
 from armorm_io.reports import write_report
 from modeling_armorm.heads import last_token_positions
 from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
@@ -185,6 +186,7 @@ def _resume_settings(config: ExtractConfig, data: Fingerprint, backbone: Fingerp
         data=config.data,
         backbone_sha256=backbone.sha256 or f"hub id {config.backbone}",
         data_sha256=data.sha256 or f"hub id {config.data}",
+        shard_tensors=2,  # 2: pairs shards hold `prompt_keys` and `pair_keys`; an older folder is not resumed
     )
     return settings
 
@@ -286,6 +288,11 @@ def _extract_chunk(
     if pairs:
         tensors["embeddings"] = last.view(len(kept), n_sides, d)  # (rows, 2, d): 0 chosen, 1 rejected
         tensors["prompt_embeddings"] = prompt.view(len(kept), n_sides, d)[:, 0].contiguous()  # the chosen side's pass
+        # Content keys (armorm_io.pair_keys): which prompt and which pair each row is, whatever file it came from.
+        tensors["prompt_keys"] = torch.tensor([prompt_key(rows.chosen[i]) for i, _ in kept], dtype=torch.int64)
+        tensors["pair_keys"] = torch.tensor(
+            [pair_key(rows.chosen[i], rows.rejected[i]) for i, _ in kept], dtype=torch.int64
+        )
     else:
         tensors["embeddings"] = last  # (rows, d)
         labels = rows.labels[[i for i, _ in kept]] if kept else np.zeros((0, rows.labels.shape[1]), np.float32)

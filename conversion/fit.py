@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from armorm_io.artifacts import head_fingerprint, save_regression
 from armorm_io.features import folder_fingerprint, iter_shards, read_meta, shard_names
+from armorm_io.pair_keys import held_out
 from armorm_io.reports import report_path, write_report
 from conversion.support import support_metrics
 from modeling_armorm.heads import rewards
@@ -42,24 +43,11 @@ BLOCK_ROWS = 4096
 
 
 def validation_mask(index: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
-    """A row is held out when a seeded hash of its source `index` falls below `val_fraction`.
-
-    The hash (splitmix64) depends on the row alone, so the split is the same however the rows were sharded or ordered.
-    """
+    """A row is held out when a seeded hash of its source `index` falls below `val_fraction` (`held_out`): the
+    split is the same however the rows were sharded or ordered."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
-
-    def splitmix64(x: np.ndarray) -> np.ndarray:
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-        key = splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))
-        hashed = splitmix64(index.numpy().astype(np.int64).astype(np.uint64) ^ key)
-    uniform = (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # in [0, 1)
-    return torch.from_numpy(uniform < val_fraction)
+    return held_out(index, val_fraction, seed)
 
 
 def label_groups(present: torch.Tensor) -> list[list[int]]:

@@ -24,6 +24,7 @@ from armorm_io.features import load_features, read_meta
 from armorm_io.files import file_sha256
 from conversion import extract as extract_module
 from conversion.extract import main as extract
+from tests.armorm_io.test_pair_keys import independent_key
 from tests.utils import (
     SHARED_DATA,
     SMOLLM2_GGUF,
@@ -162,6 +163,8 @@ def test_pairs_equal_per_row_forward(backbone, reference, path, split, tmp_path)
         torch.testing.assert_close(tensors["prompt_embeddings"][row], h_x, rtol=0, atol=ATOL)
         # Causal attention: the rejected side's pass gives the same prompt feature, so storing one loses nothing.
         torch.testing.assert_close(h_x_rejected, h_x, rtol=0, atol=ATOL)
+        assert int(tensors["prompt_keys"][row]) == independent_key(chosen[:-1])
+        assert int(tensors["pair_keys"][row]) == independent_key([*chosen, rejected[-1]])
 
 
 @pytest.mark.parametrize("interruption", ["raise mid-run", "delete the last shard"])
