@@ -286,13 +286,9 @@ def _load_scorer(config: AnnotateConfig, device, world_size: int):
     tokenizer = load_tokenizer(config.model)
     options = {"max_length": config.max_length, "truncate_prompt": config.truncate_prompt}
     if config.backend == "vllm":
-        if world_size > 1:
-            raise ValueError(
-                "`--backend vllm` runs one vLLM engine: start it without torchrun (spread a large model over GPUs "
-                "with `--vllm-engine-args '{\"tensor_parallel_size\": N}'`), or use `--backend transformers`."
-            )
         engine_args = config.engine_arguments(config.model, config.dtype)
-        return VllmScorer(config.model, tokenizer, engine_args=engine_args, **options)
+        rank_device = device if world_size > 1 else None  # under torchrun, each process its own engine
+        return VllmScorer(config.model, tokenizer, engine_args=engine_args, rank_device=rank_device, **options)
     model = load_model(config.model, config.dtype, device)
     return TransformersScorer(
         model, tokenizer, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens, **options

@@ -8,13 +8,16 @@ runs the forward pass:
 * `TransformersScorer`: `modeling_armorm.scoring.score_encoded`, the path of the `reward-scoring` pipeline: a chunk's
   answers to one prompt share their tokens up to the gating position, so that prefix runs once
   (`modeling_armorm.prefix_sharing`).
-* `VllmScorer` (`--backend vllm`): vLLM's offline engine with this package's plugin (`vllm_armorm.score_tokens`).
+* `VllmScorer` (`--backend vllm`): vLLM's offline engine with this package's plugin (`vllm_armorm.score_tokens`);
+  under `torchrun`, one engine per process (`rank_engine_environment`).
 
 `score` never raises over one conversation: a score that comes out NaN or infinite (a backbone overflow), or a request
 vLLM refuses, is that conversation's reason, and the others are scored.
 """
 
+import contextlib
 import math
+import os
 from types import SimpleNamespace
 
 import torch
@@ -31,7 +34,7 @@ from modeling_armorm.scoring import (
 )
 
 
-__all__ = ["Scored", "TransformersScorer", "VllmScorer"]
+__all__ = ["Scored", "TransformersScorer", "VllmScorer", "rank_engine_environment"]
 
 
 class Scored:
@@ -120,18 +123,30 @@ class TransformersScorer(_Encoding):
 class VllmScorer(_Encoding):
     """vLLM's offline `LLM` running the checkpoint with this package's plugin: the same encoding, the forward pass
     in vLLM (`vllm_armorm.score_tokens`, the gating position passed; a prompt's answers share it through vLLM's prefix
-    cache). `engine_args`: `vllm.LLM` keywords (`dtype` among them)."""
+    cache). `engine_args`: `vllm.LLM` keywords (`dtype` among them). `rank_device`: under `torchrun`, this process's
+    device, where its own engine runs (`rank_engine_environment`); None for one process."""
 
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, *, max_length: int, truncate_prompt: bool, engine_args: dict):
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        *,
+        max_length: int,
+        truncate_prompt: bool,
+        engine_args: dict,
+        rank_device: torch.device | None = None,
+    ):
         from transformers import AutoConfig
         from vllm import LLM
 
         config = AutoConfig.from_pretrained(model_path)
         # The checkpoint's own gating pattern, checked against the tokenizer's template (only the config is read).
         pattern = model_gating_pattern(SimpleNamespace(config=config), tokenizer)
-        self.llm = LLM(model=model_path, runner="pooling", **engine_args)
+        environment = {} if rank_device is None else rank_engine_environment(rank_device, engine_args)
+        with _environment(environment):  # the engine's processes start here and keep what they were given
+            self.llm = LLM(model=model_path, runner="pooling", **engine_args)
         model_config = self.llm.llm_engine.model_config
         super().__init__(tokenizer, pattern, max_length, truncate_prompt, model_config.max_model_len)
         self.config, self.objectives = config, objective_names(config)
@@ -161,3 +176,43 @@ class VllmScorer(_Encoding):
         if progress is not None:
             progress.update(len(encoded), sum(len(row) for row in encoded))
         return out
+
+
+def rank_engine_environment(device: torch.device, engine_args: dict) -> dict[str, str]:
+    """The environment in which one `torchrun` process starts its own vLLM engine: data parallelism as vLLM 0.32 offers
+    it for a dense model. vLLM runs offline data parallelism itself only for mixture-of-experts models
+    (`vllm/config/parallel.py`: "Offline data parallel mode is not supported/useful for dense models";
+    `vllm/entrypoints/llm.py` refuses `LLM(data_parallel_size=N)` in one process), which leaves a dense model one
+    independent engine per process on its share of the prompts: what each rank does here.
+
+    The engine runs in a spawned process of its own: in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), or in a
+    forked copy of it, vLLM finds the ranks' process group initialized and takes it for its own world
+    (`vllm/distributed/parallel_state.py`, `init_distributed_environment`: "rank 1 in world size 2", then errors at
+    exit). On a GPU it sees this rank's GPU alone, so one GPU per rank: spread a model over several GPUs with
+    `tensor_parallel_size` in one process instead."""
+    if int(engine_args.get("tensor_parallel_size", 1)) * int(engine_args.get("pipeline_parallel_size", 1)) > 1:
+        raise ValueError(
+            "`--backend vllm` under torchrun runs one engine per process on one GPU each: drop `tensor_parallel_size` "
+            "and `pipeline_parallel_size` from `--vllm-engine-args`, or run one process without torchrun with them."
+        )
+    environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        environment["CUDA_VISIBLE_DEVICES"] = gpus[device.index or 0]
+    return environment
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`os.environ` with `values` set, as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -5,7 +5,9 @@ Once installed, vLLM serves ArmoRM checkpoints, this package's and the released 
 pooling models (`vllm serve CKPT --runner pooling`, `LLM(CKPT, runner="pooling").classify(...)`): each request returns
 the reward [score] (what verl and any single-label client read), or, asked with `pooling_params(full_output=True)`,
 [status, score, rewards, gating weights, coefficients] (see `vllm_armorm.outputs`); `score_tokens(llm, token_ids,
-gating_positions)` reads the full vector for an offline `LLM`.
+gating_positions)` reads the full vector for an offline `LLM`. Over HTTP, a server started with
+`--io-processor-plugin armorm` (entry point `vllm.io_processor_plugins`) returns the full vector to `/pooling` requests
+that send `{"data": {"input": ...}}` (`vllm_armorm.io_processor`).
 """
 
 from .offline import score_tokens
@@ -27,6 +29,7 @@ __all__ = [
     "ArmoRMOutput",
     "ArmoRMRequestError",
     "ErrorCode",
+    "io_processor_plugin",
     "output_size",
     "pooling_params",
     "register",
@@ -47,3 +50,9 @@ def register() -> None:
         if architecture not in ModelRegistry.get_supported_archs():
             # A string: vLLM imports the model lazily, in the process that builds it.
             ModelRegistry.register_model(architecture, "vllm_armorm.model:ArmoRMRewardModel")
+
+
+def io_processor_plugin() -> str:
+    """Entry point `vllm.io_processor_plugins`: `armorm`, the processor that `--io-processor-plugin armorm` installs
+    (the full vector over HTTP `/pooling`, see `vllm_armorm.io_processor`)."""
+    return "vllm_armorm.io_processor.ArmoRMIOProcessor"

@@ -18,9 +18,11 @@ OpenAI server's `/classify`, the `data` of `/pooling`). The ArmoRM pooler writes
   the k raw rewards; g = β softmax(MLP(h_x)/τ), the gating weights; c = g Tᵀ, the weight of each raw reward in the
   score (s = c · r).
 
-vLLM 0.32 gives a pooler the same `PoolingParams` for `/classify` and `/pooling` (the task of both is the server's one
-pooling task, "classify", and neither request carries `extra_kwargs`), so over HTTP both return the reward; the full
-vector is for clients that build their own `PoolingParams` (`LLM.classify`, `LLM.encode`, `AsyncLLM.encode`).
+vLLM 0.32 gives a pooler the same `PoolingParams` for `/classify` and a plain `/pooling` request (the task of both is
+the server's one pooling task, "classify", and neither request carries `extra_kwargs`), so both return the reward; the
+full vector is for clients that build their own `PoolingParams` (`LLM.classify`, `LLM.encode`, `AsyncLLM.encode`) and,
+over HTTP, for `/pooling` requests with a `data` field on a server started with `--io-processor-plugin armorm`
+(`vllm_armorm.io_processor`).
 """
 
 from dataclasses import dataclass

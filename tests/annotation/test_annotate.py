@@ -395,6 +395,22 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
     assert one["metrics"]["counts"]["prompts"] == 10
 
 
+def test_a_rank_vllm_engine_runs_spawned_on_the_ranks_gpu(monkeypatch):
+    """`--backend vllm` under torchrun: rank r's engine starts in a spawned process of its own that sees the r-th
+    visible GPU alone (`CUDA_VISIBLE_DEVICES` "4,6", rank device cuda:1 -> "6"); tensor or pipeline parallelism, which
+    would need more GPUs than the rank's, is refused."""
+    from annotation.scorers import rank_engine_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    spawned = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert rank_engine_environment(torch.device("cuda", 1), {}) == {**spawned, "CUDA_VISIBLE_DEVICES": "6"}
+    assert rank_engine_environment(torch.device("cuda", 0), {}) == {**spawned, "CUDA_VISIBLE_DEVICES": "4"}
+    assert rank_engine_environment(torch.device("cpu"), {"dtype": "float32"}) == spawned
+    for parallel in ("tensor_parallel_size", "pipeline_parallel_size"):
+        with pytest.raises(ValueError, match=parallel):
+            rank_engine_environment(torch.device("cuda", 0), {parallel: 2})
+
+
 # ---------------------------------------------------------------------------------------------------------- push
 
 REPO_ID = "someone/annotated"

@@ -1,10 +1,14 @@
 """`armorm annotate --backend vllm`: vLLM's offline engine with the plugin gives the scores that the package's own
-scoring path gives in the main environment (`cases.json`, `make_reference.py`), and the pairs follow from them.
+scoring path gives in the main environment (`cases.json`, `make_reference.py`), and the pairs follow from them; under
+`torchrun` each process runs its own engine on its share of the prompts and rank 0 writes the same outputs.
 
 The data holds every reference conversation, the answers to one prompt as that prompt's candidates (the GRPO prompt's
 eight answers share it through vLLM's prefix cache)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,41 +19,73 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm`
 import datasets  # noqa: E402
 
 from annotation import annotate as annotate_stage  # noqa: E402
-from tests.serving.vllm.conftest import ENGINE  # noqa: E402
+from tests.serving.vllm.conftest import ENGINE, REPO  # noqa: E402
 
 
 ATOL = 1e-5
+ENGINE_ARGS = json.dumps({k: v for k, v in ENGINE.items() if k not in ("runner", "dtype")})
 
 
-def test_vllm_backend_equals_the_scoring_path(reference, cases, tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster to start
+def write_groups(cases: dict, data) -> list[dict]:
+    """The reference conversations grouped by prompt, written as `messages` + `completions` rows to `data`."""
     groups: dict[str, dict] = {}
     for row in cases["armorm"]["rows"]:
         prompt = row["messages"][:-1]
         group = groups.setdefault(json.dumps(prompt), {"messages": prompt, "completions": [], "expected": []})
         group["completions"].append(row["messages"][-1]["content"])
         group["expected"].append(row)
-    data = tmp_path / "gens.jsonl"
     data.write_text(
         "".join(json.dumps({k: g[k] for k in ("messages", "completions")}) + "\n" for g in groups.values())
     )
-    engine_args = {k: v for k, v in ENGINE.items() if k not in ("runner", "dtype")}
-    report = annotate_stage.main(
-        model=str(reference / "armorm"), data=str(data), out=str(tmp_path / "out"), backend="vllm",
-        vllm_engine_args=json.dumps(engine_args), dtype="float32", max_length=ENGINE["max_model_len"],
-    )  # fmt: skip
+    return list(groups.values())
 
-    scored = datasets.load_from_disk(str(tmp_path / "out" / "scored")).to_list()
-    pairs = datasets.load_from_disk(str(tmp_path / "out" / "pairs")).to_list()
+
+def test_vllm_backend_equals_the_scoring_path(reference, cases, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster to start
+    groups = write_groups(cases, tmp_path / "gens.jsonl")
+    report = annotate_stage.main(
+        model=str(reference / "armorm"), data=str(tmp_path / "gens.jsonl"), out=str(tmp_path / "out"),
+        backend="vllm", vllm_engine_args=ENGINE_ARGS, dtype="float32", max_length=ENGINE["max_model_len"],
+    )  # fmt: skip
+    assert_outputs(tmp_path / "out", groups, report)
+
+
+@pytest.mark.slow  # two vLLM engines start on the CPU: about 5 minutes on 2 busy cores
+def test_two_processes_each_run_an_engine(reference, cases, tmp_path):
+    """`torchrun --nproc_per_node 2`: each rank starts its own engine (in a spawned process: in the rank's own, vLLM
+    would take the ranks' process group for its world) and scores every other chunk of one prompt; rank 0's outputs
+    are the transformers model's scores and pairs, as one process's are."""
+    groups = write_groups(cases, tmp_path / "gens.jsonl")
+    args = ["annotate", "--model", str(reference / "armorm"), "--data", str(tmp_path / "gens.jsonl")]
+    args += ["--out", str(tmp_path / "out"), "--backend", "vllm", "--vllm-engine-args", ENGINE_ARGS]
+    args += ["--dtype", "float32", "--max-length", str(ENGINE["max_model_len"]), "--shard-prompts", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the scorer overrides it
+    result = subprocess.run(
+        [*command, "-m", "armorm_cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    logs = result.stdout + result.stderr
+    engines = [line for line in logs.splitlines() if "Initializing a V1 LLM engine" in line]
+    # One engine per rank, each in its own process (vLLM tags its log lines with the process), and clean exits: an
+    # engine inside the rank takes torchrun's process group for its world and fails at exit.
+    assert len(engines) == 2 and all(line.startswith("(EngineCore") for line in engines), engines
+    assert "Traceback" not in logs, logs[-5000:]
+    assert_outputs(tmp_path / "out", groups, json.loads((tmp_path / "out" / "annotate.json").read_text()))
+
+
+def assert_outputs(out, groups: list[dict], report: dict) -> None:
+    scored = datasets.load_from_disk(str(out / "scored")).to_list()
+    pairs = datasets.load_from_disk(str(out / "pairs")).to_list()
     assert len(scored) == len(groups) and report["skipped"] == []
     expected_pairs = []
-    for out, group in zip(scored, groups.values()):
+    for item, group in zip(scored, groups):
         for key, column in (("score", "scores"), ("rewards", "rewards")):
             torch.testing.assert_close(
-                torch.tensor(out[column]), torch.tensor([row[key] for row in group["expected"]]), atol=ATOL, rtol=0
+                torch.tensor(item[column]), torch.tensor([row[key] for row in group["expected"]]), atol=ATOL, rtol=0
             )
         torch.testing.assert_close(
-            torch.tensor(out["gating_output"]), torch.tensor(group["expected"][0]["gating_output"]), atol=ATOL, rtol=0
+            torch.tensor(item["gating_output"]), torch.tensor(group["expected"][0]["gating_output"]), atol=ATOL, rtol=0
         )
         scores = [row["score"] for row in group["expected"]]
         if len(scores) > 1:

@@ -1,8 +1,10 @@
 """vLLM's own OpenAI-compatible server with the plugin (`python -m vllm.entrypoints.openai.api_server --runner
-pooling`): `/classify` and `/pooling` return the reward [s] per input, the transformers model's score, read as verl's
-reward loop reads it (`probs[-1]`) and as a single-label client reads it (`probs[0]`); a conversation that cannot be
-scored (no gating pattern, tokens that are not one prompt and one answer) is an error for its own HTTP request, the
-requests served beside it get their scores and the server keeps serving."""
+pooling --io-processor-plugin armorm`): `/classify` and `/pooling` return the reward [s] per input, the transformers
+model's score, read as verl's reward loop reads it (`probs[-1]`) and as a single-label client reads it (`probs[0]`);
+the same server answers a `/pooling` request with a `data` field with the full vector [status, s, r, g, c] per input,
+the transformers model's outputs; a conversation that cannot be scored (no gating pattern, tokens that are not one
+prompt and one answer) is an error for its own HTTP request on every route, the requests served beside it get their
+scores and the server keeps serving."""
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these in .venv-vllm")
 
 from tests.serving.vllm.conftest import ENGINE  # noqa: E402
-from tests.serving.vllm.test_plugin import assert_score  # noqa: E402
+from tests.serving.vllm.test_plugin import assert_matches, assert_score  # noqa: E402
 from tests.serving_utils import free_port, request, running_server  # noqa: E402
 
 
@@ -30,6 +32,7 @@ def server(reference, tmp_path_factory):
     port = free_port()
     model = str(reference / "armorm")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *engine_flags()]
+    command += ["--io-processor-plugin", "armorm"]  # `/pooling` with `data`: the full vector
     command += ["--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     with running_server(command, port, log):
@@ -136,3 +139,53 @@ def test_tokens_that_are_not_one_prompt_and_one_answer_are_an_error_for_their_re
         port, "/pooling", {"model": model, "messages": raw["answer-writes-the-header"]["messages"]}
     )
     assert status == 400 and "data" not in answer, (status, answer)
+
+
+def test_pooling_with_data_returns_the_full_vector_while_classify_returns_the_score(server, cases):
+    """One server, two layouts: `/pooling` with `{"data": {"input": ...}}` gives [status, s, r_1..k, g_1..k, c_1..k]
+    per input, each part the transformers model's; `/classify` on the same inputs gives [s], read as verl reads it."""
+    from vllm_armorm import ArmoRMOutput
+
+    port, model = server
+    rows = cases["armorm"]["rows"]
+    k = len(rows[0]["rewards"])
+    status, pooled = request(port, "/pooling", {"model": model, "data": {"input": [r["input_ids"] for r in rows]}})
+    assert status == 200, pooled
+    status, classified = request(port, "/classify", {"model": model, "input": [r["input_ids"] for r in rows]})
+    assert status == 200, classified
+    assert [item["index"] for item in pooled["data"]] == list(range(len(rows)))
+    for row, item, classified_item in zip(rows, pooled["data"], classified["data"]):
+        vector = item["data"]
+        assert len(vector) == 2 + 3 * k and vector[0] == 0, vector
+        assert_matches(ArmoRMOutput.from_vector(vector, where=row["name"]), row)
+        assert classified_item["probs"] == [classified_item["probs"][-1]]  # one value: nothing to take for it
+        assert_score(classified_item["probs"][-1], row)
+
+    # One text input, as verl renders it, is one conversation too.
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model)
+    row = rows[0]
+    text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    status, pooled = request(port, "/pooling", {"model": model, "data": {"input": text}})
+    assert status == 200, pooled
+    assert_matches(ArmoRMOutput.from_vector(pooled["data"][0]["data"]), row)
+
+
+def test_an_unscorable_input_is_an_error_on_pooling_with_data(server, cases):
+    """The prompt cut before its assistant header, and raw tokens that are not one prompt and one answer: their
+    `/pooling` requests fail with the reason and the input's index, a request in flight beside them is served."""
+    port, model = server
+    good = cases["armorm"]["rows"][0]
+    raw = {row["name"]: row for row in cases["armorm"]["raw"]}
+    cut = good["input_ids"][: good["gating_position"]]
+    inputs = ([good["input_ids"], cut], [good["input_ids"]], [raw["answer-writes-the-header"]["input_ids"]])
+    answers = concurrently(port, "/pooling", [{"model": model, "data": {"input": i}} for i in inputs])
+    (status, refused), (good_status, scored), (header_status, header) = answers
+    assert status == 400 and "data" not in refused, (status, refused)
+    assert "input 1" in refused["error"]["message"] and "gating pattern" in refused["error"]["message"], refused
+    assert header_status == 400 and "one prompt and one answer" in header["error"]["message"], header
+    assert good_status == 200, scored
+    assert_score(scored["data"][0]["data"][1], good)
+    status, malformed = request(port, "/pooling", {"model": model, "data": {"messages": good["messages"]}})
+    assert status == 400 and '{"input": ...}' in malformed["error"]["message"], (status, malformed)
