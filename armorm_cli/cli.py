@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 from annotation import annotate
 from armorm_cli import explain, score
-from conversion import assemble, build, convert_rlhflow, decorrelate, extract, fit, gate, push
+from conversion import assemble, bt, build, convert_rlhflow, decorrelate, extract, fit, gate, push
 from evaluation import evaluate, rewardbench_score
 from serving import serve
 
@@ -30,6 +30,7 @@ __all__ = ["COMMANDS", "build_parser", "console_main", "main"]
 COMMANDS = {
     "annotate": annotate,
     "assemble": assemble,
+    "bt": bt,
     "build": build,
     "convert-rlhflow": convert_rlhflow,
     "decorrelate": decorrelate,

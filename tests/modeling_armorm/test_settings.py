@@ -14,6 +14,7 @@ from armorm_cli.cli import COMMANDS, build_parser
 from conversion import build
 from conversion.assemble import AssembleSettings
 from conversion.extract import ExtractSettings
+from conversion.bt import BTSettings
 from conversion.gate import GateSettings
 from evaluation.evaluate import EvaluateSettings
 from modeling_armorm.settings import (
@@ -47,6 +48,7 @@ BACKEND = {"backend", "vllm_engine_args"}
 # A field that has a shared knob's name but is another knob, and why.
 OTHER_KNOBS = {
     (GateSettings, "batch_size"): "pairs per optimizer step on stored features, not conversations per forward pass",
+    (BTSettings, "batch_size"): "pairs per training step and device (two forwards each), as TRL counts a batch",
     (ServeSettings, "max_batch_tokens"): "the budget beside the server's `max_batch_rows`, not `batch_size`",
 }
 # The shared knobs each command has (`build`: through its stages' prefixed flags).
@@ -58,6 +60,7 @@ EXPECTED = {
     "serve": {"dtype", "device", "normalize"} | BACKEND,
     "assemble": {"dtype"},
     "gate": {"device"},
+    "bt": {"dtype", "max_length", "truncate_prompt"},
     "build": set(SHARED) - {"normalize"} - BACKEND,
     "annotate": set(SHARED),
 }
