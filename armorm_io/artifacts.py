@@ -23,6 +23,7 @@ __all__ = [
     "SUPPORT_METRICS",
     "head_fingerprint",
     "load_gating",
+    "load_preference_folds",
     "load_regression",
     "load_support_metrics",
     "load_transform",
@@ -46,6 +47,10 @@ def _decode(value: str):
 CONTENT_HASH = "content_sha256"
 # The metadata key of a regression file's per-objective support metrics (written by `armorm fit`).
 SUPPORT_METRICS = "support_metrics"
+# The tensors of a regression file's cross-fitted `preference` objective (written by `armorm fit --preference`).
+PREFERENCE_FOLD_WEIGHTS = "preference_fold_weights"
+PREFERENCE_PAIR_KEYS = "preference_pair_keys"
+PREFERENCE_FOLDS = "preference_folds"
 
 
 def _save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> str:
@@ -107,10 +112,12 @@ def save_regression(
     objectives: list[str],
     extra_metadata: dict | None = None,
     support_metrics: dict[str, dict] | None = None,
+    preference_folds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> str:
     """`weight` (k, d) float32 = W, `alpha` (k,) = each objective's ridge penalty; metadata `objectives` and, when
     given, `support_metrics` (objective → the rows and held-out correlations `armorm decorrelate` and `armorm gate`
-    judge it by, see `conversion.support`)."""
+    judge it by, see `conversion.support`). `preference_folds`: the cross-fitted `preference` objective's fold heads
+    (K, d) and the key and fold of each pair it was fitted on (M,), M ≥ 1 (`conversion.preference`)."""
     weight, alpha = torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(alpha, dtype=torch.float64)
     if weight.ndim != 2 or alpha.shape != (weight.shape[0],):
         raise ValueError(
@@ -123,7 +130,17 @@ def save_regression(
         if unknown:
             raise ValueError(f"`support_metrics` names {unknown}, which are not among the objectives {objectives}.")
         metadata[SUPPORT_METRICS] = support_metrics
-    return _save(path, {"weight": weight, "alpha": alpha}, metadata)
+    tensors = {"weight": weight, "alpha": alpha}
+    if preference_folds is not None:
+        fold_weights, pair_keys, folds = preference_folds
+        if fold_weights.ndim != 2 or fold_weights.shape[1] != weight.shape[1] or pair_keys.shape != folds.shape:
+            raise ValueError(
+                f"`preference_folds` must be fold heads (K, {weight.shape[1]}) and pair keys and folds of one shape; "
+                f"got {tuple(fold_weights.shape)}, {tuple(pair_keys.shape)} and {tuple(folds.shape)}."
+            )
+        tensors[PREFERENCE_FOLD_WEIGHTS] = fold_weights.float()
+        tensors[PREFERENCE_PAIR_KEYS], tensors[PREFERENCE_FOLDS] = pair_keys.long(), folds.long()
+    return _save(path, tensors, metadata)
 
 
 def load_regression(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -132,6 +149,16 @@ def load_regression(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     weight = tensors["weight"].float()
     objectives = metadata.get("objectives") or [str(i) for i in range(weight.shape[0])]
     return weight, tensors["alpha"], _objective_list(objectives, weight.shape[0])
+
+
+def load_preference_folds(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The cross-fitted `preference` head of a regression file: fold heads (K, d), fitted pair keys and their folds
+    (M,); None when the file has none (no `preference` objective, or the score head of a Bradley-Terry backbone)."""
+    tensors, _ = _load(path)
+    if PREFERENCE_FOLD_WEIGHTS not in tensors:
+        return None
+    _require(path, tensors, (PREFERENCE_PAIR_KEYS, PREFERENCE_FOLDS), "fit")
+    return tensors[PREFERENCE_FOLD_WEIGHTS].float(), tensors[PREFERENCE_PAIR_KEYS], tensors[PREFERENCE_FOLDS]
 
 
 def load_support_metrics(path: str | os.PathLike) -> dict[str, dict] | None:

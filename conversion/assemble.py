@@ -151,7 +151,7 @@ class Heads:
 
 
 # Per-objective metrics each stage's report holds, as the card's table shows them.
-_FIT_METRICS = ("rows", "val_mse", "pearson", "spearman")
+_FIT_METRICS = ("rows", "val_mse", "pearson", "spearman", "pairwise_accuracy")
 _DECORRELATE_METRICS = ("spearman_before", "spearman_after")
 
 

@@ -1,7 +1,8 @@
-"""Every stage in one command: extract → fit → decorrelate → gate → assemble [→ evaluate], in a reusable work folder.
+"""Every stage in one command: [bt →] extract → fit → decorrelate → gate → assemble [→ evaluate], in a reusable work
+folder.
 
     armorm build --backbone B --ratings R1 [R2 ...] --pairs P1 [P2 ...] [--reference P ...] --out CKPT [--work DIR] \\
-        [--eval PAIRS] [--extract-batch-size 16 --gate-steps 2000 --decorrelate-verbosity helpsteer-verbosity ...]
+        [--bt-pairs P ...] [--eval PAIRS] [--extract-batch-size 16 --gate-steps 2000 --bt-epochs 1 ...]
 
 Each stage writes into `--work` (default `<out>.work`) with its report (`<stage>.json`). A rerun reuses a stage when
 its report records the same settings and the same content hashes of its inputs, and its outputs are still the files
@@ -11,23 +12,36 @@ that depend on them run again. The settings of each stage are its own dataclass,
 of stage `<stage>` is the flag `--<stage>-<name>` (`--gate-steps`, `--extract-batch-size`, …), with that stage's
 default and help. With `--eval`, `armorm evaluate` scores the assembled checkpoint on that data (`<work>/evaluate.json`)
 and the card gets its results (tables and `model-index`), as `armorm assemble --eval-results` would give them.
+
+With `--bt-pairs`, a first stage fine-tunes a Bradley-Terry reward model from `--backbone` on those pairs (`armorm bt`,
+settings `--bt-<name>`) into `<work>/bt`, and every later stage stands on it, as the paper builds ArmoRM on a
+Bradley-Terry RM: the features are its last hidden states and the checkpoint's backbone is it, its score head dropped.
+The gate's validation pairs stay out of its training data: both stages hold out a pair when `held_out(prompt_key,
+val_fraction, seed)`, and settings that would let the Bradley-Terry stage train on the gate's validation prompts
+(`--bt-seed` other than `--gate-seed`, or `--bt-val-fraction` below `--gate-val-fraction`, with prompts in common)
+are refused.
 """
 
 import dataclasses
 import json
 import logging
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from armorm_io.artifacts import head_fingerprint
 from armorm_io.backbone import backbone_fingerprint
-from armorm_io.data import data_fingerprint
+from armorm_io.data import data_fingerprint, load_pairs
 from armorm_io.features import folder_fingerprint
 from armorm_io.files import Fingerprint, file_sha256
+from armorm_io.pair_keys import held_out, prompt_key
 from armorm_io.reports import file_name, read_report, relative_path, report_path, settings_dict
-from conversion import assemble, decorrelate, extract, fit, gate
+from conversion import assemble, bt, decorrelate, extract, fit, gate
 from conversion.assemble import AssembleSettings, checkpoint_fingerprint
+from conversion.bt import BTSettings
 from conversion.decorrelate import DecorrelateSettings
 from conversion.extract import ExtractSettings
 from conversion.fit import FitSettings
@@ -44,6 +58,7 @@ __all__ = ["ARGUMENTS", "BuildConfig", "BuildInputs", "RENAMED_FLAGS", "main", "
 
 # The settings dataclass of every stage `build` runs, in order.
 STAGES = {
+    "bt": BTSettings,
     "extract": ExtractSettings,
     "fit": FitSettings,
     "decorrelate": DecorrelateSettings,
@@ -60,6 +75,13 @@ class BuildInputs:
     backbone: Location = field(metadata={"help": "Hub id, folder or `.gguf` file of the decoder backbone."})
     ratings: list[Location] = field(metadata={"help": "Rating datasets (messages + objective columns)."})
     pairs: list[Location] = field(metadata={"help": "Preference pair datasets for the gating network."})
+    bt_pairs: list[Location] | None = field(
+        default=None,
+        metadata={
+            "help": "Preference pairs for a Bradley-Terry backbone (`armorm bt`, settings `--bt-<name>`): the stages "
+            "after it use it as the backbone (default: none, `--backbone` as it is)."
+        },
+    )
     reference: list[Location] | None = field(
         default=None, metadata={"help": "Pair datasets for the verbosity decorrelation (default: `--pairs`)."}
     )
@@ -78,6 +100,7 @@ class BuildInputs:
 class BuildConfig(BuildInputs):
     """`armorm build`: its inputs and each stage's settings (`BuildConfig(..., gate=GateSettings(steps=100))`)."""
 
+    bt: BTSettings = field(default_factory=BTSettings)
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     fit: FitSettings = field(default_factory=FitSettings)
     decorrelate: DecorrelateSettings = field(default_factory=DecorrelateSettings)
@@ -159,8 +182,67 @@ def _run(stage: str, label: str, reusable: bool, run) -> None:
 # ---------------------------------------------------------------- the stages
 
 
-def _extract_all(config: BuildConfig, work: Path) -> dict[str, list[str]]:
-    """One features folder per dataset; extraction resumes inside a folder by itself."""
+def _bradley_terry(config: BuildConfig, work: Path) -> str:
+    """The `bt` stage: a Bradley-Terry reward model fine-tuned from `--backbone` on `--bt-pairs` into `<work>/bt`
+    (`armorm bt`), the backbone of every later stage. Returns that folder."""
+    _check_bt_held_out(config)
+    out = work / "bt"
+    stage = bt.BTConfig(**dataclasses.asdict(config.bt), backbone=config.backbone, pairs=config.bt_pairs, out=str(out))
+    inputs = {
+        "backbone": backbone_fingerprint(config.backbone),
+        "pairs": [data_fingerprint(data) for data in config.bt_pairs],
+    }
+    trained_pairs = out / bt.TRAINED_PAIRS_NAME
+    outputs = {
+        "model": lambda: Fingerprint(str(out / "model.safetensors"), bt.weights_sha256(out)),
+        "trained_pairs": lambda: Fingerprint(
+            str(trained_pairs), file_sha256(trained_pairs) if trained_pairs.is_file() else None
+        ),
+    }
+    reusable = _reusable(out / bt.REPORT_NAME, stage, inputs, outputs)
+    if not reusable and (out / bt.REPORT_NAME).is_file():
+        # A finished run of other settings or inputs, or files changed since: the folder is build's own. (A run
+        # interrupted before its report resumes, or `armorm bt` refuses with the fix.)
+        logger.info("[build] %s holds a Bradley-Terry model of other pairs or settings: training again.", out)
+        shutil.rmtree(out)
+    _run("bt", "bt", reusable, lambda: bt.main(stage))
+    return str(out)
+
+
+def _check_bt_held_out(config: BuildConfig) -> None:
+    """Refuse `--bt-*` settings that let the Bradley-Terry stage train on the gate's validation pairs.
+
+    Both stages hold a pair out when `held_out(prompt_key, val_fraction, seed)`, a seeded uniform draw per prompt
+    below the fraction: with the same seed and a Bradley-Terry fraction at least the gate's, every prompt the gate
+    validates on is held out of the Bradley-Terry training by construction. Other settings are refused when the
+    prompts of `--pairs` the gate validates on are among those of `--bt-pairs` it would train on."""
+    bt_settings, gate_settings = config.bt, config.gate
+    nested = bt_settings.seed == gate_settings.seed and bt_settings.val_fraction >= gate_settings.val_fraction
+    if nested or gate_settings.val_fraction == 0:
+        return
+
+    def prompt_keys(locations: list[str], **kwargs) -> torch.Tensor:
+        rows = [load_pairs(data, **kwargs) for data in locations]
+        return torch.tensor([prompt_key(chosen) for r in rows for chosen in r.chosen], dtype=torch.int64)
+
+    # The gate's pairs as `armorm extract` reads them; the Bradley-Terry pairs as `armorm bt` reads them.
+    gate_keys = prompt_keys(config.pairs, split=config.extract.split, name=config.extract.name)
+    bt_keys = prompt_keys(config.bt_pairs)
+    validation = gate_keys[held_out(gate_keys, gate_settings.val_fraction, gate_settings.seed)].unique()
+    trained = bt_keys[~held_out(bt_keys, bt_settings.val_fraction, bt_settings.seed)]
+    seen = int(torch.isin(validation, trained).sum())
+    if seen:
+        raise ValueError(
+            f"With `--bt-val-fraction {bt_settings.val_fraction} --bt-seed {bt_settings.seed}`, the Bradley-Terry "
+            f"stage would train on {seen} of the {len(validation)} prompts the gate validates on "
+            f"(`--gate-val-fraction {gate_settings.val_fraction} --gate-seed {gate_settings.seed}`). Give both "
+            "stages the same seed and `--bt-val-fraction` at least `--gate-val-fraction` (the defaults do), or "
+            "`--bt-pairs` that share no prompt with `--pairs`."
+        )
+
+
+def _extract_all(config: BuildConfig, work: Path, backbone: str) -> dict[str, list[str]]:
+    """One features folder per dataset, extracted with `backbone`; extraction resumes inside a folder by itself."""
     folders = {"ratings": [], "pairs": [], "reference": []}
     jobs = [("ratings", d) for d in config.ratings] + [("pairs", d) for d in config.pairs]
     jobs += [("reference", d) for d in config.reference or []]
@@ -171,9 +253,9 @@ def _extract_all(config: BuildConfig, work: Path) -> dict[str, list[str]]:
         kind = "ratings" if role == "ratings" else "pairs"
         stage = extract.ExtractConfig(
             **{**settings, "objectives": settings["objectives"] if kind == "ratings" else None},
-            backbone=config.backbone, data=data, kind=kind, out=str(folder),
+            backbone=backbone, data=data, kind=kind, out=str(folder),
         )  # fmt: skip
-        inputs = {"backbone": backbone_fingerprint(config.backbone), "data": data_fingerprint(data)}
+        inputs = {"backbone": backbone_fingerprint(backbone), "data": data_fingerprint(data)}
         reusable = _reusable(
             folder / "extract.json", stage, inputs, {"features": lambda f=folder: folder_fingerprint(f)}
         )
@@ -194,11 +276,21 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
         config = _from_flags(config, flags)
     work = Path(config.work or f"{config.out}.work")
     work.mkdir(parents=True, exist_ok=True)
-    folders = _extract_all(config, work)
+    # The paper's backbone is a Bradley-Terry RM: with `--bt-pairs` it is made first, and every later stage reads it.
+    backbone = _bradley_terry(config, work) if config.bt_pairs else config.backbone
+    folders = _extract_all(config, work, backbone)
     heads = {name: str(work / f"{name}.safetensors") for name in ("regression", "transform", "gating")}
 
-    fit_config = fit.FitConfig(**dataclasses.asdict(config.fit), features=folders["ratings"], out=heads["regression"])
+    # The `preference` objective is learned from the gate's own pairs, cross-fitted so the gate never sees a pair
+    # scored by a head fitted on it (`conversion.preference`).
+    preference_pairs = folders["pairs"] if config.fit.preference else None
+    fit_config = fit.FitConfig(
+        **dataclasses.asdict(config.fit), features=folders["ratings"], out=heads["regression"],
+        preference_pairs=preference_pairs,
+    )  # fmt: skip
     inputs = {"features": [folder_fingerprint(f) for f in folders["ratings"]]}
+    if preference_pairs:
+        inputs["preference_pairs"] = [folder_fingerprint(f) for f in preference_pairs]
     reusable = _reusable(report_path("fit", heads["regression"]), fit_config, inputs, _head("regression", heads))
     _run("fit", "fit", reusable, lambda: fit.main(fit_config))
 
@@ -234,11 +326,14 @@ def main(config: BuildConfig | BuildInputs | None = None, /, *flags, **kwargs) -
 
     settings = dataclasses.asdict(config.assemble)
     # Hub ids among the inputs go to the card's metadata, unless `--assemble-datasets` names them.
-    datasets = settings.pop("datasets") or [d for d in [*config.ratings, *config.pairs] if not Path(d).exists()]
+    data = [*(config.bt_pairs or []), *config.ratings, *config.pairs]
+    datasets = settings.pop("datasets") or [d for d in data if not Path(d).exists()]
+    if settings["base_model"] is None and backbone != config.backbone and not Path(config.backbone).exists():
+        settings["base_model"] = config.backbone  # the Hub model the Bradley-Terry backbone was fine-tuned from
     assemble_config = assemble.AssembleConfig(
-        **settings, datasets=datasets or None, backbone=config.backbone, out=config.out, **heads
+        **settings, datasets=datasets or None, backbone=backbone, out=config.out, **heads
     )
-    inputs = {"backbone": backbone_fingerprint(config.backbone)}
+    inputs = {"backbone": backbone_fingerprint(backbone)}
     inputs.update({name: head_fingerprint(path) for name, path in heads.items()})
     if config.eval is None:
         if config.evaluate != EvaluateSettings():

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from armorm_io.artifacts import head_fingerprint, load_regression, save_transform
 from armorm_io.features import folder_fingerprint, load_pair_features
 from armorm_io.reports import report_path, write_report
+from conversion.preference import cross_fitted_rewards
 from conversion.support import SupportSettings, find_support, unsupported_reason
-from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_rewards
+from modeling_armorm.heads import LENGTH_OBJECTIVE
 from modeling_armorm.settings import Location, normalize_locations
 
 
@@ -364,8 +365,8 @@ def _decorrelation(
         return DecorrelationResult(torch.zeros(k), torch.eye(k), [None] * k, [None] * k), 0
     if not features:
         raise ValueError(f"Decorrelating from `{verbosity}` needs reference features: pass `--reference`.")
-    lengths = features["answer_lengths"].reshape(-1) if verbosity == LENGTH_OBJECTIVE else None
-    rewards = _reference_rewards(features, weight, config.regression, lengths)
+    lengths = features["answer_lengths"] if verbosity == LENGTH_OBJECTIVE else None
+    rewards = _reference_rewards(features, weight, objectives, config.regression, lengths)
     logger.info(
         "Decorrelating %d objectives from `%s` over %d reference responses (%s).", k, verbosity, len(rewards), reason
     )
@@ -376,13 +377,17 @@ def _decorrelation(
     return result, len(rewards)
 
 
-def _reference_rewards(features: dict, weight: torch.Tensor, regression: str, lengths) -> torch.Tensor:
+def _reference_rewards(
+    features: dict, weight: torch.Tensor, objectives: list[str], regression: str, lengths
+) -> torch.Tensor:
     """r = W h of every reference response (and r_len with `lengths`), in float64: the bisection compares
-    correlations at λ's 1e-3 apart."""
+    correlations at λ's 1e-3 apart. A reference pair the `preference` head was fitted on gets its out-of-fold
+    reward, as in `armorm gate` (`conversion.preference.cross_fitted_rewards`). → (n, k)"""
     embeddings = reference_embeddings(features, {})
     if embeddings.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"The reference features have hidden size {embeddings.shape[-1]} but W of {regression} expects "
             f"{weight.shape[1]}: extract them with the backbone the regression was fitted on."
         )
-    return chunked_rewards(embeddings, weight, dtype=torch.float64, answer_lengths=lengths)
+    r = cross_fitted_rewards(features, weight, objectives, regression, dtype=torch.float64, answer_lengths=lengths)
+    return r.reshape(-1, r.shape[-1])  # pairs: both answers of each, 2N rows

@@ -13,6 +13,10 @@ The features are streamed: only the Gram statistics XᵀX, Xᵀy, yᵀy (float64
 share a label mask are kept, so memory is O(groups · d²) whatever the number of rows, and one eigendecomposition of
 a group's training Gram matrix gives the validation MSE of every α at once. The result equals scikit-learn's
 `Ridge(alpha, fit_intercept=False)` fitted on the same rows.
+
+With `--preference --preference-pairs PAIR_FEATURES`, W gets one more row, the objective `preference`: a Bradley-Terry
+score learned from those pairs, not from ratings, cross-fitted by prompt (`conversion.preference`); the file then also
+holds its fold heads and the keys and folds of the pairs it was fitted on.
 """
 
 import logging
@@ -29,8 +33,9 @@ from armorm_io.artifacts import head_fingerprint, save_regression
 from armorm_io.features import folder_fingerprint, iter_shards, read_meta, shard_names
 from armorm_io.pair_keys import held_out
 from armorm_io.reports import report_path, write_report
+from conversion.preference import PreferenceSettings, fit_preference
 from conversion.support import support_metrics
-from modeling_armorm.heads import rewards
+from modeling_armorm.heads import PREFERENCE_OBJECTIVE, rewards
 from modeling_armorm.settings import Location, normalize_locations
 
 
@@ -334,8 +339,9 @@ def format_metrics(metrics: dict) -> str:
 
 
 @dataclass(kw_only=True)
-class FitSettings:
-    """The knobs of `armorm fit` (the ones `armorm build` passes on as `--fit-<name>`)."""
+class FitSettings(PreferenceSettings):
+    """The knobs of `armorm fit` (the ones `armorm build` passes on as `--fit-<name>`), with those of the optional
+    `preference` objective."""
 
     alphas: list[float] = field(
         default_factory=lambda: list(ALPHAS),
@@ -351,12 +357,55 @@ class FitConfig(FitSettings):
 
     features: list[Location] = field(metadata={"help": "One or more ratings features folders (`armorm extract`)."})
     out: Location = field(metadata={"help": "The regression file to write, e.g. `regression.safetensors`."})
+    preference_pairs: list[Location] | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs features folder(s) the `preference` objective is learned from (with `--preference`)."
+        },
+    )
 
     def __post_init__(self):
+        super().__post_init__()
         normalize_locations(self)
+        if self.preference and not self.preference_pairs:
+            raise ValueError(
+                "`--preference` learns from pairs: pass their features folders with `--preference-pairs`."
+            )
+        if self.preference_pairs and not self.preference:
+            raise ValueError(
+                "`--preference-pairs` is given but the `preference` objective is off: add `--preference`."
+            )
 
 
 ARGUMENTS = (FitConfig,)
+
+
+def _add_preference(result: RegressionFit, config: FitConfig):
+    """Append the `preference` objective's row w to W (`conversion.preference`) and its metrics: the pairs it was
+    learned from and its out-of-fold pairwise accuracy stand where a rated objective has rows and correlations.
+    Returns the fold heads, pair keys and folds to store (None for a head that was not fitted here)."""
+    if PREFERENCE_OBJECTIVE in result.objectives:
+        raise ValueError(
+            f"The ratings already have an objective named `{PREFERENCE_OBJECTIVE}`, the name of the Bradley-Terry "
+            "objective: rename that label column, or drop `--preference`."
+        )
+    fitted = fit_preference(config.preference_pairs, config, config.seed, result.weight.shape[1])
+    result.weight = torch.cat([result.weight, fitted.weight[None]])
+    result.alpha = torch.cat([result.alpha, torch.tensor([fitted.alpha], dtype=result.alpha.dtype)])
+    result.objectives.append(PREFERENCE_OBJECTIVE)
+    # Out-of-fold pairs stand where a rated objective has its held-out rows; it has no rating to correlate with.
+    result.metrics[PREFERENCE_OBJECTIVE] = {
+        "rows": fitted.metrics["pairs"],
+        "val_rows": fitted.metrics["pairs"],
+        "val_mse": None,
+        "pearson": None,
+        "spearman": None,
+        "learned_from": "pairs",
+        **fitted.metrics,
+    }
+    if fitted.fold_weights is None:
+        return None
+    return fitted.fold_weights, fitted.pair_keys, fitted.folds
 
 
 def main(config: FitConfig | None = None, /, **kwargs) -> dict:
@@ -366,6 +415,7 @@ def main(config: FitConfig | None = None, /, **kwargs) -> dict:
     config = config or FitConfig(**kwargs)
     alphas = [float(a) for a in config.alphas]
     result = fit_regression(config.features, alphas=alphas, val_fraction=config.val_fraction, seed=config.seed)
+    folds = _add_preference(result, config) if config.preference else None
     backbone = read_meta(config.features[0]).get("backbone")
     save_regression(
         config.out,
@@ -374,12 +424,16 @@ def main(config: FitConfig | None = None, /, **kwargs) -> dict:
         result.objectives,
         extra_metadata={"backbone": backbone or ""},
         support_metrics=support_metrics(result.metrics),
+        preference_folds=folds,
     )
+    inputs = {"features": [folder_fingerprint(folder) for folder in config.features]}
+    if config.preference_pairs:
+        inputs["preference_pairs"] = [folder_fingerprint(folder) for folder in config.preference_pairs]
     report = write_report(
         report_path("fit", config.out),
         "fit",
         config,
-        inputs={"features": [folder_fingerprint(folder) for folder in config.features]},
+        inputs=inputs,
         outputs={"regression": head_fingerprint(config.out)},
         metrics={"objectives": result.metrics},
     )

@@ -16,8 +16,10 @@ the `fit.json` beside it if it was written for that very file (then listed among
 informative for the rewards actually fitted (from the spread of their differences over the training pairs) unless
 `--gating-logit-scale-init` gives it (100 is the paper's); the gate starts with equal weights on the gated objectives (its last layer at zero) and trains
 on standardized prompt features, the standardization folded into its first layer at the end. The learning rate warms up, then decays with a cosine; the parameters of the best validation
-step are kept. Writes `gating.safetensors` (the model's `gating.*`), the report `gate.json` (curves, the best step,
-what was left out) and `gate.png` (the curves).
+step are kept. The validation pairs are those whose prompt key (stored by `armorm extract`) `held_out` puts aside, the
+rule and defaults of `armorm bt`, so a Bradley-Terry backbone never trained on them (`gate.json` counts any it did);
+features without keys get a seeded random split. Writes `gating.safetensors` (the model's `gating.*`), the report
+`gate.json` (curves, the best step, what was left out) and `gate.png` (the curves).
 """
 
 import copy
@@ -28,15 +30,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from armorm_io.artifacts import head_fingerprint, load_regression, load_transform, save_gating
-from armorm_io.features import folder_fingerprint, load_pair_features
+from armorm_io.features import folder_fingerprint, load_pair_features, read_meta
+from armorm_io.pair_keys import held_out
 from armorm_io.reports import report_path, write_report
+from conversion.bt import TRAINED_PAIRS_NAME
+from conversion.preference import cross_fitted_rewards
 from conversion.support import SupportSettings, find_support, unsupported_reason
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
-from modeling_armorm.heads import LENGTH_OBJECTIVE, chunked_transformed_rewards, pair_scores
+from modeling_armorm.heads import LENGTH_OBJECTIVE, pair_scores, transform
 from modeling_armorm.settings import DeviceSettings, Location, normalize_locations, resolve_device
 
 
@@ -57,6 +63,8 @@ __all__ = [
 # The typical |s_chosen − s_rejected| at initialisation when β is chosen from the data: margins of about 1 are where
 # −log σ(margin) has a useful gradient (ln 2 at 0, 0.31 at 1, 0.05 at 3).
 INITIAL_MARGIN = 1.0
+# The two rules of the validation split (`gate.json`'s `split`): by the prompt's content key, or seeded random rows.
+PROMPT_KEY_SPLIT, RANDOM_SPLIT = "prompt_key", "random"
 
 
 @dataclass(kw_only=True)
@@ -88,7 +96,13 @@ class GateSettings(SupportSettings, DeviceSettings):
             "paper's, for rewards whose differences are about 0.01)."
         },
     )
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of the pairs held out for validation."})
+    val_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the pairs held out for validation: by prompt when the features hold `prompt_keys` "
+            "(`armorm bt`'s rule and default, so the backbone never trained on them), else random pairs."
+        },
+    )
     eval_every: int = field(default=500, metadata={"help": "Steps between two validation passes."})
     seed: int = field(default=0, metadata={"help": "Seed of the split, the initialisation and the batches."})
 
@@ -184,14 +198,29 @@ def initial_beta(rewards: torch.Tensor, gated: list[int]) -> float:
 # ---------------------------------------------------------------- training
 
 
-def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    n: int, settings: GateSettings, generator: torch.Generator, prompt_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(training rows, validation rows, the rule). With `prompt_keys` (N,), the content keys `armorm extract` stores,
+    a pair is for validation when `held_out(prompt_key, val_fraction, seed)`: the pairs of one prompt stay on one
+    side, and it is the rule `armorm bt` holds its pairs out by, with the same defaults, so the gate never validates
+    on a pair the Bradley-Terry backbone trained on. Without keys, a seeded random share of the rows."""
+    val_fraction = settings.val_fraction
     if not 0 <= val_fraction < 1:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
-    order = torch.randperm(n, generator=generator)
-    n_val = int(n * val_fraction)
-    if n - n_val < 1:
-        raise ValueError(f"{n} pairs leave nothing to train on with `val_fraction` = {val_fraction}.")
-    return order[n_val:], order[:n_val]
+    if prompt_keys is not None:
+        val = held_out(prompt_keys, val_fraction, settings.seed)
+        train_rows, val_rows, rule = (~val).nonzero().flatten(), val.nonzero().flatten(), PROMPT_KEY_SPLIT
+    else:
+        order = torch.randperm(n, generator=generator)
+        n_val = int(n * val_fraction)
+        train_rows, val_rows, rule = order[n_val:], order[:n_val], RANDOM_SPLIT
+    if len(train_rows) < 1:
+        raise ValueError(
+            f"{n} pairs leave nothing to train on with `val_fraction` = {val_fraction} (split {rule}): "
+            "lower `--val-fraction` or give more pairs."
+        )
+    return train_rows, val_rows, rule
 
 
 def _check_shapes(prompt_embeddings: torch.Tensor, rewards: torch.Tensor, settings: GateSettings) -> None:
@@ -246,9 +275,11 @@ def train_gating(
     rewards: torch.Tensor,
     settings: GateSettings,
     gated: list[int] | None = None,
+    prompt_keys: torch.Tensor | None = None,
 ) -> tuple[ArmoRMGatingNetwork, dict]:
     """Fit g on pairs: prompt_embeddings (N, d) = h_x, rewards (N, 2, k) = r' (0 chosen, 1 rejected); `gated`: the
-    objectives the softmax runs over (None: all).
+    objectives the softmax runs over (None: all); `prompt_keys` (N,): each pair's prompt key, the validation split
+    is then by prompt (`_split`).
 
     Returns the network of the best validation step (on CPU; the last step without a validation split) and its
     metrics: the curves, the best step, β₀ and the final accuracies.
@@ -259,7 +290,7 @@ def train_gating(
     # One seed fixes the split, the initialisation and the batches; the generator stays on CPU so a seed gives the
     # same split and batches on every device.
     generator = torch.Generator().manual_seed(settings.seed)
-    train_rows, val_rows = _split(n, settings.val_fraction, generator)
+    train_rows, val_rows, rule = _split(n, settings, generator, prompt_keys)
     k = rewards.shape[-1]
     beta = settings.gating_logit_scale_init
     beta = initial_beta(rewards[train_rows], gated or list(range(k))) if beta is None else beta
@@ -278,7 +309,8 @@ def train_gating(
     if len(val_rows):
         final.update({f"val_{key}": value for key, value in evaluate(gating, *val).items()})
     final["beta"] = float(gating.logit_scale.detach())
-    metrics = {"pairs": n, "train_pairs": len(train_rows), "val_pairs": len(val_rows), "beta_init": beta}
+    metrics = {"pairs": n, "train_pairs": len(train_rows), "val_pairs": len(val_rows), "split": rule}
+    metrics["beta_init"] = beta
     metrics.update(history=history, best_step=best_step, final=final)
     return gating.cpu(), metrics
 
@@ -367,6 +399,40 @@ def gating_summary(gating, prompt_embeddings: torch.Tensor, objectives: list[str
     return {"mean_gating_share": dict(zip(objectives, shares.tolist())), "objectives_with_weight": carrying}
 
 
+def backbone_trained_on_validation(config: GateConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict | None, list]:
+    """How many of the gate's validation pairs the features' backbone was trained on, when that backbone is an
+    `armorm bt` output (its folder holds the keys of the pairs it trained on, `trained_pairs.safetensors`); None
+    for any other backbone. With the defaults (the same `val_fraction` and `seed` in both stages, a split by prompt
+    key) the count is 0; otherwise the validation accuracy flatters the gate, and a warning says so."""
+    backbones = sorted({str(read_meta(folder).get("backbone")) for folder in config.features})
+    trained = {b: Path(b) / TRAINED_PAIRS_NAME for b in backbones if (Path(b) / TRAINED_PAIRS_NAME).is_file()}
+    if not trained:
+        return None, []
+    if "pair_keys" not in tensors:
+        warning = (
+            f"The backbone {list(trained)} was trained on preference pairs, but {config.features} hold no "
+            "`pair_keys`: which validation pairs it saw is unknown. Extract the pairs again with `armorm extract`."
+        )
+        logger.warning(warning)
+        return {"backbones": list(trained), "val_pairs_trained_on": None}, [warning]
+    n = len(tensors["pair_keys"])
+    # The split `train_gating` drew: its generator's first use is the split.
+    _, val_rows, rule = _split(n, config, torch.Generator().manual_seed(config.seed), tensors.get("prompt_keys"))
+    seen = torch.cat([load_file(path)["pair_keys"] for path in trained.values()])
+    count = int(torch.isin(tensors["pair_keys"][val_rows], seen).sum())
+    report = {"backbones": list(trained), "trained_pairs": len(seen), "val_pairs": len(val_rows)}
+    report["val_pairs_trained_on"] = count
+    if not count:
+        return report, []
+    warning = (
+        f"{count} of the gate's {len(val_rows)} validation pairs (split {rule}) are among the pairs the backbone "
+        f"{list(trained)} was trained on: the validation accuracy is optimistic. Train the backbone (`armorm bt`) "
+        "with the gate's `--val-fraction` and `--seed` (the defaults of both), or validate on other pairs."
+    )
+    logger.warning(warning)
+    return report, [warning]
+
+
 def _warnings(metrics: dict, left_out: dict[str, str]) -> list[str]:
     warnings = [f"`{name}` is left out of the gate: {reason}." for name, reason in left_out.items()]
     ties = metrics["final"]["train_ties"]
@@ -414,22 +480,26 @@ def main(config: GateConfig | None = None, /, **kwargs) -> dict:
     lengths = LENGTH_OBJECTIVE in objectives
     tensors = _load_pairs(config, weight, lengths)
     answer_lengths = tensors["answer_lengths"] if lengths else None
-    # (N, 2, k): W, T frozen, so computed once
-    rewards = chunked_transformed_rewards(tensors["embeddings"], weight, matrix, answer_lengths=answer_lengths)
+    # (N, 2, k): W, T frozen, so computed once; a pair the `preference` head was fitted on gets its out-of-fold head
+    r = cross_fitted_rewards(tensors, weight, objectives, config.regression, answer_lengths=answer_lengths)
+    rewards = transform(r, matrix)
     support = find_support(config.regression)
     if support.warning:
         logger.warning(support.warning)
     gated, left_out = gated_objectives(matrix, objectives, support.metrics, config)
-    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated)
+    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated, tensors.get("prompt_keys"))
+    backbone_training, backbone_warnings = backbone_trained_on_validation(config, tensors)
     metrics = {
         "objectives": objectives,
         "gated_objectives": [objectives[j] for j in gated],
         "left_out": left_out,
         "support_source": support.source,
+        "backbone_training": backbone_training,
         **gating_summary(gating, tensors["prompt_embeddings"], objectives),
         **metrics,
     }
     metrics["warnings"] = ([support.warning] if support.warning else []) + _warnings(metrics, left_out)
+    metrics["warnings"] += backbone_warnings
 
     final, settings = metrics["final"], asdict(config)
     extra = {key: settings[key] for key in ("steps", "batch_size", "lr", "weight_decay", "val_fraction", "seed")}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from modeling_armorm.heads import SCORE_QUANTILES
+from modeling_armorm.heads import PREFERENCE_OBJECTIVE, SCORE_QUANTILES
 
 
 __all__ = [
@@ -34,6 +34,7 @@ METRIC_LABELS = {
     "val_mse": "val MSE",
     "pearson": "val Pearson",
     "spearman": "val Spearman",
+    "pairwise_accuracy": "out-of-fold pair accuracy",
     "spearman_before": "ρ(r_i, r_v) before T",
     "spearman_after": "ρ(r'_i, r_v) after T",
 }
@@ -310,6 +311,21 @@ def _card_data(info: CardInfo) -> ModelCardData:
     )
 
 
+def _learned_from_pairs(info: CardInfo) -> list[str]:
+    """The note under the objective table for an objective not fitted on ratings (`preference`)."""
+    if PREFERENCE_OBJECTIVE not in info.objectives:
+        return []
+    accuracy = info.objective_metrics.get(PREFERENCE_OBJECTIVE, {}).get("pairwise_accuracy")
+    judged = f" (out-of-fold pairwise accuracy {_number(accuracy)})" if accuracy is not None else ""
+    return [
+        "",
+        f"`{PREFERENCE_OBJECTIVE}`: Bradley-Terry score learned from preference pairs, not from ratings{judged}. Its "
+        '"rows" are pairs and its α the L2 penalty of the Bradley-Terry fit, P(chosen ≻ rejected) = σ(w · (h_c − '
+        "h_r)); the gate was trained on its out-of-fold rewards (cross-fitted by prompt), so no pair it trained on "
+        "was scored by a head fitted on that pair.",
+    ]
+
+
 def _body(info: CardInfo) -> str:
     base = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})" if info.base_model else "its backbone"
     k = len(info.objectives)
@@ -340,6 +356,7 @@ def _body(info: CardInfo) -> str:
         "W was fitted.",
         "",
         objective_table(info),
+        *_learned_from_pairs(info),
         "",
         "## Gating network",
         "",

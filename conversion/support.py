@@ -82,6 +82,8 @@ def unsupported_reason(name: str, metrics: dict | None, min_rows: int, min_z: fl
     """Why the data does not support objective `name` (from its `armorm fit` metrics), or None when it does."""
     if metrics is None:
         return None
+    if metrics.get("pairwise_accuracy") is not None:
+        return _unsupported_by_pairs(name, metrics, min_rows, min_z)
     rows, correlation, n_val = metrics.get("rows", 0), heldout_correlation(metrics), metrics.get("val_rows") or 0
     if rows < min_rows:
         return f"`{name}` is fitted on {rows} rated rows (fewer than {min_rows})"
@@ -98,9 +100,31 @@ def unsupported_reason(name: str, metrics: dict | None, min_rows: int, min_z: fl
     return None
 
 
+def _unsupported_by_pairs(name: str, metrics: dict, min_pairs: int, min_z: float) -> str | None:
+    """An objective learned from pairs (`preference`) has no rating to correlate with: it is judged by its pairs and
+    its out-of-fold pairwise accuracy, which must be `min_z` standard errors above chance (se = 0.5 / sqrt(n))."""
+    pairs, accuracy = metrics.get("rows") or 0, metrics["pairwise_accuracy"]
+    if pairs < min_pairs:
+        return f"`{name}` is learned from {pairs} pairs (fewer than {min_pairs})"
+    if min_z < 0:
+        return None
+    floor = 0.5 + min_z * 0.5 / math.sqrt(pairs)
+    if accuracy < floor:
+        return (
+            f"`{name}` has an out-of-fold pairwise accuracy of {accuracy:.3f} over {pairs} pairs, below {floor:.3f} "
+            f"({min_z:g} standard errors above chance)"
+        )
+    return None
+
+
 def support_metrics(objectives: dict[str, dict]) -> dict[str, dict]:
-    """The part of `armorm fit`'s per-objective metrics that `unsupported_reason` reads (`SUPPORT_KEYS`)."""
-    return {name: {key: metrics.get(key) for key in SUPPORT_KEYS} for name, metrics in objectives.items()}
+    """The part of `armorm fit`'s per-objective metrics that `unsupported_reason` reads (`SUPPORT_KEYS`, and the
+    out-of-fold `pairwise_accuracy` of an objective learned from pairs)."""
+    return {
+        name: {key: metrics.get(key) for key in SUPPORT_KEYS}
+        | ({"pairwise_accuracy": metrics["pairwise_accuracy"]} if metrics.get("pairwise_accuracy") is not None else {})
+        for name, metrics in objectives.items()
+    }
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "CHUNK_ROWS",
     "LENGTH_OBJECTIVE",
+    "PREFERENCE_OBJECTIVE",
     "PROMPT_ROLES",
     "SCORE_QUANTILES",
     "answer_lengths",
@@ -64,6 +65,9 @@ CHUNK_ROWS = 65536
 PROMPT_ROLES = ("system", "user", "tool")
 # The name of the length objective, the verbosity stand-in of `armorm decorrelate --verbosity length`.
 LENGTH_OBJECTIVE = "answer-length"
+# The name of the optional Bradley-Terry objective of `armorm fit --preference`: a row of W learned from preference
+# pairs, not from ratings.
+PREFERENCE_OBJECTIVE = "preference"
 # The quantiles (in %) of the reference scores that `score_statistics` records.
 SCORE_QUANTILES = (1, 5, 50, 95, 99)
 

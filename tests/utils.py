@@ -204,11 +204,12 @@ class StageRuns(list):
 
 def spy_on_stages(monkeypatch) -> StageRuns:
     """Wrap every stage's work function (what `conversion.build` calls) to record it in the returned `StageRuns`."""
-    from conversion import assemble, decorrelate, extract, fit, gate
+    from conversion import assemble, bt, decorrelate, extract, fit, gate
     from evaluation import evaluate
 
     runs = StageRuns()
-    work = [(extract, "main", "extract"), (fit, "main", "fit"), (decorrelate, "main", "decorrelate")]
+    work = [(bt, "main", "bt"), (extract, "main", "extract"), (fit, "main", "fit")]
+    work += [(decorrelate, "main", "decorrelate")]
     work += [(gate, "main", "gate"), (assemble, "main", "assemble"), (evaluate, "main", "evaluate")]
     work += [(assemble, "update_card", "card")]
 

@@ -135,7 +135,9 @@ def test_explain_json_and_charts(checkpoint, expected, tmp_path, capsys):
         assert sum(contributions) == pytest.approx(row["score"], abs=1e-5)
         assert [abs(c) for c in contributions] == sorted(map(abs, contributions), reverse=True)
         for o in row["objectives"]:
-            assert set(o) == {"name", "reward", "coefficient", "contribution"}
+            assert set(o) == {"name", "reward", "coefficient", "contribution", "learned_from"}
+            # This checkpoint's objectives are rated ones and the answer's length.
+            assert (o["learned_from"] == "ratings") == (o["name"] != "answer-length"), o
             assert o["reward"] == pytest.approx(want["rewards"][o["name"]], abs=1e-5)
         assert row["gating"] == pytest.approx(want["gating"], abs=1e-5)
         assert row["top"] == row["objectives"][:2]

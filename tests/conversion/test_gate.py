@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from armorm_cli.cli import main as cli_main
 from armorm_io.artifacts import load_gating, save_gating, save_regression, save_transform
 from armorm_io.features import write_features
+from armorm_io.pair_keys import held_out
 from conversion import gate as gate_module
 from conversion.gate import GateSettings, bradley_terry_loss, main, train_gating
 from modeling_armorm import ArmoRMGatingNetwork
@@ -360,3 +361,80 @@ def test_no_weight_on_a_zero_column_so_the_score_cannot_be_switched_off(tmp_path
     paths = write_pipeline(tmp_path / "signal", rewards, prompts, matrix)
     report = main(out=str(tmp_path / "signal" / "gating.safetensors"), device="cpu", **paths, **FAST)["metrics"]
     assert report["final"]["val_accuracy"] > 0.8 and report["mean_gating_share"]["objective-2"] == 0.0
+
+
+def keyed_pipeline(tmp_path, backbone: str | None = None, per_prompt: int = 4, n: int = 400) -> dict:
+    """`write_pipeline`'s pairs with the content keys `armorm extract` stores: `per_prompt` pairs share each prompt
+    (its key and its feature), every pair has its own key; `backbone` is the features' backbone in meta.json."""
+    prompts, rewards = prompt_dependent_pairs(n=n)
+    prompts = np.repeat(prompts[::per_prompt], per_prompt, axis=0)  # the pairs of one prompt share h_x
+    paths = write_pipeline(tmp_path, rewards, prompts, np.eye(3, dtype=np.float32))
+    rng = np.random.default_rng(2)
+    prompt_keys = torch.from_numpy(np.repeat(rng.integers(-(2**63), 2**63 - 1, size=n // per_prompt), per_prompt))
+    pair_keys = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, size=n))
+    tensors = {
+        "embeddings": torch.tensor(np.concatenate([rewards, rng.normal(size=(n, 2, D - 3))], -1), dtype=torch.float32),
+        "prompt_embeddings": torch.tensor(prompts, dtype=torch.float32),
+        "prompt_keys": prompt_keys,
+        "pair_keys": pair_keys,
+    }
+    write_features(tmp_path / "pairs", "pairs", tensors, backbone=backbone)
+    return {**paths, "prompt_keys": prompt_keys, "pair_keys": pair_keys, "prompts": prompts, "rewards": rewards}
+
+
+def test_validation_pairs_are_held_out_by_prompt_key(tmp_path):
+    """With `prompt_keys` in the features, the validation pairs are exactly `held_out(prompt_keys, val_fraction,
+    seed)`: the pairs of a prompt are all on one side. Checked end to end: the reported validation accuracy is the
+    saved network's accuracy on those rows, computed here."""
+    data = keyed_pipeline(tmp_path)
+    settings = {**FAST, "val_fraction": 0.25, "seed": 3}
+    paths = {key: data[key] for key in ("features", "regression", "transform")}
+    report = main(out=str(tmp_path / "gating.safetensors"), device="cpu", **paths, **settings)["metrics"]
+
+    val = held_out(data["prompt_keys"], 0.25, 3)
+    assert report["split"] == "prompt_key" and report["val_pairs"] == int(val.sum()) > 0
+    assert report["backbone_training"] is None  # a backbone without `trained_pairs.safetensors`
+    for key in data["prompt_keys"].unique():
+        assert val[data["prompt_keys"] == key].unique().numel() == 1  # one side per prompt
+    state_dict, metadata = load_gating(tmp_path / "gating.safetensors")
+    gating = ArmoRMGatingNetwork(D, 3, metadata["hidden_dim"], metadata["n_hidden"], metadata["temperature"])
+    gating.load_state_dict(state_dict)
+    with torch.no_grad():
+        scores = (gating(torch.tensor(data["prompts"][val.numpy()], dtype=torch.float32))[:, None, :]
+                  * torch.tensor(data["rewards"][val.numpy()], dtype=torch.float32)).sum(-1)  # fmt: skip
+    expected = float((scores[:, 0] > scores[:, 1]).double().mean())
+    assert report["final"]["val_accuracy"] == pytest.approx(expected, abs=1e-12)
+
+    # Without keys: the seeded random split of before, and the report says so.
+    unkeyed = write_pipeline(tmp_path / "unkeyed", data["rewards"], data["prompts"], np.eye(3, dtype=np.float32))
+    report = main(out=str(tmp_path / "unkeyed" / "g.safetensors"), device="cpu", **unkeyed, **settings)["metrics"]
+    assert report["split"] == "random" and report["val_pairs"] == 100
+
+
+def test_the_report_counts_validation_pairs_the_bradley_terry_backbone_trained_on(tmp_path):
+    """A backbone folder with `trained_pairs.safetensors` (what `armorm bt` leaves): trained on the pairs its default
+    rule keeps (not `held_out(prompt_key, 0.1, 0)`), it saw none of the gate's validation pairs under the gate's
+    defaults; a gate with another seed validates on pairs it saw, counted here independently and warned about."""
+    backbone = tmp_path / "bt"
+    backbone.mkdir()
+    data = keyed_pipeline(tmp_path, backbone=str(backbone))
+    trained = ~held_out(data["prompt_keys"], 0.1, 0)
+    save_file(
+        {"pair_keys": data["pair_keys"][trained], "prompt_keys": data["prompt_keys"][trained]},
+        backbone / "trained_pairs.safetensors",
+    )
+    paths = {key: data[key] for key in ("features", "regression", "transform")}
+    fast = {**FAST, "steps": 20, "eval_every": 10}
+    fast.pop("val_fraction")
+    report = main(out=str(tmp_path / "a" / "gating.safetensors"), device="cpu", **paths, **fast)["metrics"]
+    assert report["backbone_training"] == {
+        "backbones": [str(backbone)], "trained_pairs": int(trained.sum()), "val_pairs": report["val_pairs"],
+        "val_pairs_trained_on": 0,
+    }  # fmt: skip
+    assert report["val_pairs"] > 0 and not any("trained on" in w for w in report["warnings"])
+
+    report = main(out=str(tmp_path / "b" / "gating.safetensors"), device="cpu", **paths, **fast, seed=5)["metrics"]
+    val = held_out(data["prompt_keys"], 0.1, 5)
+    seen = int((val & trained).sum())
+    assert seen > 0 and report["backbone_training"]["val_pairs_trained_on"] == seen
+    assert any(f"{seen} of the gate's {int(val.sum())} validation pairs" in w for w in report["warnings"])

@@ -181,7 +181,7 @@ def test_explain_takes_the_score_apart(rm, tokenizer):
     assert isinstance(one, Explanation) and len(one.top) == 3
     as_dict = json.loads(json.dumps(one.to_dict()))
     assert set(as_dict) == {"score", "objectives", "gating", "top"}
-    assert set(as_dict["objectives"][0]) == {"name", "reward", "coefficient", "contribution"}
+    assert set(as_dict["objectives"][0]) == {"name", "reward", "coefficient", "contribution", "learned_from"}
     assert as_dict["score"] == one.score and list(as_dict["gating"]) == NAMES
 
 
