@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from armorm_io.artifacts import load_preference_folds
 from armorm_io.features import load_pair_features, read_meta
 from armorm_io.pair_keys import held_out
+from conversion.bt import TRAINED_PAIRS_NAME
 from modeling_armorm.heads import PREFERENCE_OBJECTIVE, chunked_rewards
 from modeling_armorm.settings import SettingsGroup
 
@@ -49,8 +50,6 @@ __all__ = [
     "prompt_folds",
 ]
 
-# The file `armorm bt` writes next to its checkpoint: the keys of the pairs its Bradley-Terry model trained on.
-TRAINED_PAIRS = "trained_pairs.safetensors"
 # The paper's grid, as for the ridge penalties: decades from 1e-4 to 1e4.
 PREFERENCE_ALPHAS = tuple(10.0**e for e in range(-4, 5))
 
@@ -246,19 +245,19 @@ def _evaluate_backbone_head(weight: torch.Tensor, tensors: dict[str, torch.Tenso
 
 
 def _backbone_folder(folders: list[str]) -> Path | None:
-    """The Bradley-Terry stage output the pairs were extracted with (a folder holding `TRAINED_PAIRS`), or None."""
+    """The `armorm bt` output the pairs were extracted with (its folder holds `TRAINED_PAIRS_NAME`), or None."""
     backbones = {backbone for folder in folders if (backbone := read_meta(folder).get("backbone"))}
     if len(backbones) != 1:
         return None
     path = Path(backbones.pop())
-    return path if (path / TRAINED_PAIRS).is_file() else None
+    return path if (path / TRAINED_PAIRS_NAME).is_file() else None
 
 
 def backbone_head(folder: str | os.PathLike) -> torch.Tensor:
     """The score head w (d,) of a one-label sequence-classification checkpoint (`score.weight`, (1, d))."""
     found = []
     for path in sorted(Path(folder).glob("*.safetensors")):
-        if path.name == TRAINED_PAIRS:
+        if path.name == TRAINED_PAIRS_NAME:
             continue
         with safe_open(str(path), framework="pt") as f:
             found += [
@@ -282,10 +281,10 @@ def _backbone_head_or_reason(folders: list[str], tensors: dict, settings: Prefer
         if settings.preference_head == "backbone":
             raise ValueError(
                 f"`--preference-head backbone` needs pairs features extracted with a Bradley-Terry backbone of "
-                f"`armorm bt` (a folder with `{TRAINED_PAIRS}`); {folders} were not. Pass `--preference-head fit`."
+                f"`armorm bt` (a folder with `{TRAINED_PAIRS_NAME}`), not {folders}. Pass `--preference-head fit`."
             )
         return "the backbone is not a Bradley-Terry stage output"
-    with safe_open(str(folder / TRAINED_PAIRS), framework="pt") as f:
+    with safe_open(str(folder / TRAINED_PAIRS_NAME), framework="pt") as f:
         trained = f.get_tensor("pair_keys")
     seen = torch.isin(tensors["pair_keys"], trained)
     if seen.any():
