@@ -43,12 +43,13 @@ from typing import Literal
 import datasets
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 
 from armorm_io.backbone import backbone_fingerprint, load_backbone, load_tokenizer, split_gguf
 from armorm_io.data import data_fingerprint, load_pairs
+from armorm_io.features import read_meta
 from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
 from armorm_io.pair_keys import held_out, pair_key, prompt_key
 from armorm_io.reports import read_report, settings_dict, write_report
@@ -76,7 +77,7 @@ RUN_NAME = "run.json"  # inside `checkpoints/`: what the checkpoints were traine
 NOT_IDENTITY = ("backbone", "pairs", "out", "overwrite", "save_steps", "logging_steps")
 CARD_TAGS = ["reward-model", "bradley-terry", "armorm"]
 
-__all__ = ["ARGUMENTS", "BTConfig", "BTSettings", "bt_scores", "main", "weights_sha256"]
+__all__ = ["ARGUMENTS", "BTConfig", "BTSettings", "bt_scores", "main", "trained_pairs_by_backbone", "weights_sha256"]
 
 
 @dataclass(kw_only=True)
@@ -472,3 +473,13 @@ def _model_card(config: BTConfig, backbone: Fingerprint, pairs: list[Fingerprint
         "`bt.json` is the stage report with the command that reruns it.",
     ]
     return ModelCard("\n".join(lines) + "\n")
+
+
+def trained_pairs_by_backbone(features: list[str]) -> dict[str, torch.Tensor | None]:
+    """Each backbone the feature folders were extracted with (from their `meta.json`) → the keys (int64) of the
+    pairs it trained on when it is an output of this stage (its folder holds `TRAINED_PAIRS_NAME`), else None."""
+    backbones = sorted({str(backbone) for folder in features if (backbone := read_meta(folder).get("backbone"))})
+    return {
+        backbone: load_file(path)["pair_keys"] if (path := Path(backbone) / TRAINED_PAIRS_NAME).is_file() else None
+        for backbone in backbones
+    }

@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from armorm_io.artifacts import head_fingerprint, load_regression, load_transform, save_gating
-from armorm_io.features import folder_fingerprint, load_pair_features, read_meta
+from armorm_io.features import folder_fingerprint, load_pair_features
 from armorm_io.pair_keys import held_out
 from armorm_io.reports import report_path, write_report
-from conversion.bt import TRAINED_PAIRS_NAME
+from conversion.bt import trained_pairs_by_backbone
 from conversion.preference import cross_fitted_rewards
 from conversion.support import SupportSettings, find_support, unsupported_reason
 from modeling_armorm import ArmoRMConfig, ArmoRMGatingNetwork
@@ -57,6 +56,7 @@ __all__ = [
     "gated_objectives",
     "initial_beta",
     "main",
+    "split_pairs",
     "train_gating",
 ]
 
@@ -198,13 +198,14 @@ def initial_beta(rewards: torch.Tensor, gated: list[int]) -> float:
 # ---------------------------------------------------------------- training
 
 
-def _split(
-    n: int, settings: GateSettings, generator: torch.Generator, prompt_keys: torch.Tensor | None = None
+def split_pairs(
+    n: int, settings: GateSettings, prompt_keys: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(training rows, validation rows, the rule). With `prompt_keys` (N,), the content keys `armorm extract` stores,
-    a pair is for validation when `held_out(prompt_key, val_fraction, seed)`: the pairs of one prompt stay on one
-    side, and it is the rule `armorm bt` holds its pairs out by, with the same defaults, so the gate never validates
-    on a pair the Bradley-Terry backbone trained on. Without keys, a seeded random share of the rows."""
+    """(training rows, validation rows, the rule) of the gate's N pairs, a function of the settings and the keys
+    alone. With `prompt_keys` (N,), the content keys `armorm extract` stores, a pair is for validation when
+    `held_out(prompt_key, val_fraction, seed)`: the pairs of one prompt stay on one side, and it is the rule
+    `armorm bt` holds its pairs out by, with the same defaults, so the gate never validates on a pair the
+    Bradley-Terry backbone trained on. Without keys, a share `val_fraction` of the rows drawn with `seed`."""
     val_fraction = settings.val_fraction
     if not 0 <= val_fraction < 1:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
@@ -212,7 +213,7 @@ def _split(
         val = held_out(prompt_keys, val_fraction, settings.seed)
         train_rows, val_rows, rule = (~val).nonzero().flatten(), val.nonzero().flatten(), PROMPT_KEY_SPLIT
     else:
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
         n_val = int(n * val_fraction)
         train_rows, val_rows, rule = order[n_val:], order[:n_val], RANDOM_SPLIT
     if len(train_rows) < 1:
@@ -276,10 +277,11 @@ def train_gating(
     settings: GateSettings,
     gated: list[int] | None = None,
     prompt_keys: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor, str] | None = None,
 ) -> tuple[ArmoRMGatingNetwork, dict]:
     """Fit g on pairs: prompt_embeddings (N, d) = h_x, rewards (N, 2, k) = r' (0 chosen, 1 rejected); `gated`: the
     objectives the softmax runs over (None: all); `prompt_keys` (N,): each pair's prompt key, the validation split
-    is then by prompt (`_split`).
+    is then by prompt; `split`: the rows `split_pairs` gave, when the caller drew them already.
 
     Returns the network of the best validation step (on CPU; the last step without a validation split) and its
     metrics: the curves, the best step, β₀ and the final accuracies.
@@ -289,8 +291,8 @@ def train_gating(
     device = resolve_device(settings.device)
     # One seed fixes the split, the initialisation and the batches; the generator stays on CPU so a seed gives the
     # same split and batches on every device.
+    train_rows, val_rows, rule = split if split is not None else split_pairs(n, settings, prompt_keys)
     generator = torch.Generator().manual_seed(settings.seed)
-    train_rows, val_rows, rule = _split(n, settings, generator, prompt_keys)
     k = rewards.shape[-1]
     beta = settings.gating_logit_scale_init
     beta = initial_beta(rewards[train_rows], gated or list(range(k))) if beta is None else beta
@@ -399,13 +401,14 @@ def gating_summary(gating, prompt_embeddings: torch.Tensor, objectives: list[str
     return {"mean_gating_share": dict(zip(objectives, shares.tolist())), "objectives_with_weight": carrying}
 
 
-def backbone_trained_on_validation(config: GateConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict | None, list]:
-    """How many of the gate's validation pairs the features' backbone was trained on, when that backbone is an
-    `armorm bt` output (its folder holds the keys of the pairs it trained on, `trained_pairs.safetensors`); None
-    for any other backbone. With the defaults (the same `val_fraction` and `seed` in both stages, a split by prompt
-    key) the count is 0; otherwise the validation accuracy flatters the gate, and a warning says so."""
-    backbones = sorted({str(read_meta(folder).get("backbone")) for folder in config.features})
-    trained = {b: Path(b) / TRAINED_PAIRS_NAME for b in backbones if (Path(b) / TRAINED_PAIRS_NAME).is_file()}
+def backbone_trained_on_validation(
+    config: GateConfig, tensors: dict[str, torch.Tensor], val_rows: torch.Tensor, rule: str
+) -> tuple[dict | None, list]:
+    """How many of the gate's validation pairs (`val_rows`, split by `rule`) the features' backbone was trained on,
+    when that backbone is an `armorm bt` output; None for any other backbone. With the defaults (the same
+    `val_fraction` and `seed` in both stages, a split by prompt key) the count is 0; otherwise the validation
+    accuracy flatters the gate, and a warning says so."""
+    trained = {b: keys for b, keys in trained_pairs_by_backbone(config.features).items() if keys is not None}
     if not trained:
         return None, []
     if "pair_keys" not in tensors:
@@ -415,10 +418,7 @@ def backbone_trained_on_validation(config: GateConfig, tensors: dict[str, torch.
         )
         logger.warning(warning)
         return {"backbones": list(trained), "val_pairs_trained_on": None}, [warning]
-    n = len(tensors["pair_keys"])
-    # The split `train_gating` drew: its generator's first use is the split.
-    _, val_rows, rule = _split(n, config, torch.Generator().manual_seed(config.seed), tensors.get("prompt_keys"))
-    seen = torch.cat([load_file(path)["pair_keys"] for path in trained.values()])
+    seen = torch.cat(list(trained.values()))
     count = int(torch.isin(tensors["pair_keys"][val_rows], seen).sum())
     report = {"backbones": list(trained), "trained_pairs": len(seen), "val_pairs": len(val_rows)}
     report["val_pairs_trained_on"] = count
@@ -487,8 +487,10 @@ def main(config: GateConfig | None = None, /, **kwargs) -> dict:
     if support.warning:
         logger.warning(support.warning)
     gated, left_out = gated_objectives(matrix, objectives, support.metrics, config)
-    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated, tensors.get("prompt_keys"))
-    backbone_training, backbone_warnings = backbone_trained_on_validation(config, tensors)
+    prompt_keys = tensors.get("prompt_keys")
+    split = split_pairs(len(rewards), config, prompt_keys)
+    gating, metrics = train_gating(tensors["prompt_embeddings"], rewards, config, gated, prompt_keys, split)
+    backbone_training, backbone_warnings = backbone_trained_on_validation(config, tensors, *split[1:])
     metrics = {
         "objectives": objectives,
         "gated_objectives": [objectives[j] for j in gated],

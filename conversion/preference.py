@@ -31,9 +31,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from armorm_io.artifacts import load_preference_folds
-from armorm_io.features import load_pair_features, read_meta
+from armorm_io.features import load_pair_features
 from armorm_io.pair_keys import held_out
-from conversion.bt import TRAINED_PAIRS_NAME
+from conversion.bt import TRAINED_PAIRS_NAME, trained_pairs_by_backbone
 from modeling_armorm.heads import PREFERENCE_OBJECTIVE, chunked_rewards
 from modeling_armorm.settings import SettingsGroup
 
@@ -244,15 +244,6 @@ def _evaluate_backbone_head(weight: torch.Tensor, tensors: dict[str, torch.Tenso
 # ---------------------------------------------------------------- the score head of a Bradley-Terry backbone
 
 
-def _backbone_folder(folders: list[str]) -> Path | None:
-    """The `armorm bt` output the pairs were extracted with (its folder holds `TRAINED_PAIRS_NAME`), or None."""
-    backbones = {backbone for folder in folders if (backbone := read_meta(folder).get("backbone"))}
-    if len(backbones) != 1:
-        return None
-    path = Path(backbones.pop())
-    return path if (path / TRAINED_PAIRS_NAME).is_file() else None
-
-
 def backbone_head(folder: str | os.PathLike) -> torch.Tensor:
     """The score head w (d,) of a one-label sequence-classification checkpoint (`score.weight`, (1, d))."""
     found = []
@@ -276,16 +267,16 @@ def _backbone_head_or_reason(folders: list[str], tensors: dict, settings: Prefer
     fitted. `backbone` refused: no Bradley-Terry backbone, or one that trained on a pair the gate trains on."""
     if settings.preference_head == "fit":
         return "`--preference-head fit`"
-    folder = _backbone_folder(folders)
-    if folder is None:
+    # The head scores these pairs only when every folder was extracted with one `armorm bt` output.
+    by_backbone = trained_pairs_by_backbone(folders)
+    folder, trained = next(iter(by_backbone.items())) if len(by_backbone) == 1 else (None, None)
+    if trained is None:
         if settings.preference_head == "backbone":
             raise ValueError(
                 f"`--preference-head backbone` needs pairs features extracted with a Bradley-Terry backbone of "
                 f"`armorm bt` (a folder with `{TRAINED_PAIRS_NAME}`), not {folders}. Pass `--preference-head fit`."
             )
         return "the backbone is not a Bradley-Terry stage output"
-    with safe_open(str(folder / TRAINED_PAIRS_NAME), framework="pt") as f:
-        trained = f.get_tensor("pair_keys")
     seen = torch.isin(tensors["pair_keys"], trained)
     if seen.any():
         # The gate trains on these pairs: a head that has seen them would score them in sample.
