@@ -209,6 +209,7 @@ def main(config: BTConfig | None = None, /, **kwargs) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(device),
         "wall_seconds": time.perf_counter() - started,  # this run's, a resumed run counts from its restart
+        "resumed_from_step": int(Path(last).name.rpartition("-")[2]) if last is not None else 0,
     }
     _model_card(config, backbone, pairs, metrics).save(out / "README.md")
     report = write_report(

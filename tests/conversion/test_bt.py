@@ -211,6 +211,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     assert "resuming from" in caplog.text and "checkpoint-4" in caplog.text
 
     assert resumed["metrics"]["steps"] == whole["metrics"]["steps"] > 6
+    assert (resumed["metrics"]["resumed_from_step"], whole["metrics"]["resumed_from_step"]) == (4, 0)
     first = load_file(tmp_path / "whole" / "model.safetensors")
     second = load_file(tmp_path / "resumed" / "model.safetensors")
     assert first.keys() == second.keys()
