@@ -134,3 +134,17 @@ def test_the_preference_build_reuses_the_first_builds_extractions(report, tmp_pa
         assert all((shared / p.name).samefile(p) for p in source.iterdir())  # links, not copies
     objectives = json.loads((tmp_path / "build-bt-preference" / "fit.json").read_text())["metrics"]["objectives"]
     assert "preference" in objectives
+
+
+def test_the_committed_report_is_rendered_from_its_results(report):
+    """The README in examples/real_data_report/ is what `markdown_report` writes from the committed results.json (and
+    the results it replaced), so no figure in it was edited by hand; each headline accuracy is results.json's."""
+    out = EXAMPLES / "real_data_report"
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    before = out / "results_before.json"
+    before = json.loads(before.read_text(encoding="utf-8")) if before.is_file() else None
+    rendered = report.markdown_report({**results, "before": before})
+    assert rendered == (out / "README.md").read_text(encoding="utf-8")
+    for method in (report.BT_RM, report.ARMORM_BT, report.ARMORM_BT_PREFERENCE, report.ARMORM, report.PROBE):
+        accuracy = results["accuracy"][method]["all"]
+        assert f"| {method} | " in rendered and f"**{100 * accuracy:.1f}**" in rendered
