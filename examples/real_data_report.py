@@ -445,9 +445,9 @@ def bt_stage_reports(bt_dir: Path, builds: dict[str, tuple[Path, Path]]) -> dict
 
 def bt_config(backbone: str, pairs: Path, out: Path, args: argparse.Namespace) -> "bt.BTConfig":
     """`armorm bt` sized for 2 CPU cores: LoRA (merged at the end), `--bt-epochs` over the training pairs, the
-    extraction's length policy and dtype, one pair per forward, the stage's defaults otherwise (r 16, lr 1e-4). Its validation pairs are those whose prompt
-    key `held_out` puts in the gate's validation share (GateSettings' `val_fraction`, this run's seed): the stage's
-    own default rule, stated here so that the report records it."""
+    extraction's length policy and dtype, one pair per forward, `--bt-lr`, the stage's defaults otherwise (r 16). Its
+    validation pairs are those whose prompt key `held_out` puts in the gate's validation share (GateSettings'
+    `val_fraction`, this run's seed): the stage's own default rule, stated here so that the report records it."""
     return bt.BTConfig(
         backbone=backbone,
         pairs=[str(pairs)],
@@ -462,6 +462,7 @@ def bt_config(backbone: str, pairs: Path, out: Path, args: argparse.Namespace) -
         max_length=args.max_length,
         truncate_prompt=True,
         dtype=args.dtype,
+        lr=args.bt_lr,
         val_fraction=GateSettings().val_fraction,
         seed=args.seed,
     )
@@ -946,6 +947,9 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="gating training steps (the package's: 10,000)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--bt-epochs", type=int, default=1, help="`armorm bt` epochs over the training pairs (LoRA)")
+    parser.add_argument(
+        "--bt-lr", type=float, default=bt.BTSettings().lr, help="`armorm bt` learning rate (the stage's default)"
+    )
     parser.add_argument("--bt-check-pairs", type=int, default=4, help="held-out pairs scored by the BT classifier too")
     parser.add_argument(
         "--estimate-bt", type=int, default=0, help="only time `armorm bt` on this many training pairs and exit"
