@@ -312,18 +312,25 @@ def test_bad_input_names_the_conversation(rm):
 
 
 def test_the_other_scorers_share_the_pipeline_path(rm, tokenizer):
-    """`ArmoRMReward` and `armorm evaluate` score through the same `scoring` path: the same numbers, bit for bit."""
+    """`ArmoRMReward` and `armorm evaluate` score through the same `scoring` path: the same numbers, bit for bit, for
+    the same conversations in the same order. (A pair's answers share their prompt, which runs once: that equals the
+    prompt run with each answer up to float rounding, not bit for bit, so the pairs are compared with the pipeline
+    scoring the same pairs.)"""
     from evaluation.evaluate import EvalRow, score_rows
 
     scores = [r["score"] for r in rm.score(CONVERSATIONS, batch_size=1)]
     reward = ArmoRMReward(rm.model, tokenizer=tokenizer, batch_size=1)
     assert reward([c[:-1] for c in CONVERSATIONS], [c[-1:] for c in CONVERSATIONS]) == scores
+    pairs = [(CONVERSATIONS[0][:-1], "4.", "Four."), (CONVERSATIONS[4][:-1], "Yes.", "No.")]
     rows = [
-        EvalRow(id=0, subset="s", prompt=CONVERSATIONS[0][:-1], chosen=["4."], rejected=["Four."], index=0),
-        EvalRow(id=1, subset="s", prompt=CONVERSATIONS[4][:-1], chosen=["Yes."], rejected=["No."], index=1),
+        EvalRow(id=i, subset="s", prompt=prompt, chosen=[chosen], rejected=[rejected], index=i)
+        for i, (prompt, chosen, rejected) in enumerate(pairs)
     ]
     scored, *_ = score_rows(rm.model, tokenizer, rows, batch_size=1)
-    assert [row.chosen_scores[0] for row in scored] == [scores[0], scores[4]]
+    answers = [prompt + [{"role": "assistant", "content": a}] for prompt, *both in pairs for a in both]
+    paired = [r["score"] for r in rm.score(answers, batch_size=1)]
+    assert [s for row in scored for s in (*row.chosen_scores, *row.rejected_scores)] == paired
+    assert paired[::2] == pytest.approx([scores[0], scores[4]], rel=1e-5)
 
 
 def test_text_classification_pipeline_returns_the_raw_score(checkpoint, rm, tokenizer):
