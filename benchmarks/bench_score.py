@@ -2,7 +2,7 @@
 budgets; the ArmoRM head's and the bookkeeping's share of a forward; a bare backbone padded and packed.
 
     .venv/bin/python benchmarks/bench_score.py                 # ArmoRM on SmolLM2-135M-Instruct (GGUF), CPU, float32
-    .venv/bin/python benchmarks/bench_score.py --rows 24 --batch-sizes 8 16 --budgets none 1024 2048 4096 --repeats 3
+    .venv/bin/python benchmarks/bench_score.py --rows 24 --batch-sizes 8 16 --budgets default none 512 2048 --repeats 3
     python benchmarks/bench_score.py --preset llama3-8b --device cuda --dtype bfloat16 --rows 512 \\
         --batch-sizes 1 8 32 64 --max-length 2048                   # Llama-3-8B shape, random weights, one GPU
 
@@ -16,7 +16,7 @@ round times, one after the other on the same conversations:
 * the released RLHFlow/ArmoRM model card's loop: one conversation at a time, `apply_chat_template` per conversation,
   one forward each, the gating token found by a Python scan of the ids: the pipeline must never be slower;
 * the pipeline, end to end, at each batch size and token budget (`max_batch_tokens`: padded tokens per forward;
-  `none`: rows only): chat template, tokenization, gating positions, batches, shared prompts run once, the ArmoRM
+  `default`: none given, the package's default for the device; `none`: rows only): chat template, tokenization, gating positions, batches, shared prompts run once, the ArmoRM
   forward, results as dicts in input order. Measured in the same run: the time inside the scoring call
   (`score_encoded`) and inside the backbone; the head and the bookkeeping (reading h and h_x, W h, the gating MLP, T,
   the shared prompts' key/value caches gathered per answer) are the scoring call's time outside the backbone, target
@@ -200,8 +200,17 @@ def timed(run) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+# A budget no batch reaches: rows only (on a CPU, no budget given means the package's default budget).
+ROWS_ONLY = 2**62
+
+
 def budget_value(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    named = {"default": None, "none": ROWS_ONLY}
+    return named[text.lower()] if text.lower() in named else int(text)
+
+
+def budget_label(budget: int | None) -> str:
+    return {None: "default", ROWS_ONLY: "none"}.get(budget, str(budget))
 
 
 def main():
@@ -213,8 +222,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument(
-        "--budgets", type=budget_value, nargs="+", default=[None, 1024, 2048, 4096],
-        help="Token budgets per forward (`max_batch_tokens`); `none`: rows only.",
+        "--budgets", type=budget_value, nargs="+", default=[None, ROWS_ONLY, 512, 2048],
+        help="Token budgets per forward (`max_batch_tokens`); `default`: none given; `none`: rows only.",
     )  # fmt: skip
     parser.add_argument("--no-packed", action="store_true", help="Skip the bare padded and packed backbone.")
     parser.add_argument("--repeats", type=int, default=3)
@@ -289,8 +298,8 @@ def main():
         head = median(1 - r["in_backbone"] / r["in_scoring"] for r in runs)
         if versus_card > best.get(b, (0, None))[0]:
             best[b] = (versus_card, budget)
-        print(f"| {b} | {budget or 'none'} | {speed:,.0f} | {versus_card:.2f}× | {share:.1%} | {head:.2%} |")
-    print("\nBest budget per batch size: " + ", ".join(f"{b}: {budget or 'none'} ({x:.2f}×)" for b, (x, budget)
+        print(f"| {b} | {budget_label(budget)} | {speed:,.0f} | {versus_card:.2f}× | {share:.1%} | {head:.2%} |")
+    print("\nBest budget per batch size: " + ", ".join(f"{b}: {budget_label(budget)} ({x:.2f}×)" for b, (x, budget)
                                                         in best.items()) + ".")  # fmt: skip
     if not args.no_packed:
         print(f"\nBare backbone, the same conversations padded and packed ({model.model.config._attn_implementation} "
@@ -306,7 +315,9 @@ def main():
                 f"{median(r['padded'] / r['packed'] for r in runs):.2f}× | {waste:.2f} |"
             )
     print("\nTargets: pipeline / model card >= 1× at every batch size; head + bookkeeping <= 2 % of a forward.")
-    raw = {f"{b}/{budget}": [round(r["pipeline"], 2) for r in runs] for (b, budget), runs in rounds.items()}
+    raw = {
+        f"{b}/{budget_label(budget)}": [round(r["pipeline"], 2) for r in runs] for (b, budget), runs in rounds.items()
+    }
     print(f"\nRaw pipeline seconds per batch size/budget and round: {raw}; model card: "
           f"{[round(x, 2) for x in card_rounds]}.")  # fmt: skip
 

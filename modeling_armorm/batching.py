@@ -3,7 +3,8 @@
 
 The cost of a forward pass is its padded tokens (rows × the longest row), not its rows: a batch holds up to
 `batch_size` rows and, given `max_tokens`, no more rows than keep rows × longest within it. Sorting by length first
-keeps the padding small; the longest batch runs first, so an out-of-memory error shows at once.
+keeps the padding small; the longest batch runs first, so an out-of-memory error shows at once. On a CPU a larger
+batch gains next to nothing while its padding costs in full (BENCHMARKS.md), so a CPU forward has a budget by default.
 """
 
 from collections.abc import Sequence
@@ -11,7 +12,19 @@ from collections.abc import Sequence
 import torch
 
 
-__all__ = ["length_sorted_batches", "right_pad"]
+__all__ = ["CPU_MAX_BATCH_TOKENS", "default_max_tokens", "length_sorted_batches", "right_pad"]
+
+# Padded tokens per forward on a CPU when no budget is given: with SmolLM2-135M, 16 mixed-length answers in batches of
+# 16 ran at 0.43x one at a time without a budget and 0.85x with this one (BENCHMARKS.md, the pipeline).
+CPU_MAX_BATCH_TOKENS = 1024
+
+
+def default_max_tokens(max_tokens: int | None, device: torch.device | str) -> int | None:
+    """The token budget of a forward: `max_tokens` where given, else `CPU_MAX_BATCH_TOKENS` on a CPU and none (rows
+    only) on an accelerator, where a larger batch does pay."""
+    if max_tokens is None and torch.device(device).type == "cpu":
+        return CPU_MAX_BATCH_TOKENS
+    return max_tokens
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -84,7 +84,8 @@ class ArmoRMPipeline(Pipeline):
         batch_size (`int`, defaults to 8): conversations per forward pass, sorted by length first.
         max_batch_tokens (`int`, *optional*): padded tokens per forward pass (rows × the longest row): a batch holds
             at most `batch_size` rows and no more than fit this budget (a longer conversation runs alone). Default:
-            rows only.
+            1024 on a CPU, where a forward costs its padded tokens and a larger batch gains little; rows only on a
+            GPU.
         max_length (`int`, *optional*): refuse (a `ValueError` naming it) a conversation longer than this many
             tokens; the backbone's `max_position_embeddings` always binds.
         truncate_prompt (`bool`, defaults to `False`): instead of refusing a conversation that is too long, drop its

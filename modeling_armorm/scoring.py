@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .batching import length_sorted_batches, right_pad
+from .batching import default_max_tokens, length_sorted_batches, right_pad
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
 from .heads import answer_lengths, position_ids_from_mask
 from .modeling_armorm import NonFiniteScoreError
@@ -382,7 +382,8 @@ def run_in_batches(
 ) -> dict[str, torch.Tensor]:
     """`forward(batch)` over length-sorted, right-padded batches of `encoded` (`length_sorted_batches`); returns each
     output (n, ...) on the CPU in the order of `encoded`. `forward` gets the `collate` dict on `device` and returns
-    per-row tensors."""
+    per-row tensors. No `max_tokens` on a CPU: `batching.CPU_MAX_BATCH_TOKENS`."""
+    max_tokens = default_max_tokens(max_tokens, device)
     outputs: dict[str, torch.Tensor] = {}
     for batch in length_sorted_batches([len(row) for row in encoded], batch_size, max_tokens):
         inputs = {key: value.to(device) for key, value in collate([encoded[i] for i in batch], pad_id).items()}
@@ -422,7 +423,8 @@ def score_encoded(
 ) -> ScoreOutput:
     """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
 
-    Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens (`batching`). Conversations
+    Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens (`batching`; not given: on a
+    CPU `batching.CPU_MAX_BATCH_TOKENS`, on an accelerator rows only). Conversations
     that share their tokens up to the gating position run that prefix once (`share_prefix=False` runs each whole; the
     scores agree up to float rounding, see `prefix_sharing`).
 
@@ -431,6 +433,7 @@ def score_encoded(
     gating weights come out NaN or infinite (a backbone overflow) raises `NonFiniteScoreError` naming it: a reward is
     never NaN."""
     device = next(model.parameters()).device
+    max_batch_tokens = default_max_tokens(max_batch_tokens, device)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, row in enumerate(encoded):
         if max_length is not None and len(row) > max_length:
@@ -497,6 +500,7 @@ def scoring_steps(
     """The steps `score_encoded` runs, as lists of row indices: each batch of shared prefixes (its answers), then each
     batch of conversations run whole. `score_encoded` on one step's rows, in this order, runs exactly that step again
     (the same rows padded together, so the same numbers): a process group can split the steps among its ranks."""
+    max_batch_tokens = default_max_tokens(max_batch_tokens, next(model.parameters()).device)
     shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
     steps = [[row for group in groups for row in group] for groups in shared_batches]
     return steps + [

@@ -174,7 +174,8 @@ class BatchSettings(SettingsGroup):
         default=None,
         metadata={
             "help": "Padded tokens per forward pass (rows x the longest row): a batch holds at most `batch_size` rows "
-            "and no more than fit this budget (default: rows only)."
+            "and no more than fit this budget (default: 1024 on a CPU, where a forward costs its padded tokens; rows only "
+            "on a GPU)."
         },
     )
 

@@ -130,10 +130,6 @@ def checkpoint_config(path: str):
     return rlhflow_config(json.loads(config_file.read_text()))
 
 
-# The token budget of a forward on a CPU when `max_batch_tokens` is not given: a CPU forward costs its padded tokens,
-# and GRPO answers to merged prompts (25 to 100 tokens each) padded to the longest of 32 waste a third of them
-# (BENCHMARKS.md, "`armorm serve --backend transformers`").
-CPU_MAX_BATCH_TOKENS = 1024
 # How long a worker thread encodes rows before handing the tokenizer to other requests' rows.
 ENCODE_SLICE_S = 0.02
 # A body larger than this waits until no smaller request has been in flight for `LARGE_BODY_QUIET_S`, at most
@@ -515,6 +511,7 @@ def build_service(config: ServeConfig) -> RewardService:
         backend = VllmBackend(config.model, config.engine_arguments(config.model, config.dtype))
     else:
         from modeling_armorm import ArmoRMForRewardModeling
+        from modeling_armorm.batching import default_max_tokens
         from modeling_armorm.scoring import pad_token_id
         from serving.backends import TransformersBackend
 
@@ -526,9 +523,8 @@ def build_service(config: ServeConfig) -> RewardService:
         model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
         device = resolve_device(config.device)
         model = fit_dtype(model, config.dtype, device).to(device).eval()
-        budget = config.max_batch_tokens
-        if budget is None and device.type == "cpu":
-            budget = CPU_MAX_BATCH_TOKENS
+        # On a CPU, GRPO answers to merged prompts (25 to 100 tokens) padded to the longest of 32 waste a third of it.
+        budget = default_max_tokens(config.max_batch_tokens, device)
         backend = TransformersBackend(
             model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms, budget
         )

@@ -3,8 +3,9 @@
 import random
 
 import pytest
+import torch
 
-from modeling_armorm.batching import length_sorted_batches
+from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS, default_max_tokens, length_sorted_batches
 
 
 @pytest.mark.parametrize("max_tokens", [None, 1, 40, 100, 1000])
@@ -32,3 +33,13 @@ def test_bad_bounds_are_refused():
         length_sorted_batches([3], 0)
     with pytest.raises(ValueError, match="max_tokens"):
         length_sorted_batches([3], 2, 0)
+
+
+def test_a_cpu_forward_has_a_budget_unless_one_is_given():
+    """On a CPU a forward costs its padded tokens: no budget given means `CPU_MAX_BATCH_TOKENS` there, rows only on an
+    accelerator; a budget given is the one used, on either."""
+    assert default_max_tokens(None, "cpu") == CPU_MAX_BATCH_TOKENS
+    assert default_max_tokens(None, torch.device("cpu")) == CPU_MAX_BATCH_TOKENS
+    assert default_max_tokens(None, "cuda:1") is None and default_max_tokens(None, "mps") is None
+    assert default_max_tokens(64, "cpu") == 64 and default_max_tokens(10**9, "cpu") == 10**9
+    assert default_max_tokens(64, "cuda") == 64

@@ -13,8 +13,8 @@ import pytest
 from armorm_cli.cli import COMMANDS, build_parser
 from conversion import build
 from conversion.assemble import AssembleSettings
-from conversion.extract import ExtractSettings
 from conversion.bt import BTSettings
+from conversion.extract import ExtractSettings
 from conversion.gate import GateSettings
 from evaluation.evaluate import EvaluateSettings
 from modeling_armorm.settings import (

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from modeling_armorm import ArmoRMReward
+from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS
 from modeling_armorm.scoring import ChatEncoder, score_conversations
 from serving import backends
-from serving.serve import CPU_MAX_BATCH_TOKENS, ServeConfig, build_app, build_service
+from serving.serve import ServeConfig, build_app, build_service
 from tests.serving_utils import (
     free_port,
     load_with_faults,
