@@ -15,7 +15,7 @@ import torch
 __all__ = ["CPU_MAX_BATCH_TOKENS", "default_max_tokens", "length_sorted_batches", "right_pad"]
 
 # Padded tokens per forward on a CPU when no budget is given: with SmolLM2-135M, 16 mixed-length answers in batches of
-# 16 ran at 0.43x one at a time without a budget and 0.85x with this one (BENCHMARKS.md, the pipeline).
+# 16 ran at 0.40x one at a time by rows alone and 0.75x with this budget (BENCHMARKS.md, the pipeline).
 CPU_MAX_BATCH_TOKENS = 1024
 
 
