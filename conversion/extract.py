@@ -143,6 +143,10 @@ def main(config: ExtractConfig | None = None, /, **kwargs) -> dict:
         if world_size > 1:
             dist.barrier()
         _check_resumable(out, settings)  # before the slow loads: a stale folder fails at once
+        if world_size > 1:
+            # Every rank has read the folder before any writes to it: a rank that checked late saw another's first
+            # shard before its progress record, and refused the folder as a stale one.
+            dist.barrier()
         if config.kind == "ratings":
             # Read only if the data still has the content hashed above: the report's hash is the rows' own.
             rows = load_ratings(config.data, config.split, config.objectives, name=config.name, sha256=data.sha256)
