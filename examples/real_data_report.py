@@ -603,7 +603,8 @@ def gate_change(results: dict, before: dict) -> list[str]:
     return [
         f"The plain-backbone ArmoRM moved from {_percent(old)} % to {_percent(now)} % on the same held-out pairs, "
         f"ratings and objectives. Its gate before: {described[0]}; now: {described[1]}. The gate picks its step on "
-        f"about 70 validation pairs, where one standard error is about {100 * np.sqrt(0.25 / 70):.0f} points "
+        f"{gates[1]['val_pairs']} validation pairs, where one standard error is about "
+        f"{100 * np.sqrt(0.25 / gates[1]['val_pairs']):.0f} points "
         f"(over the {results['heldout_pairs']['all']} held-out pairs: {se:.1f}): which pairs validate it, and the "
         "features' dtype, move the held-out accuracy by this much on data this small.",
         "",
