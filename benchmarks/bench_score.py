@@ -16,8 +16,8 @@ round times, one after the other on the same conversations:
 * the released RLHFlow/ArmoRM model card's loop: one conversation at a time, `apply_chat_template` per conversation,
   one forward each, the gating token found by a Python scan of the ids: the pipeline must never be slower;
 * the pipeline, end to end, at each batch size and token budget (`max_batch_tokens`: padded tokens per forward;
-  `default`: none given, the package's default for the device; `none`: rows only): chat template, tokenization, gating positions, batches, shared prompts run once, the ArmoRM
-  forward, results as dicts in input order. Measured in the same run: the time inside the scoring call
+  `default`: none given, the package's default for the device; `none`: rows only): chat template, tokenization,
+  gating positions, batches, shared prompts run once, the ArmoRM forward, results as dicts in input order. Measured in the same run: the time inside the scoring call
   (`score_encoded`) and inside the backbone; the head and the bookkeeping (reading h and h_x, W h, the gating MLP, T,
   the shared prompts' key/value caches gathered per answer) are the scoring call's time outside the backbone, target
   <= 2 %;
