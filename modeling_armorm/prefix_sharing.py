@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from .batching import length_sorted_batches, right_pad
 from .heads import answer_lengths, position_ids_from_mask
+from .packing import PackedLayout, attends_to_all_earlier_tokens, bounds_of, pack
 
 
 __all__ = ["prefix_batches", "prefix_groups", "run_prefix_batch", "supports_prefix_sharing"]
@@ -45,9 +46,7 @@ def supports_prefix_sharing(model) -> bool:
         return False
     if _cache_argument(backbone) is None:
         return False
-    config = model.config.get_text_config()
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return layer_types == {"full_attention"} and getattr(config, "sliding_window", None) is None
+    return attends_to_all_earlier_tokens(model.config.get_text_config())
 
 
 def _cache_argument(backbone) -> str | None:
@@ -79,10 +78,14 @@ def run_prefix_batch(
     device,
     progress=None,
     max_tokens: int | None = None,
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Score the rows of `groups` (one batch of `prefix_batches`) with each prefix run once, its answers in batches of
-    up to `batch_size` rows and `max_tokens` padded tokens of their own. Returns `score` (n,), `rewards`, `gating_output` and `coefficients` (n, k) in float32 on the
-    CPU, for the n rows of `groups` in their order there."""
+    up to `batch_size` rows and `max_tokens` padded tokens of their own, right-padded or packed (`pack`,
+    `packing.supports_packing`). Returns `score` (n,), `rewards`, `gating_output` and `coefficients` (n, k) in float32
+    on the CPU, for the n rows of `groups` in their order there."""
+    if pack:
+        return _run_packed_prefix_batch(model, encoded, groups, batch_size, progress, max_tokens)
     cache_argument = _cache_argument(model.model)
     prefixes = [encoded[rows[0]].input_ids[: encoded[rows[0]].gating_position + 1] for rows in groups]
     input_ids, prefix_mask = (tensor.to(device) for tensor in right_pad(prefixes, pad_id))
@@ -102,13 +105,7 @@ def run_prefix_batch(
     # The answers: (row, its prefix's index), in the order of `groups`; run longest remainder first.
     answers = [(row, p) for p, rows in enumerate(groups) for row in rows]
     remainders = [len(encoded[row]) - int(lengths[p]) for row, p in answers]
-    k = model.config.num_objectives
-    outputs = {
-        "score": torch.zeros(len(answers)),
-        "rewards": torch.zeros(len(answers), k),
-        "gating_output": torch.zeros(len(answers), k),
-        "coefficients": torch.zeros(len(answers), k),
-    }
+    outputs = _empty_outputs(len(answers), model.config.num_objectives)
     for chunk in length_sorted_batches(remainders, batch_size, max_tokens):
         index = torch.tensor([answers[i][1] for i in chunk], device=device)  # (answers,) the prefix of each
         suffixes = [encoded[row].input_ids[int(lengths[p]) :] for row, p in (answers[i] for i in chunk)]
@@ -131,3 +128,55 @@ def run_prefix_batch(
         if progress is not None:
             progress.update(len(chunk), int(suffix_mask.sum()))
     return outputs
+
+
+def _run_packed_prefix_batch(
+    model,
+    encoded: Sequence,
+    groups: list[list[int]],
+    batch_size: int,
+    progress=None,
+    max_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`run_prefix_batch` with no padding (`packing`): the prefixes run packed in one row, each layer's keys and values
+    kept per prefix, and the answers packed in chunks of up to `batch_size` rows and `max_tokens` tokens, each
+    attending to its own prefix's keys and values."""
+    prefixes = [encoded[rows[0]].input_ids[: encoded[rows[0]].gating_position + 1] for rows in groups]
+    lengths = [len(prefix) for prefix in prefixes]
+    prompts = PackedLayout(bounds_of(lengths), keep=True)
+    hidden = pack(model.model, prefixes, prompts)
+    # h_x, read once per prompt: the prefix's last token is its gating position.
+    h_x = hidden[torch.tensor([end - 1 for _, end in prompts.bounds], device=hidden.device)]  # (prefixes, d)
+    if progress is not None:
+        progress.update(0, sum(lengths))
+
+    answers = [(row, p) for p, rows in enumerate(groups) for row in rows]
+    remainders = [len(encoded[row]) - lengths[p] for row, p in answers]
+    outputs = _empty_outputs(len(answers), model.config.num_objectives)
+    for chunk in length_sorted_batches(remainders, batch_size, max_tokens):
+        index = [answers[i][1] for i in chunk]  # the prefix of each answer
+        suffixes = [encoded[answers[i][0]].input_ids[lengths[p] :] for i, p in zip(chunk, index)]
+        layout = PackedLayout(bounds_of([len(s) for s in suffixes]), prompts=index, kept=prompts.kept)
+        # Each answer's tokens continue its prefix: positions from the prefix's length.
+        hidden = pack(model.model, suffixes, layout, first_positions=[lengths[p] for p in index])
+        h = hidden[torch.tensor([end - 1 for _, end in layout.bounds], device=hidden.device)]
+        prefix_lengths = torch.tensor([lengths[p] for p in index], device=hidden.device)
+        # n: the answer's tokens after the gating position, the prefix's last token.
+        n = answer_lengths(
+            prefix_lengths + torch.tensor([len(s) - 1 for s in suffixes], device=hidden.device), prefix_lengths - 1
+        )
+        for key, value in zip(outputs, model.head_outputs(h, h_x[index], n)):
+            outputs[key][chunk] = value.detach().float().cpu()
+        if progress is not None:
+            progress.update(len(chunk), sum(map(len, suffixes)))
+    return outputs
+
+
+def _empty_outputs(n: int, k: int) -> dict[str, torch.Tensor]:
+    """`score` (n,), `rewards`, `gating_output` and `coefficients` (n, k), zeros to fill."""
+    return {
+        "score": torch.zeros(n),
+        "rewards": torch.zeros(n, k),
+        "gating_output": torch.zeros(n, k),
+        "coefficients": torch.zeros(n, k),
+    }

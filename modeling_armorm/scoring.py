@@ -32,6 +32,7 @@ from .batching import default_max_tokens, length_sorted_batches, right_pad
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
 from .heads import answer_lengths, position_ids_from_mask
 from .modeling_armorm import NonFiniteScoreError
+from .packing import score_packed, supports_packing
 from .prefix_sharing import prefix_batches, run_prefix_batch, supports_prefix_sharing
 from .settings import DEFAULT_BATCH_SIZE
 from .token_cut import Cut, TokenCuts
@@ -420,13 +421,16 @@ def score_encoded(
     max_length: int | None = None,
     share_prefix: bool = True,
     max_batch_tokens: int | None = None,
+    pack: bool | None = None,
 ) -> ScoreOutput:
     """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
 
     Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens (`batching`; not given: on a
     CPU `batching.CPU_MAX_BATCH_TOKENS`, on an accelerator rows only). Conversations
     that share their tokens up to the gating position run that prefix once (`share_prefix=False` runs each whole; the
-    scores agree up to float rounding, see `prefix_sharing`).
+    scores agree up to float rounding, see `prefix_sharing`). `pack`: run each batch packed in one row with no padding
+    (`packing`); not given, packed on a CPU where the backbone allows it (`packing.supports_packing`), padded on an
+    accelerator. The batches are the same either way.
 
     A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
     `ValueError` naming it: a reward is never read from a cut conversation. A conversation whose score, rewards or
@@ -434,6 +438,13 @@ def score_encoded(
     never NaN."""
     device = next(model.parameters()).device
     max_batch_tokens = default_max_tokens(max_batch_tokens, device)
+    if pack is None:
+        pack = device.type == "cpu" and supports_packing(model)
+    elif pack and not supports_packing(model):
+        raise ValueError(
+            "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.supports_packing`): it needs "
+            "SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
+        )
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, row in enumerate(encoded):
         if max_length is not None and len(row) > max_length:
@@ -470,11 +481,18 @@ def score_encoded(
         for groups in shared_batches:
             rows = [row for group in groups for row in group]
             shared_outputs = run_prefix_batch(
-                model, encoded, groups, batch_size, pad_id, device, progress, max_batch_tokens
+                model, encoded, groups, batch_size, pad_id, device, progress, max_batch_tokens, pack
             )
             for key, value in shared_outputs.items():
                 outputs[key][rows] = value
-        if alone:
+        if alone and pack:
+            for batch in batches:
+                rows = [alone[i] for i in batch]
+                for key, value in zip(OUTPUT_FIELDS, score_packed(model, [encoded[row] for row in rows])):
+                    outputs[key][rows] = value.detach().float().cpu()
+                if progress is not None:
+                    progress.update(len(rows), sum(len(encoded[row]) for row in rows))
+        elif alone:
             alone_outputs = run_in_batches(
                 forward, [encoded[i] for i in alone], batch_size, pad_id, device, progress, max_batch_tokens
             )

@@ -260,7 +260,8 @@ def spy_on_shared_prefixes(monkeypatch) -> list[list[tuple[int, ...]]]:
 
 class BackboneForwards(list):
     """The (rows, columns) of `input_ids` in every forward of `backbone` (an ArmoRM's `model.model`, or a bare
-    backbone), in order, while the `with` block runs: what a token budget bounds."""
+    backbone), in order, while the `with` block runs: what a token budget bounds. A packed forward (one row, the
+    batch's sequences end to end: `modeling_armorm.packing`) counts as its batch, (sequences, the longest)."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -274,7 +275,11 @@ class BackboneForwards(list):
         self.handle.remove()
 
     def _record(self, module, args, kwargs):
-        self.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+        layout = kwargs.get("armorm_packing")
+        if layout is not None:
+            self.append((len(layout.bounds), max(end - start for start, end in layout.bounds)))
+        else:
+            self.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
 
     def over(self, max_tokens: int) -> list[tuple[int, int]]:
         """The forwards of several rows with more than `max_tokens` padded tokens (rows × columns): none when the

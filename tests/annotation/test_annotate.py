@@ -451,7 +451,10 @@ def test_push_to_hub_uploads_both_datasets_with_a_card(checkpoint, hub, tmp_path
         (hub_copy / path).parent.mkdir(parents=True, exist_ok=True)
         (hub_copy / path).write_bytes(content)
     for name in ("scored", "pairs"):
-        loaded = datasets.load_dataset(str(hub_copy), name, split="train").to_list()
+        # A cache of its own: `datasets` keys a local folder's cache by path and file times, which a later pytest run
+        # (the same tmp path) can match with other files.
+        loaded = datasets.load_dataset(str(hub_copy), name, split="train", cache_dir=str(tmp_path / "cache"))
+        loaded = loaded.to_list()
         assert loaded == datasets.load_from_disk(str(out / name)).to_list(), name
 
     card = DatasetCard.load(hub_copy / "README.md")

@@ -53,7 +53,9 @@ class BackboneTokens:
         model.model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
-        self.tokens += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1] :].sum())
+        mask, input_ids = kwargs["attention_mask"], kwargs["input_ids"]
+        # A packed forward's row holds real tokens only (its mask is a 4D placeholder).
+        self.tokens += input_ids.numel() if mask.dim() == 4 else int(mask[:, -input_ids.shape[1] :].sum())
 
 
 SHAPES = [
@@ -66,25 +68,27 @@ SHAPES = [
 @pytest.mark.parametrize("shapes", SHAPES)
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 @pytest.mark.parametrize("length_objective", [None, 1])
-def test_shared_prefix_equals_each_conversation_alone(shapes, batch_size, length_objective):
+@pytest.mark.parametrize("pack", [True, False])
+def test_shared_prefix_equals_each_conversation_alone(shapes, batch_size, length_objective, pack):
     model = armorm(length_objective=length_objective)
     for seed, max_batch_tokens in [(0, None), (1, 64)]:  # two batch orders; batches by rows, then by a token budget
         rows = conversations(seed, shapes)
-        out = score_encoded(model, rows, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        out = score_encoded(model, rows, batch_size=batch_size, max_batch_tokens=max_batch_tokens, pack=pack)
         assert_matches_alone(out, model, rows)
 
 
-def test_a_shared_prompt_is_computed_once():
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_shared_prompt_is_computed_once(pack):
     model = armorm()
     rows = conversations(0, [(40, [3, 5, 7, 2]), (25, [4, 4]), (10, [6])])
     counter = BackboneTokens(model)
-    out = score_encoded(model, rows, batch_size=4)
+    out = score_encoded(model, rows, batch_size=4, pack=pack)
     # Each prompt's tokens up to and including the gating position once (41, 26); then each answer's tokens after it
     # (the pattern's second token and the answer); the lone row whole.
     expected = (41 + 26) + (4 + 6 + 8 + 3) + (5 + 5) + (12 + 6)
     assert counter.tokens == expected
     counter.tokens = 0
-    alone = score_encoded(model, rows, batch_size=4, share_prefix=False)
+    alone = score_encoded(model, rows, batch_size=4, share_prefix=False, pack=pack)
     assert counter.tokens == sum(len(row) for row in rows)
     for key in FIELDS:
         torch.testing.assert_close(getattr(out, key), getattr(alone, key), rtol=1e-5, atol=1e-6)
