@@ -10,9 +10,12 @@ of about `--prompt-tokens` tokens (a system turn and a user turn holding a note)
 about `--answer-tokens` tokens (lengths spread by +-25 %), encoded beforehand. Every round times `score_encoded` on
 all of them, one way after the other:
 
-* shared: `share_prefix=True` (each prompt once, its key/value cache reused by its answers), `--batch-size` rows;
-* whole, batched: `share_prefix=False`, the same batch size (each conversation whole, length-sorted, right-padded);
-* each alone: `share_prefix=False`, batch size 1 (the model card's way, without its Python overhead).
+* shared: `share_prefix=True` (each prompt once, its key/value cache reused by its answers), `--batch-size` rows,
+  the package's layout for the device (packed on a CPU: `modeling_armorm.packing`);
+* shared, padded: the same, right-padded (`pack=False`);
+* whole, batched: `share_prefix=False`, the same batch size (each conversation whole, length-sorted, the package's
+  layout);
+* each alone: `share_prefix=False`, batch size 1, `pack=False` (the model card's way, without its Python overhead).
 
 Reported: tokens/s counted over the unique tokens (each prompt once, plus every answer: the work there is to do), the
 speed-up of sharing over each other way (median of the rounds' ratios), the share of each run's time inside the
@@ -88,8 +91,9 @@ def main():
     pad = pad_token_id(tokenizer)
     ways = {
         "shared": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=True),
+        "shared, padded": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=True, pack=False),
         "whole, batched": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=False),
-        "each alone": lambda rows: score_encoded(model, rows, 1, pad, share_prefix=False),
+        "each alone": lambda rows: score_encoded(model, rows, 1, pad, share_prefix=False, pack=False),
     }
 
     for run in ways.values():  # warm-up (allocator, kernels) on the first prompt's answers

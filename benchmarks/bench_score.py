@@ -1,8 +1,9 @@
 """The `reward-scoring` pipeline's throughput against the released model card's loop, at several batch sizes and token
-budgets; the ArmoRM head's and the bookkeeping's share of a forward; a bare backbone padded and packed.
+budgets, packed and padded; the ArmoRM head's and the bookkeeping's share of a forward; a bare backbone padded and
+packed.
 
     .venv/bin/python benchmarks/bench_score.py                 # ArmoRM on SmolLM2-135M-Instruct (GGUF), CPU, float32
-    .venv/bin/python benchmarks/bench_score.py --rows 24 --batch-sizes 8 16 --budgets default none 512 2048 --repeats 3
+    .venv/bin/python benchmarks/bench_score.py --rows 24 --batch-sizes 8 16 --budgets default 512 4096 --repeats 3
     python benchmarks/bench_score.py --preset llama3-8b --device cuda --dtype bfloat16 --rows 512 \\
         --batch-sizes 1 8 32 64 --max-length 2048                   # Llama-3-8B shape, random weights, one GPU
 
@@ -16,15 +17,17 @@ round times, one after the other on the same conversations:
 * the released RLHFlow/ArmoRM model card's loop: one conversation at a time, `apply_chat_template` per conversation,
   one forward each, the gating token found by a Python scan of the ids: the pipeline must never be slower;
 * the pipeline, end to end, at each batch size and token budget (`max_batch_tokens`: padded tokens per forward;
-  `default`: none given, the package's default for the device; `none`: rows only): chat template, tokenization,
-  gating positions, batches, shared prompts run once, the ArmoRM forward, results as dicts in input order. Measured in the same run: the time inside the scoring call
+  `default`: none given, the package's default for the device; `none`: rows only) and layout (`--layouts`:
+  `default`, the package's choice for the device, packed on a CPU; `padded`, `score_encoded(pack=False)`): chat
+  template, tokenization, gating positions, batches, shared prompts run once, the ArmoRM forward, results as dicts in
+  input order. Measured in the same run: the time inside the scoring call
   (`score_encoded`) and inside the backbone; the head and the bookkeeping (reading h and h_x, W h, the gating MLP, T,
   the shared prompts' key/value caches gathered per answer) are the scoring call's time outside the backbone, target
   <= 2 %;
 * a bare forward of the backbone alone (`model.model(**batch)`) on the whole conversations in the batches of
   `batch_size` rows (length-sorted, right-padded, no budget), built beforehand and untimed, and the same rows packed
-  padding-free: one row per batch, the conversations one after the other, position ids restarting at each, no
-  attention mask (transformers' masking detects the packed sequences from the positions and masks across them).
+  padding-free: one row per batch, the conversations one after the other, position ids restarting at each,
+  attention run per conversation (`modeling_armorm.packing`).
 
 Rounds repeat (`--repeats`) and the medians are reported: the machine is shared and noisy. Ratios are medians of the
 rounds' own ratios (the two numbers of one round see the same spell of the machine).
@@ -43,6 +46,7 @@ from timing import bare_forward, cpu_model, machine_facts, synchronize, timed_in
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, pipeline
 
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
+from modeling_armorm.packing import PackedLayout, bounds_of, packed_attention
 from modeling_armorm.prefix_sharing import prefix_groups
 from modeling_armorm.scoring import collate, length_sorted_batches, pad_token_id, score_encoded
 
@@ -157,11 +161,19 @@ def pipeline_batches(pipe, conversations, batch_size: int, device) -> list[dict]
 
 def packed(batches: list[dict]) -> list[dict]:
     """Each padded batch as one padding-free row: its conversations one after the other, position ids restarting at
-    each, no attention mask."""
+    each, attention per conversation (`packing.PackedLayout`; run inside `packing.packed_attention`)."""
     rows = []
     for batch in batches:
         real = batch["attention_mask"].bool()
-        rows.append({"input_ids": batch["input_ids"][real][None], "position_ids": batch["position_ids"][real][None]})
+        layout = PackedLayout(bounds_of(batch["attention_mask"].sum(-1).tolist()))
+        rows.append(
+            {
+                "input_ids": batch["input_ids"][real][None],
+                "position_ids": batch["position_ids"][real][None],
+                "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=real.device),
+                "armorm_packing": layout,
+            }
+        )
     return rows
 
 
@@ -171,16 +183,20 @@ def packed_difference(backbone, padded: list[dict], packed_rows: list[dict]) -> 
     worst = 0.0
     for batch, row in zip(padded, packed_rows):
         h_padded = backbone(**batch, use_cache=False).last_hidden_state[batch["attention_mask"].bool()].float()
-        h_packed = backbone(**row, use_cache=False).last_hidden_state[0].float()
+        with packed_attention(backbone):
+            h_packed = backbone(**row, use_cache=False).last_hidden_state[0].float()
         worst = max(worst, ((h_padded - h_packed).abs().max() / h_padded.abs().max()).item())
     return worst
 
 
-def run_pipeline(pipe, conversations, batch_size: int, budget: int | None) -> tuple[float, list]:
+def run_pipeline(
+    pipe, conversations, batch_size: int, budget: int | None, layout: str = "default"
+) -> tuple[float, list]:
     """(seconds inside the scoring call, the results) of the pipeline on `conversations`. With a token budget, and a
-    pipeline without a `max_batch_tokens` argument, its three stages are called as `pipe(...)` calls them."""
+    pipeline without a `max_batch_tokens` argument, or a layout other than the default, its three stages are called
+    as `pipe(...)` calls them."""
     takes_budget = "max_batch_tokens" in inspect.signature(pipe._sanitize_parameters).parameters
-    if budget is None or takes_budget:
+    if layout == "default" and (budget is None or takes_budget):
         kwargs = {} if budget is None else {"max_batch_tokens": budget}
         _, scoring, results = timed_inside(
             pipe, "_forward", lambda: pipe(conversations, batch_size=batch_size, **kwargs)
@@ -188,8 +204,17 @@ def run_pipeline(pipe, conversations, batch_size: int, budget: int | None) -> tu
         return scoring, results
     encoded = [pipe.preprocess(c, where=f"conversation {i}") for i, c in enumerate(conversations)]
     pad = pad_token_id(pipe.tokenizer)
-    scoring, output = timed(lambda: score_encoded(pipe.model, encoded, batch_size, pad, max_batch_tokens=budget))
+    pack = {"default": None, "padded": False, "packed": True}[layout]
+    scoring, output = timed(
+        lambda: score_encoded(pipe.model, encoded, batch_size, pad, max_batch_tokens=budget, pack=pack)
+    )
     return scoring, pipe.postprocess(output)
+
+
+def packed_forward(backbone, rows: list[dict]) -> float:
+    """Seconds of the bare backbone over the packed `rows`, attention per conversation."""
+    with packed_attention(backbone):
+        return bare_forward(backbone, rows, use_cache=False)
 
 
 def timed(run) -> tuple[float, object]:
@@ -222,8 +247,12 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument(
-        "--budgets", type=budget_value, nargs="+", default=[None, ROWS_ONLY, 512, 2048],
+        "--budgets", type=budget_value, nargs="+", default=[None, 512, 4096],
         help="Token budgets per forward (`max_batch_tokens`); `default`: none given; `none`: rows only.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layouts", nargs="+", choices=["default", "padded", "packed"], default=["default", "padded"],
+        help="Batch layouts of the pipeline: `default` (the package's choice for the device), `padded`, `packed`.",
     )  # fmt: skip
     parser.add_argument("--no-packed", action="store_true", help="Skip the bare padded and packed backbone.")
     parser.add_argument("--repeats", type=int, default=3)
@@ -247,18 +276,19 @@ def main():
     run_pipeline(pipe, conversations[:4], largest, None)
     packing = None if args.no_packed else packed_difference(model.model, padded[largest][:1], packed_rows[largest][:1])
 
-    rounds = {(b, budget): [] for b in args.batch_sizes for budget in args.budgets}
+    ways = [(b, budget, layout) for b in args.batch_sizes for layout in args.layouts for budget in args.budgets]
+    rounds = {way: [] for way in ways}
     bare = {b: [] for b in args.batch_sizes}
     card_rounds, worst = [], 0.0
     for _ in range(args.repeats):  # the ways one after the other, so a slow spell hits them alike
         seconds, card = timed(lambda: model_card_scores(model, tokenizer, conversations))
         card_rounds.append(seconds)
         for b in args.batch_sizes:
-            for budget in args.budgets:
+            for way in [way for way in ways if way[0] == b]:
                 seconds, in_backbone, (in_scoring, results) = timed_inside(
-                    model.model, "forward", lambda b=b, budget=budget: run_pipeline(pipe, conversations, b, budget)
+                    model.model, "forward", lambda way=way: run_pipeline(pipe, conversations, *way)
                 )
-                rounds[b, budget].append(
+                rounds[way].append(
                     dict(card=card_rounds[-1], pipeline=seconds, in_scoring=in_scoring, in_backbone=in_backbone)
                 )
                 # Every run scores as the model card's loop does.
@@ -267,7 +297,7 @@ def main():
                 bare[b].append(
                     dict(
                         padded=bare_forward(model.model, padded[b], use_cache=False),
-                        packed=bare_forward(model.model, packed_rows[b], use_cache=False),
+                        packed=packed_forward(model.model, packed_rows[b]),
                     )
                 )
     tolerance = 1e-3 if args.dtype == "float32" else 5e-2
@@ -287,20 +317,22 @@ def main():
         f"and of the model card's loop agree to {worst:.1e} (relative).\n"
     )
     print(f"The model card's loop (one at a time): {card_speed:,.0f} tokens/s.\n")
-    print("| batch size | token budget | pipeline (tok/s) | pipeline / model card | in the backbone, same run | "
-          "head + bookkeeping / scoring forward, same run |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| batch size | layout | token budget | pipeline (tok/s) | pipeline / model card | in the backbone, same run "
+          "| head + bookkeeping / scoring forward, same run |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     best = {}
-    for (b, budget), runs in rounds.items():
+    for (b, budget, layout), runs in rounds.items():
         speed = tokens / median(r["pipeline"] for r in runs)
         versus_card = median(r["card"] / r["pipeline"] for r in runs)
         share = median(r["in_backbone"] / r["pipeline"] for r in runs)
         head = median(1 - r["in_backbone"] / r["in_scoring"] for r in runs)
         if versus_card > best.get(b, (0, None))[0]:
-            best[b] = (versus_card, budget)
-        print(f"| {b} | {budget_label(budget)} | {speed:,.0f} | {versus_card:.2f}× | {share:.1%} | {head:.2%} |")
-    print("\nBest budget per batch size: " + ", ".join(f"{b}: {budget_label(budget)} ({x:.2f}×)" for b, (x, budget)
-                                                        in best.items()) + ".")  # fmt: skip
+            best[b] = (versus_card, f"{layout}, {budget_label(budget)}")
+        print(
+            f"| {b} | {layout} | {budget_label(budget)} | {speed:,.0f} | {versus_card:.2f}× | {share:.1%} | "
+            f"{head:.2%} |"
+        )
+    print("\nBest way per batch size: " + ", ".join(f"{b}: {way} ({x:.2f}×)" for b, (x, way) in best.items()) + ".")
     if not args.no_packed:
         print(f"\nBare backbone, the same conversations padded and packed ({model.model.config._attn_implementation} "
               f"attention; on the first batch of the largest size the hidden states agree to {packing:.1e} "
@@ -316,7 +348,8 @@ def main():
             )
     print("\nTargets: pipeline / model card >= 1× at every batch size; head + bookkeeping <= 2 % of a forward.")
     raw = {
-        f"{b}/{budget_label(budget)}": [round(r["pipeline"], 2) for r in runs] for (b, budget), runs in rounds.items()
+        f"{b}/{layout}/{budget_label(budget)}": [round(r["pipeline"], 2) for r in runs]
+        for (b, budget, layout), runs in rounds.items()
     }
     print(f"\nRaw pipeline seconds per batch size/budget and round: {raw}; model card: "
           f"{[round(x, 2) for x in card_rounds]}.")  # fmt: skip
