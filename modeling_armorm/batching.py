@@ -12,18 +12,27 @@ from collections.abc import Sequence
 import torch
 
 
-__all__ = ["CPU_MAX_BATCH_TOKENS", "default_max_tokens", "length_sorted_batches", "right_pad"]
+__all__ = [
+    "CPU_MAX_BATCH_TOKENS",
+    "CPU_MAX_PACKED_TOKENS",
+    "default_max_tokens",
+    "length_sorted_batches",
+    "right_pad",
+]
 
 # Padded tokens per forward on a CPU when no budget is given: with SmolLM2-135M, 16 mixed-length answers in batches of
 # 16 ran at 0.40x one at a time by rows alone and 0.75x with this budget (BENCHMARKS.md, the pipeline).
 CPU_MAX_BATCH_TOKENS = 1024
+# The same for packed batches (`packing`), which compute no padding: a longer row makes a longer, cheaper matrix
+# product (the pipeline at batch 8 and 16: 1.33x and 1.31x the model card's loop at 4096, 1.25x and 1.21x at 1024).
+CPU_MAX_PACKED_TOKENS = 4096
 
 
-def default_max_tokens(max_tokens: int | None, device: torch.device | str) -> int | None:
-    """The token budget of a forward: `max_tokens` where given, else `CPU_MAX_BATCH_TOKENS` on a CPU and none (rows
-    only) on an accelerator, where a larger batch does pay."""
+def default_max_tokens(max_tokens: int | None, device: torch.device | str, packed: bool = False) -> int | None:
+    """The token budget of a forward: `max_tokens` where given, else on a CPU `CPU_MAX_BATCH_TOKENS` (padded batches)
+    or `CPU_MAX_PACKED_TOKENS` (`packed`), and none (rows only) on an accelerator, where a larger batch does pay."""
     if max_tokens is None and torch.device(device).type == "cpu":
-        return CPU_MAX_BATCH_TOKENS
+        return CPU_MAX_PACKED_TOKENS if packed else CPU_MAX_BATCH_TOKENS
     return max_tokens
 
 

@@ -29,7 +29,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .heads import answer_lengths
 
 
-__all__ = ["PACKED_ATTENTION", "PackedLayout", "pack", "packed_attention", "score_packed", "supports_packing"]
+__all__ = [
+    "PACKED_ATTENTION",
+    "PackedLayout",
+    "attends_to_all_earlier_tokens",
+    "bounds_of",
+    "pack",
+    "packed_attention",
+    "packed_sdpa",
+    "score_packed",
+    "supports_packing",
+]
 
 PACKED_ATTENTION = "armorm_packed_sdpa"
 # A 4D mask is passed to the backbone as is (transformers builds none): a packed forward's attention needs no mask.

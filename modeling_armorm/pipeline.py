@@ -83,9 +83,8 @@ class ArmoRMPipeline(Pipeline):
             `torch.bfloat16` to keep bfloat16 there (a warning says how much slower it runs).
         batch_size (`int`, defaults to 8): conversations per forward pass, sorted by length first.
         max_batch_tokens (`int`, *optional*): padded tokens per forward pass (rows × the longest row): a batch holds
-            at most `batch_size` rows and no more than fit this budget (a longer conversation runs alone). Default:
-            1024 on a CPU, where a forward costs its padded tokens and a larger batch gains little; rows only on a
-            GPU.
+            at most `batch_size` rows and no more than fit this budget (a longer conversation runs alone). Default on
+            a CPU: 4096 where the batches are packed (`packing`), 1024 padded; rows only on a GPU.
         max_length (`int`, *optional*): refuse (a `ValueError` naming it) a conversation longer than this many
             tokens; the backbone's `max_position_embeddings` always binds.
         truncate_prompt (`bool`, defaults to `False`): instead of refusing a conversation that is too long, drop its

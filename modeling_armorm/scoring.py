@@ -48,6 +48,7 @@ __all__ = [
     "length_sorted_batches",
     "model_gating_pattern",
     "objective_names",
+    "packs",
     "pad_token_id",
     "right_pad",
     "run_in_batches",
@@ -425,26 +426,20 @@ def score_encoded(
 ) -> ScoreOutput:
     """Run an `ArmoRMForRewardModeling` over encoded conversations (gating positions passed, never searched).
 
-    Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens (`batching`; not given: on a
-    CPU `batching.CPU_MAX_BATCH_TOKENS`, on an accelerator rows only). Conversations
-    that share their tokens up to the gating position run that prefix once (`share_prefix=False` runs each whole; the
-    scores agree up to float rounding, see `prefix_sharing`). `pack`: run each batch packed in one row with no padding
-    (`packing`); not given, packed on a CPU where the backbone allows it (`packing.supports_packing`), padded on an
-    accelerator. The batches are the same either way.
+    Batches hold up to `batch_size` conversations and `max_batch_tokens` padded tokens, rows × the longest
+    (`batching`). Conversations that share their tokens up to the gating position run that prefix once
+    (`share_prefix=False` runs each whole; the scores agree up to float rounding, see `prefix_sharing`). `pack`: run
+    each batch packed in one row with no padding (`packing`); not given, packed on a CPU where the backbone allows it
+    (`packs`), padded on an accelerator. `max_batch_tokens` not given: on a CPU `batching.CPU_MAX_PACKED_TOKENS`
+    packed and `batching.CPU_MAX_BATCH_TOKENS` padded, on an accelerator rows only.
 
     A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
     `ValueError` naming it: a reward is never read from a cut conversation. A conversation whose score, rewards or
     gating weights come out NaN or infinite (a backbone overflow) raises `NonFiniteScoreError` naming it: a reward is
     never NaN."""
     device = next(model.parameters()).device
-    max_batch_tokens = default_max_tokens(max_batch_tokens, device)
-    if pack is None:
-        pack = device.type == "cpu" and supports_packing(model)
-    elif pack and not supports_packing(model):
-        raise ValueError(
-            "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.supports_packing`): it needs "
-            "SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
-        )
+    pack = packs(model, pack)
+    max_batch_tokens = default_max_tokens(max_batch_tokens, device, pack)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, row in enumerate(encoded):
         if max_length is not None and len(row) > max_length:
@@ -508,17 +503,32 @@ def score_encoded(
     return ScoreOutput(**outputs)
 
 
+def packs(model, pack: bool | None = None) -> bool:
+    """Whether `score_encoded(model, ..., pack=pack)` runs its batches packed: `pack` where given (refused for a
+    backbone that cannot run packed exactly), else on a CPU where the backbone allows it (`packing.supports_packing`)."""
+    if pack is None:
+        return next(model.parameters()).device.type == "cpu" and supports_packing(model)
+    if pack and not supports_packing(model):
+        raise ValueError(
+            "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.supports_packing`): it needs "
+            "SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
+        )
+    return pack
+
+
 def scoring_steps(
     model,
     encoded: Sequence[EncodedConversation],
     batch_size: int,
     share_prefix: bool = True,
     max_batch_tokens: int | None = None,
+    pack: bool | None = None,
 ) -> list[list[int]]:
     """The steps `score_encoded` runs, as lists of row indices: each batch of shared prefixes (its answers), then each
     batch of conversations run whole. `score_encoded` on one step's rows, in this order, runs exactly that step again
-    (the same rows padded together, so the same numbers): a process group can split the steps among its ranks."""
-    max_batch_tokens = default_max_tokens(max_batch_tokens, next(model.parameters()).device)
+    (the same rows batched together, so the same numbers): a process group can split the steps among its ranks."""
+    device = next(model.parameters()).device
+    max_batch_tokens = default_max_tokens(max_batch_tokens, device, packs(model, pack))
     shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
     steps = [[row for group in groups for row in group] for groups in shared_batches]
     return steps + [

@@ -174,8 +174,8 @@ class BatchSettings(SettingsGroup):
         default=None,
         metadata={
             "help": "Padded tokens per forward pass (rows x the longest row): a batch holds at most `batch_size` rows "
-            "and no more than fit this budget (default: 1024 on a CPU, where a forward costs its padded tokens; rows only "
-            "on a GPU)."
+            "and no more than fit this budget (default on a CPU, where a forward costs its padded tokens: 4096 where "
+            "scoring packs the batches, 1024 padded (extract, a backbone that cannot pack); rows only on a GPU)."
         },
     )
 

@@ -117,8 +117,8 @@ class ArmoRMReward:
             Seconds to wait for the server's answer to one call (with `url`).
         max_batch_tokens (`int`, *optional*):
             Padded tokens per forward pass (rows × the longest row): a batch holds at most `batch_size` rows and no
-            more than fit this budget (a longer conversation runs alone). Default: 1024 on a CPU, rows only on a
-            GPU. With `url`, the server's own `--max-batch-tokens` applies.
+            more than fit this budget (a longer conversation runs alone). Default on a CPU: 4096 packed (`packing`),
+            1024 padded; rows only on a GPU. With `url`, the server's own `--max-batch-tokens` applies.
         normalize (`bool`, defaults to `False`):
             Return each score as z = (s − mean) / std, with the mean and standard deviation of the scores of the
             checkpoint's reference answers (`config.score_statistics`, or the server's `/info`; a checkpoint without

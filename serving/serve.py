@@ -75,8 +75,8 @@ class ServeSettings(BackendSettings, ScaleSettings, DeviceSettings, DtypeSetting
         default=None,
         metadata={
             "help": "Transformers backend: padded tokens per forward (rows x the longest row): a forward holds at most "
-            "`max_batch_rows` rows and no more than fit this budget (default: 1024 on a CPU, where a forward costs its "
-            "padded tokens, so that short and long answers run apart; rows only on a GPU)."
+            "`max_batch_rows` rows and no more than fit this budget (default on a CPU: 4096 where the batches are packed, "
+            "1024 padded for a backbone that cannot pack, so that short and long answers run apart; rows only on a GPU)."
         },
     )
     max_wait_ms: float = field(
@@ -512,7 +512,7 @@ def build_service(config: ServeConfig) -> RewardService:
     else:
         from modeling_armorm import ArmoRMForRewardModeling
         from modeling_armorm.batching import default_max_tokens
-        from modeling_armorm.scoring import pad_token_id
+        from modeling_armorm.scoring import packs, pad_token_id
         from serving.backends import TransformersBackend
 
         if json.loads((Path(config.model) / "config.json").read_text()).get("model_type") != "armorm":
@@ -523,8 +523,9 @@ def build_service(config: ServeConfig) -> RewardService:
         model = ArmoRMForRewardModeling.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
         device = resolve_device(config.device)
         model = fit_dtype(model, config.dtype, device).to(device).eval()
-        # On a CPU, GRPO answers to merged prompts (25 to 100 tokens) padded to the longest of 32 waste a third of it.
-        budget = default_max_tokens(config.max_batch_tokens, device)
+        # On a CPU, GRPO answers to merged prompts (25 to 100 tokens) padded to the longest of 32 waste a third of it;
+        # packed, a longer row pays.
+        budget = default_max_tokens(config.max_batch_tokens, device, packs(model))
         backend = TransformersBackend(
             model, pad_token_id(tokenizer), config.max_batch_rows, config.max_wait_ms, budget
         )

@@ -5,7 +5,12 @@ import random
 import pytest
 import torch
 
-from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS, default_max_tokens, length_sorted_batches
+from modeling_armorm.batching import (
+    CPU_MAX_BATCH_TOKENS,
+    CPU_MAX_PACKED_TOKENS,
+    default_max_tokens,
+    length_sorted_batches,
+)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 1, 40, 100, 1000])
@@ -43,3 +48,6 @@ def test_a_cpu_forward_has_a_budget_unless_one_is_given():
     assert default_max_tokens(None, "cuda:1") is None and default_max_tokens(None, "mps") is None
     assert default_max_tokens(64, "cpu") == 64 and default_max_tokens(10**9, "cpu") == 10**9
     assert default_max_tokens(64, "cuda") == 64
+    # Packed batches compute no padding: a larger default on a CPU, still none on an accelerator.
+    assert default_max_tokens(None, "cpu", packed=True) == CPU_MAX_PACKED_TOKENS > CPU_MAX_BATCH_TOKENS
+    assert default_max_tokens(None, "cuda", packed=True) is None and default_max_tokens(64, "cpu", packed=True) == 64

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from modeling_armorm import packing
-from modeling_armorm.scoring import EncodedConversation, score_encoded
+from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS, CPU_MAX_PACKED_TOKENS
+from modeling_armorm.scoring import EncodedConversation, score_encoded, scoring_steps
 from tests.serving_utils import sensitive_gating
-from tests.utils import padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
+from tests.utils import BackboneForwards, padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
 
 
 PATTERN = [5, 6]
@@ -140,3 +141,16 @@ def test_threads_packing_one_model_at_once_get_each_conversation_alone():
         for score in scores:
             torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
     assert model.model.config._attn_implementation == "sdpa"
+
+
+def test_the_default_budget_follows_the_layout():
+    """No budget given on a CPU: packed batches hold up to `CPU_MAX_PACKED_TOKENS` (rows × the longest), padded ones
+    `CPU_MAX_BATCH_TOKENS`; `scoring_steps` plans the same batches as the run."""
+    model = armorm()
+    rows = rows_of([(20 + 10 * i, 150 + 20 * i) for i in range(12)], seed=2)
+    for pack, budget in [(True, CPU_MAX_PACKED_TOKENS), (False, CPU_MAX_BATCH_TOKENS)]:
+        with BackboneForwards(model.model) as forwards:
+            score_encoded(model, rows, batch_size=16, share_prefix=False, pack=pack)
+        assert not forwards.over(budget) and max(r * c for r, c in forwards) > budget // 2, pack
+        steps = scoring_steps(model, rows, batch_size=16, share_prefix=False, pack=pack)
+        assert [len(step) for step in steps] == [r for r, _ in forwards], pack

@@ -432,24 +432,25 @@ def test_max_batch_tokens_bounds_every_forward(checkpoint, rm, tokenizer):
 
 
 def test_on_a_cpu_a_forward_holds_the_default_budget(rm, tokenizer):
-    """No `max_batch_tokens` on a CPU: every forward of several rows holds at most `CPU_MAX_BATCH_TOKENS` padded
-    tokens, where rows alone would put more in one (long answers to distinct prompts, run whole); a budget given
-    lifts it; the numbers equal each conversation scored alone either way."""
-    from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS
+    """No `max_batch_tokens` on a CPU: every forward of several rows holds at most `CPU_MAX_PACKED_TOKENS` tokens
+    (rows × the longest; the pipeline packs its batches there), where rows alone would put more in one (long answers
+    to distinct prompts, run whole); a budget given lifts it; the numbers equal each conversation scored alone either
+    way."""
+    from modeling_armorm.batching import CPU_MAX_PACKED_TOKENS
 
     words = "the tide turns slowly because the moon pulls water toward it".split()
     conversations = [
         [
             {"role": "user", "content": f"Question {i}: why do tides turn?"},
-            {"role": "assistant", "content": " ".join(words[j % len(words)] for j in range(60 + 20 * i))},
+            {"role": "assistant", "content": " ".join(words[j % len(words)] for j in range(300 + 60 * i))},
         ]
         for i in range(8)
     ]
     expected = reference(rm.model, tokenizer, conversations)
-    assert 8 * max(len(tokenizer.apply_chat_template(c)["input_ids"]) for c in conversations) > CPU_MAX_BATCH_TOKENS
+    assert 8 * max(len(tokenizer.apply_chat_template(c)["input_ids"]) for c in conversations) > CPU_MAX_PACKED_TOKENS
     with BackboneForwards(rm.model.model) as by_default:
         results = rm.score(conversations, batch_size=8)
-    assert by_default and not by_default.over(CPU_MAX_BATCH_TOKENS) and max(rows for rows, _ in by_default) > 1
+    assert by_default and not by_default.over(CPU_MAX_PACKED_TOKENS) and max(rows for rows, _ in by_default) > 1
     assert_equal_alone(results, expected)
     with BackboneForwards(rm.model.model) as lifted:
         results = rm.score(conversations, batch_size=8, max_batch_tokens=10**9)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from modeling_armorm import ArmoRMReward
-from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS
+from modeling_armorm.batching import CPU_MAX_PACKED_TOKENS
 from modeling_armorm.scoring import ChatEncoder, score_conversations
 from serving import backends
 from serving.serve import ServeConfig, build_app, build_service
@@ -293,10 +293,13 @@ def test_max_batch_tokens_bounds_every_forward(checkpoint, offline):
 
 
 def test_a_cpu_forward_has_a_token_budget_by_default(checkpoint):
-    """A CPU forward costs its padded tokens: without `--max-batch-tokens` the transformers backend on a CPU cuts its
-    forwards at `CPU_MAX_BATCH_TOKENS` padded tokens; a budget given is the one used."""
+    """Without `--max-batch-tokens` the transformers backend on a CPU cuts its forwards at `CPU_MAX_PACKED_TOKENS`
+    (it packs them there; `CPU_MAX_BATCH_TOKENS` padded, for a backbone that cannot pack); a budget given is the one
+    used."""
     folder, _, _ = checkpoint
-    assert build_service(ServeConfig(model=str(folder), device="cpu")).backend.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+    assert (
+        build_service(ServeConfig(model=str(folder), device="cpu")).backend.max_batch_tokens == CPU_MAX_PACKED_TOKENS
+    )
     given = ServeConfig(model=str(folder), device="cpu", max_batch_tokens=4096)
     assert build_service(given).backend.max_batch_tokens == 4096
 
