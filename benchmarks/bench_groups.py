@@ -74,6 +74,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=300)
     parser.add_argument("--answer-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, help="Token budget of the batched ways (not given: the package's default)."
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -89,10 +92,13 @@ def main():
     unique = sum(prefix) + sum(len(encoded[i]) - prefix[k] for k, g in enumerate(groups) for i in g)
     whole = sum(len(row) for row in encoded)
     pad = pad_token_id(tokenizer)
+    batched = {"max_batch_tokens": args.max_batch_tokens}
     ways = {
-        "shared": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=True),
-        "shared, padded": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=True, pack=False),
-        "whole, batched": lambda rows: score_encoded(model, rows, args.batch_size, pad, share_prefix=False),
+        "shared": lambda rows: score_encoded(model, rows, args.batch_size, pad, **batched, share_prefix=True),
+        "shared, padded": lambda rows: score_encoded(
+            model, rows, args.batch_size, pad, **batched, share_prefix=True, pack=False
+        ),
+        "whole, batched": lambda rows: score_encoded(model, rows, args.batch_size, pad, **batched, share_prefix=False),
         "each alone": lambda rows: score_encoded(model, rows, 1, pad, share_prefix=False, pack=False),
     }
 
@@ -115,7 +121,8 @@ def main():
         f"Data: {args.prompts} prompts x {args.answers} answers: prompts {min(prefix)}-{max(prefix)} tokens (up to "
         f"the gating position), answers (after it) {min(len(r) for r in encoded) - max(prefix)}-"
         f"{max(len(r) for r in encoded) - min(prefix)} tokens; {unique:,} unique tokens, {whole:,} as whole "
-        f"conversations ({whole / unique:.2f}x). Batch size {args.batch_size}. Medians of {args.repeats} interleaved "
+        f"conversations ({whole / unique:.2f}x). Batch size {args.batch_size}, token budget "
+        f"{args.max_batch_tokens or 'the default'}. Medians of {args.repeats} interleaved "
         f"rounds. Largest score difference from each alone: {worst:.1e} (relative to |s| or 0.01).\n"
     )
     print("| way | unique tokens/s | shared speed-up over it | in the backbone, same run | outside the backbone |")
