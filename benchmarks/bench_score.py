@@ -46,7 +46,7 @@ from timing import bare_forward, cpu_model, machine_facts, synchronize, timed_in
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, pipeline
 
 from modeling_armorm import ArmoRMConfig, ArmoRMForRewardModeling, gating_pattern_from_tokenizer
-from modeling_armorm.packing import PackedLayout, bounds_of, packed_attention
+from modeling_armorm.packing import PackedLayout, bounds_of, pack
 from modeling_armorm.prefix_sharing import prefix_groups
 from modeling_armorm.scoring import collate, length_sorted_batches, pad_token_id, score_encoded
 
@@ -159,32 +159,22 @@ def pipeline_batches(pipe, conversations, batch_size: int, device) -> list[dict]
     ]
 
 
-def packed(batches: list[dict]) -> list[dict]:
-    """Each padded batch as one padding-free row: its conversations one after the other, position ids restarting at
-    each, attention per conversation (`packing.PackedLayout`; run inside `packing.packed_attention`)."""
+def packed(batches: list[dict]) -> list[tuple[list[list[int]], PackedLayout]]:
+    """Each padded batch as the sequences `packing.pack` runs in one padding-free row, and their layout."""
     rows = []
     for batch in batches:
-        real = batch["attention_mask"].bool()
-        layout = PackedLayout(bounds_of(batch["attention_mask"].sum(-1).tolist()))
-        rows.append(
-            {
-                "input_ids": batch["input_ids"][real][None],
-                "position_ids": batch["position_ids"][real][None],
-                "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=real.device),
-                "armorm_packing": layout,
-            }
-        )
+        sequences = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        rows.append((sequences, PackedLayout(bounds_of([len(s) for s in sequences]))))
     return rows
 
 
 @torch.inference_mode()
-def packed_difference(backbone, padded: list[dict], packed_rows: list[dict]) -> float:
+def packed_difference(backbone, padded: list[dict], packed_rows: list[tuple]) -> float:
     """Largest relative difference between the padded and the packed forwards' hidden states at every real token."""
     worst = 0.0
     for batch, row in zip(padded, packed_rows):
         h_padded = backbone(**batch, use_cache=False).last_hidden_state[batch["attention_mask"].bool()].float()
-        with packed_attention(backbone):
-            h_packed = backbone(**row, use_cache=False).last_hidden_state[0].float()
+        h_packed = pack(backbone, *row).float()
         worst = max(worst, ((h_padded - h_packed).abs().max() / h_padded.abs().max()).item())
     return worst
 
@@ -211,10 +201,11 @@ def run_pipeline(
     return scoring, pipe.postprocess(output)
 
 
-def packed_forward(backbone, rows: list[dict]) -> float:
-    """Seconds of the bare backbone over the packed `rows`, attention per conversation."""
-    with packed_attention(backbone):
-        return bare_forward(backbone, rows, use_cache=False)
+@torch.inference_mode()
+def packed_forward(backbone, rows: list[tuple]) -> float:
+    """Seconds of the bare backbone over the packed `rows` (`packing.pack`: attention per conversation)."""
+    seconds, _ = timed(lambda: [pack(backbone, *row) for row in rows])
+    return seconds
 
 
 def timed(run) -> tuple[float, object]:
