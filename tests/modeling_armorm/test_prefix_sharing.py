@@ -54,8 +54,9 @@ class BackboneTokens:
 
     def hook(self, module, args, kwargs):
         mask, input_ids = kwargs["attention_mask"], kwargs["input_ids"]
-        # A packed forward's row holds real tokens only (its mask is a 4D placeholder).
-        self.tokens += input_ids.numel() if mask.dim() == 4 else int(mask[:, -input_ids.shape[1] :].sum())
+        # A packed forward's row holds real tokens only.
+        packed = "armorm_packing" in kwargs
+        self.tokens += input_ids.numel() if packed else int(mask[:, -input_ids.shape[1] :].sum())
 
 
 SHAPES = [
