@@ -33,8 +33,10 @@ __all__ = [
     "PACKED_ATTENTION",
     "PackedLayout",
     "attends_to_all_earlier_tokens",
+    "backbone_supports_packing",
     "bounds_of",
     "pack",
+    "packed_features",
     "packed_attention",
     "packed_sdpa",
     "score_packed",
@@ -129,12 +131,17 @@ def attends_to_all_earlier_tokens(config) -> bool:
 
 
 def supports_packing(model) -> bool:
-    """Whether `model`'s backbone computes what `packed_sdpa` does: it passes attention keyword arguments through to
-    its attention function (`_supports_attention_backend`), attends with plain SDPA or eager attention, every layer
-    over all earlier tokens, with no logit soft-capping."""
+    """Whether `model` (an `ArmoRMForRewardModeling`) scores packed exactly: its heads are callable on features
+    (`head_outputs`, absent from remote code saved by older versions) and its backbone packs
+    (`backbone_supports_packing`)."""
     backbone = getattr(model, "model", None)
-    if backbone is None or not hasattr(model, "head_outputs"):
-        return False
+    return backbone is not None and hasattr(model, "head_outputs") and backbone_supports_packing(backbone)
+
+
+def backbone_supports_packing(backbone) -> bool:
+    """Whether `backbone` computes what `packed_sdpa` does: it passes attention keyword arguments through to its
+    attention function (`_supports_attention_backend`), attends with plain SDPA or eager attention, every layer over
+    all earlier tokens, with no logit soft-capping."""
     config = backbone.config
     return (
         getattr(backbone, "_supports_attention_backend", False)
@@ -167,13 +174,22 @@ def bounds_of(lengths: list[int]) -> list[tuple[int, int]]:
     return [(end - length, end) for length, end in zip(lengths, ends)]
 
 
+def packed_features(backbone, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """h at the last token and h_x at the gating position (rows, d) of whole conversations `rows`
+    (`scoring.EncodedConversation`) run packed in one row, in the backbone's dtype and on its device."""
+    layout = PackedLayout(bounds_of([len(row) for row in rows]))
+    hidden = pack(backbone, [row.input_ids for row in rows], layout)  # (N, d)
+    starts = torch.tensor([start for start, _ in layout.bounds])
+    last = starts + torch.tensor([len(row) - 1 for row in rows])
+    gating = starts + torch.tensor([row.gating_position for row in rows])
+    return hidden[last.to(hidden.device)], hidden[gating.to(hidden.device)]
+
+
 def score_packed(model, rows) -> tuple[torch.Tensor, ...]:
     """The heads' (s, r, g, c) of whole conversations `rows` (`scoring.EncodedConversation`) run packed in one row:
     h at each one's last token, h_x at its gating position."""
-    layout = PackedLayout(bounds_of([len(row) for row in rows]))
-    hidden = pack(model.model, [row.input_ids for row in rows], layout)  # (N, d)
-    starts = torch.tensor([start for start, _ in layout.bounds])
-    last = torch.tensor([len(row) - 1 for row in rows])
-    gating = torch.tensor([row.gating_position for row in rows])
-    h, h_x = hidden[(starts + last).to(hidden.device)], hidden[(starts + gating).to(hidden.device)]
-    return model.head_outputs(h, h_x, answer_lengths(last, gating).to(hidden.device))
+    h, h_x = packed_features(model.model, rows)
+    n = answer_lengths(
+        torch.tensor([len(row) - 1 for row in rows]), torch.tensor([row.gating_position for row in rows])
+    )
+    return model.head_outputs(h, h_x, n.to(h.device))

@@ -30,10 +30,16 @@ from tqdm.auto import tqdm
 
 from .batching import default_max_tokens, length_sorted_batches, right_pad
 from .chat_template import GatingPattern, end_of_turn_text, gating_pattern_from_tokenizer
-from .heads import answer_lengths, position_ids_from_mask
+from .heads import answer_lengths, last_token_positions, position_ids_from_mask
 from .modeling_armorm import NonFiniteScoreError
-from .packing import score_packed, supports_packing
-from .prefix_sharing import prefix_batches, run_prefix_batch, supports_prefix_sharing
+from .packing import backbone_supports_packing, packed_features, score_packed, supports_packing
+from .prefix_sharing import (
+    backbone_supports_prefix_sharing,
+    prefix_batches,
+    prefix_features,
+    run_prefix_batch,
+    supports_prefix_sharing,
+)
 from .settings import DEFAULT_BATCH_SIZE
 from .token_cut import Cut, TokenCuts
 
@@ -45,10 +51,12 @@ __all__ = [
     "ROLES",
     "ScoreOutput",
     "collate",
+    "conversation_features",
     "length_sorted_batches",
     "model_gating_pattern",
     "objective_names",
     "packs",
+    "packs_backbone",
     "pad_token_id",
     "right_pad",
     "run_in_batches",
@@ -456,7 +464,9 @@ def score_encoded(
         k = model.config.num_objectives
         return ScoreOutput(torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k), torch.zeros(0, k))
 
-    shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
+    shared_batches, alone = _plan(
+        encoded, batch_size, share_prefix and supports_prefix_sharing(model), max_batch_tokens
+    )
     # `run_in_batches` runs these batches in this order: the model's error names rows of a batch, this names ours.
     batches = iter(length_sorted_batches([len(encoded[i]) for i in alone], batch_size, max_batch_tokens))
 
@@ -476,9 +486,9 @@ def score_encoded(
         for groups in shared_batches:
             rows = [row for group in groups for row in group]
             shared_outputs = run_prefix_batch(
-                model, encoded, groups, batch_size, pad_id, device, progress, max_batch_tokens, pack
+                model, encoded, groups, batch_size, pad_id, progress, max_batch_tokens, pack
             )
-            for key, value in shared_outputs.items():
+            for key, value in zip(OUTPUT_FIELDS, shared_outputs):
                 outputs[key][rows] = value
         if alone and pack:
             for batch in batches:
@@ -506,14 +516,75 @@ def score_encoded(
 def packs(model, pack: bool | None = None) -> bool:
     """Whether `score_encoded(model, ..., pack=pack)` runs its batches packed: `pack` where given (refused for a
     backbone that cannot run packed exactly), else on a CPU where the backbone allows it (`packing.supports_packing`)."""
+    return _packs(model, pack, supports_packing(model))
+
+
+def packs_backbone(backbone, pack: bool | None = None) -> bool:
+    """`packs` for a bare backbone (`conversation_features`): `packing.backbone_supports_packing`."""
+    return _packs(backbone, pack, backbone_supports_packing(backbone))
+
+
+def _packs(model, pack: bool | None, supported: bool) -> bool:
     if pack is None:
-        return next(model.parameters()).device.type == "cpu" and supports_packing(model)
-    if pack and not supports_packing(model):
+        return next(model.parameters()).device.type == "cpu" and supported
+    if pack and not supported:
         raise ValueError(
             "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.supports_packing`): it needs "
             "SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
         )
     return pack
+
+
+@torch.inference_mode()
+def conversation_features(
+    backbone,
+    encoded: Sequence[EncodedConversation],
+    batch_size: int,
+    pad_id: int,
+    progress: Progress | None = None,
+    max_batch_tokens: int | None = None,
+    pack: bool | None = None,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (the last token) and h_x (the gating position) of every conversation, as an ArmoRM reads them from its
+    backbone's last hidden state: (n, d) each, float32 on the CPU, in input order. Batches as `score_encoded`'s: up to
+    `batch_size` rows and `max_batch_tokens` tokens; conversations that share their tokens up to the gating position
+    run that prefix once (`share_prefix`, where the backbone allows it); packed on a CPU where the backbone allows it
+    (`packs_backbone`), else right-padded."""
+    device = next(backbone.parameters()).device
+    pack = packs_backbone(backbone, pack)
+    max_batch_tokens = default_max_tokens(max_batch_tokens, device, pack)
+    d = backbone.config.get_text_config().hidden_size
+    h, h_x = torch.empty(len(encoded), d), torch.empty(len(encoded), d)
+    shared_batches, alone = _plan(
+        encoded, batch_size, share_prefix and backbone_supports_prefix_sharing(backbone), max_batch_tokens
+    )
+    for groups in shared_batches:
+        rows = [row for group in groups for row in group]
+        features = prefix_features(backbone, encoded, groups, batch_size, pad_id, progress, max_batch_tokens, pack)
+        h[rows], h_x[rows] = (value.float().cpu() for value in features)
+    if pack:
+        for batch in length_sorted_batches([len(encoded[i]) for i in alone], batch_size, max_batch_tokens):
+            rows = [alone[i] for i in batch]
+            h[rows], h_x[rows] = (
+                value.float().cpu() for value in packed_features(backbone, [encoded[i] for i in rows])
+            )
+            if progress is not None:
+                progress.update(len(rows), sum(len(encoded[i]) for i in rows))
+    elif alone:
+
+        def forward(inputs):
+            gating_positions = inputs.pop("gating_positions")
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = last_token_positions(inputs["attention_mask"])  # (batch,)
+            return {"h": hidden[rows, last].float(), "h_x": hidden[rows, gating_positions].float()}
+
+        features = run_in_batches(
+            forward, [encoded[i] for i in alone], batch_size, pad_id, device, progress, max_batch_tokens
+        )
+        h[alone], h_x[alone] = features["h"], features["h_x"]
+    return h, h_x
 
 
 def scoring_steps(
@@ -529,7 +600,9 @@ def scoring_steps(
     (the same rows batched together, so the same numbers): a process group can split the steps among its ranks."""
     device = next(model.parameters()).device
     max_batch_tokens = default_max_tokens(max_batch_tokens, device, packs(model, pack))
-    shared_batches, alone = _plan(model, encoded, batch_size, share_prefix, max_batch_tokens)
+    shared_batches, alone = _plan(
+        encoded, batch_size, share_prefix and supports_prefix_sharing(model), max_batch_tokens
+    )
     steps = [[row for group in groups for row in group] for groups in shared_batches]
     return steps + [
         [alone[i] for i in batch]
@@ -537,10 +610,10 @@ def scoring_steps(
     ]
 
 
-def _plan(model, encoded, batch_size: int, share_prefix: bool, max_tokens: int | None):
-    """(batches of shared prefixes, the rows run whole): answers to one prompt run it once (exact: `prefix_sharing`)."""
-    shared = share_prefix and supports_prefix_sharing(model)
-    shared_batches = prefix_batches(encoded, batch_size, max_tokens) if shared else []
+def _plan(encoded, batch_size: int, share_prefix: bool, max_tokens: int | None):
+    """(batches of shared prefixes, the rows run whole): answers to one prompt run it once (exact: `prefix_sharing`)
+    where `share_prefix` (asked for and the model allows it)."""
+    shared_batches = prefix_batches(encoded, batch_size, max_tokens) if share_prefix else []
     shared = {row for groups in shared_batches for rows in groups for row in rows}
     return shared_batches, [i for i in range(len(encoded)) if i not in shared]
 

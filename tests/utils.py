@@ -132,6 +132,19 @@ def reference_armorm_outputs(model, rows: list[list[int]], pattern: list[int]) -
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+def assert_features_match_alone(backbone, rows, h, h_x, pattern: list[int]) -> None:
+    """h and h_x of each of `rows` (`EncodedConversation`) equal its own unpadded forward through `backbone`: h at
+    the last token, h_x at the first token of the last `pattern`, found by a Python search."""
+    n = len(pattern)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            ids = row.input_ids
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (seq, d)
+            gate = max(j for j in range(len(ids) - n + 1) if ids[j : j + n] == pattern)
+            torch.testing.assert_close(h[i], hidden[-1], rtol=1e-5, atol=1e-5, msg=f"h of row {i}")
+            torch.testing.assert_close(h_x[i], hidden[gate], rtol=1e-5, atol=1e-5, msg=f"h_x of row {i}")
+
+
 def padded(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows padded to one width on `side`, with their attention mask."""
     width = max(map(len, rows))

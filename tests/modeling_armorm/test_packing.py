@@ -9,9 +9,16 @@ import torch
 
 from modeling_armorm import packing
 from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS, CPU_MAX_PACKED_TOKENS
-from modeling_armorm.scoring import EncodedConversation, score_encoded, scoring_steps
+from modeling_armorm.scoring import EncodedConversation, conversation_features, score_encoded, scoring_steps
 from tests.serving_utils import sensitive_gating
-from tests.utils import BackboneForwards, padded, reference_armorm_outputs, tiny_armorm, tiny_llama_config
+from tests.utils import (
+    BackboneForwards,
+    assert_features_match_alone,
+    padded,
+    reference_armorm_outputs,
+    tiny_armorm,
+    tiny_llama_config,
+)
 
 
 PATTERN = [5, 6]
@@ -49,6 +56,37 @@ def test_packed_equals_each_conversation_alone(attn_implementation, heads, batch
     expected = reference_armorm_outputs(model, [row.input_ids for row in rows], PATTERN)
     for key in FIELDS:
         torch.testing.assert_close(getattr(out, key), expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("batch_size, max_batch_tokens", [(1, None), (4, None), (16, 64)])
+def test_features_equal_each_conversation_alone(attn_implementation, pack, batch_size, max_batch_tokens):
+    """What `armorm extract` writes and the BT stage scores (`conversation_features`, a bare backbone): h at the last
+    token and h_x at the first token of the last gating pattern, packed or padded, equal to each conversation's own
+    unpadded forward."""
+    backbone = armorm(attn_implementation, num_attention_heads=2, num_key_value_heads=1).model
+    rows = rows_of(LENGTHS * 2, seed=3)
+    with BackboneForwards(backbone) as forwards:
+        h, h_x = conversation_features(backbone, rows, batch_size, 0, max_batch_tokens=max_batch_tokens, pack=pack)
+    assert len(forwards) >= len(rows) / batch_size and not forwards.over(max_batch_tokens or 10**9)
+    assert_features_match_alone(backbone, rows, h, h_x, PATTERN)
+
+
+def test_features_pack_on_a_cpu_where_the_backbone_allows_it():
+    rows = rows_of(LENGTHS)
+    for backbone, packs in [(armorm().model, True), (armorm(sliding_window=8).model, False)]:
+        seen = []
+        backbone.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append("armorm_packing" in kwargs), with_kwargs=True
+        )
+        assert packing.backbone_supports_packing(backbone) is packs
+        conversation_features(backbone, rows, 4, 0)
+        assert set(seen) == {packs}
+    with pytest.raises(ValueError, match="cannot run packed"):
+        conversation_features(armorm(sliding_window=8).model, rows, 4, 0, pack=True)
+    empty = conversation_features(armorm().model, [], 4, 0)
+    assert [tuple(t.shape) for t in empty] == [(0, armorm().config.get_text_config().hidden_size)] * 2
 
 
 def test_a_packed_batch_is_one_row_of_real_tokens():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from modeling_armorm import prefix_sharing
-from modeling_armorm.scoring import EncodedConversation, score_encoded, scoring_steps
+from modeling_armorm.scoring import EncodedConversation, conversation_features, score_encoded, scoring_steps
 from tests.serving_utils import sensitive_gating
-from tests.utils import reference_armorm_outputs, tiny_armorm, tiny_llama_config
+from tests.utils import assert_features_match_alone, reference_armorm_outputs, tiny_armorm, tiny_llama_config
 
 
 PATTERN = [5, 6]
@@ -49,8 +49,9 @@ class BackboneTokens:
     """Counts the real tokens the backbone computes (prefix runs and answer runs)."""
 
     def __init__(self, model):
+        """`model`: an ArmoRM, or a bare backbone."""
         self.tokens = 0
-        model.model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = getattr(model, "model", model).register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         mask, input_ids = kwargs["attention_mask"], kwargs["input_ids"]
@@ -93,6 +94,22 @@ def test_a_shared_prompt_is_computed_once(pack):
     assert counter.tokens == sum(len(row) for row in rows)
     for key in FIELDS:
         torch.testing.assert_close(getattr(out, key), getattr(alone, key), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", SHAPES[:2])
+@pytest.mark.parametrize("pack", [True, False])
+def test_shared_features_equal_each_conversation_alone(shapes, pack):
+    """What `armorm extract` writes for responses (or pair sides) that share a prompt (`conversation_features`, a bare
+    backbone): each prompt runs once, and h at the last token and h_x at the gating pattern equal each conversation's
+    own unpadded forward."""
+    backbone = armorm().model
+    rows = conversations(2, shapes)
+    unique = {tuple(row.input_ids[: row.gating_position + 1]): row.gating_position + 1 for row in rows}
+    counter = BackboneTokens(backbone)
+    h, h_x = conversation_features(backbone, rows, 3, 0, max_batch_tokens=64, pack=pack)
+    counter.handle.remove()
+    assert counter.tokens == sum(unique.values()) + sum(len(row) - row.gating_position - 1 for row in rows)
+    assert_features_match_alone(backbone, rows, h, h_x, PATTERN)
 
 
 def test_grouping_comes_from_the_token_ids():
