@@ -53,9 +53,8 @@ from armorm_io.features import read_meta
 from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
 from armorm_io.pair_keys import held_out, pair_key, prompt_key
 from armorm_io.reports import read_report, settings_dict, write_report
-from modeling_armorm.heads import last_token_positions
 from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
-from modeling_armorm.scoring import EncodedConversation, pad_token_id, run_in_batches
+from modeling_armorm.scoring import EncodedConversation, conversation_features, pad_token_id
 from modeling_armorm.settings import (
     DtypeSettings,
     LengthSettings,
@@ -417,20 +416,13 @@ def _trainer(config: BTConfig, model: PreTrainedModel, tokenizer, data: dict, pa
 
 @torch.no_grad()
 def bt_scores(model: PreTrainedModel, sequences: list[EncodedConversation], batch_size: int, pad_id: int):
-    """s = wᵀ h of each sequence, h the backbone's last hidden state at the last real token (from the attention mask,
-    as `armorm extract` reads it) and w the classifier's score head; float32 on the CPU, in input order."""
+    """s = wᵀ h of each sequence, h the backbone's last hidden state at the last real token (as `armorm extract` reads
+    it: `scoring.conversation_features`) and w the classifier's score head; float32 on the CPU, in input order."""
     if not sequences:
         return torch.empty(0)
-    device = next(model.parameters()).device
-
-    def forward(inputs):
-        inputs.pop("gating_positions")
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h = hidden[rows, last_token_positions(inputs["attention_mask"])]  # (batch, d)
-        return {"score": model.score(h).float()[:, 0]}
-
-    return run_in_batches(forward, sequences, batch_size, pad_id, device)["score"]
+    h, _ = conversation_features(model.base_model, sequences, batch_size, pad_id)
+    weight = model.score.weight  # (1, d)
+    return model.score(h.to(weight.device, weight.dtype)).float()[:, 0].cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------

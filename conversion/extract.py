@@ -41,9 +41,8 @@ from armorm_io.features import KINDS, META_NAME, SHARD_NAME, folder_fingerprint,
 from armorm_io.files import Fingerprint, atomic_write_json, file_sha256
 from armorm_io.pair_keys import pair_key, prompt_key
 from armorm_io.reports import write_report
-from modeling_armorm.heads import last_token_positions
 from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
-from modeling_armorm.scoring import EncodedConversation, Progress, pad_token_id, run_in_batches
+from modeling_armorm.scoring import EncodedConversation, Progress, conversation_features, pad_token_id
 from modeling_armorm.settings import (
     BatchSettings,
     DeviceSettings,
@@ -219,7 +218,6 @@ def clear(out: Path) -> None:
 # The forward pass
 
 
-@torch.inference_mode()
 def forward_features(
     model: torch.nn.Module,
     sequences: list[EncodedConversation],
@@ -228,26 +226,17 @@ def forward_features(
     pad_id: int,
     progress: Progress | None = None,
     max_batch_tokens: int | None = None,
+    pack: bool | None = None,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h (last real token) and, with `with_prompt`, h_x (gating position) of every sequence, float32 on the CPU, in
-    input order; batches of at most `batch_size` rows and `max_batch_tokens` padded tokens."""
-    d = model.config.hidden_size
-    if not sequences:
-        return torch.empty(0, d), torch.empty(0, d) if with_prompt else None
-
-    def forward(inputs):
-        gating_positions = inputs.pop("gating_positions")
-        hidden = model(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = last_token_positions(inputs["attention_mask"])  # (batch,), as the model reads h
-        features = {"h": hidden[rows, last].float()}
-        if with_prompt:
-            features["h_x"] = hidden[rows, gating_positions].float()
-        return features
-
-    device = next(model.parameters()).device
-    features = run_in_batches(forward, sequences, batch_size, pad_id, device, progress, max_batch_tokens)
-    return features["h"], features.get("h_x")
+    input order: `scoring.conversation_features`, batches of at most `batch_size` rows and `max_batch_tokens` tokens,
+    a prompt shared by several responses run once (`share_prefix`), packed on a CPU where the backbone allows it
+    (`pack`), else right-padded."""
+    h, h_x = conversation_features(
+        model, sequences, batch_size, pad_id, progress, max_batch_tokens, pack, share_prefix
+    )
+    return h, h_x if with_prompt else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ class BatchSettings(SettingsGroup):
         metadata={
             "help": "Padded tokens per forward pass (rows x the longest row): a batch holds at most `batch_size` rows "
             "and no more than fit this budget (default on a CPU, where a forward costs its padded tokens: 4096 where "
-            "scoring packs the batches, 1024 padded (extract, a backbone that cannot pack); rows only on a GPU)."
+            "the batches run packed, 1024 where they run padded (a backbone that cannot pack); rows only on a GPU)."
         },
     )
 

@@ -23,6 +23,7 @@ from armorm_io.pair_keys import held_out
 from conversion import bt as bt_module
 from conversion.bt import main as bt
 from conversion.extract import main as extract
+from modeling_armorm.scoring import EncodedConversation
 from tests.armorm_io.test_pair_keys import independent_key
 from tests.utils import llama3_tokenizer, tiny_llama_config
 
@@ -160,6 +161,21 @@ def test_checkpoint_scores_are_the_head_on_extracted_features(trained, pairs_fil
     expected = torch.stack([torch.stack([logit(side) for side in conversations(row)]) for row in planted_pairs()[:40]])
     torch.testing.assert_close(tensors["embeddings"] @ w, expected, rtol=0, atol=ATOL)
     assert (expected[:, 0] > expected[:, 1]).all(), "a trained BT model ranks the separable pairs right"
+
+
+@torch.no_grad()
+def test_held_out_scores_are_the_classifiers_logits(trained):
+    """`bt_scores` (the held-out accuracy's scores: batched, packed on a CPU) equals the saved classifier's logit of
+    each conversation run alone."""
+    out, _ = trained
+    classifier = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    sides = [side for row in planted_pairs()[:12] for side in conversations(row)]
+    ids = [tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"] for messages in sides]
+    encoded = [EncodedConversation(row, 0, 1) for row in ids]  # h is read at the last token; no gating here
+    scores = bt_module.bt_scores(classifier, encoded, batch_size=5, pad_id=tokenizer.pad_token_id)
+    expected = torch.stack([classifier(input_ids=torch.tensor([row])).logits[0, 0] for row in ids])
+    torch.testing.assert_close(scores, expected, rtol=0, atol=ATOL)
 
 
 def test_a_finished_folder_is_reused_and_other_settings_are_refused(
