@@ -5,10 +5,15 @@
 
 `extract` (render with the chat template, tokenize, length policy, length-sorted batches, forward, gather h, write
 shards and meta.json) is timed end to end on preloaded data and backbone. The bare forward runs `model(**batch)`
-alone on the very same padded batches, built beforehand and untimed. Ratio = bare time / extraction time, target
->= 90 %. Padding waste = padded tokens / real tokens, for the length-sorted batches and for batches in data order.
-Runs alternate (extract, bare, extract, bare, ...) and the best run is kept, because a shared machine is
-noisy; the share of the extraction's own time spent inside `model.forward` is measured within each run as well.
+alone on the length-sorted padded batches (the padded layout's token budget), built beforehand and untimed. Ratio = bare time / extraction time, target
+>= 90 % (on a CPU the extraction packs its batches where the backbone allows it, so it may pass 100 %). Padding
+waste = padded tokens / real tokens, for the length-sorted batches and for batches in data order. Then the feature
+forward itself (`forward_features` on the same encoded conversations, chunk by chunk) three ways: the defaults
+(responses to one prompt run it once, packed on a CPU), packed with each conversation whole (`share_prefix=False`),
+and right-padded whole (`pack=False`, the extraction before packing), with the largest difference between their
+features. Runs alternate (extract, bare, the three ways, extract, ...) and the best run is kept, because a shared
+machine is noisy; the share of the extraction's own time spent inside `model.forward` is measured within each run as
+well.
 """
 
 import argparse
@@ -24,7 +29,8 @@ from timing import bare_forward, cpu_model, timed_with_forward_share  # benchmar
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 from armorm_io.data import load_ratings
-from conversion.extract import RESUME_KEYS, extract
+from conversion.extract import RESUME_KEYS, extract, forward_features
+from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS
 from modeling_armorm.length_policy import ConversationEncoder, EncodedRow
 from modeling_armorm.scoring import collate, length_sorted_batches
 
@@ -65,21 +71,45 @@ def build_backbone(name: str):
     return LlamaModel(config).eval(), tokenizer
 
 
-def planned_batches(rows, tokenizer, max_length: int, batch_size: int, shard_rows: int, sort: bool):
-    """The padded batches `extract` runs (chunk by chunk, sorted by length), or the same rows in data order."""
+def encoded_chunks(rows, tokenizer, max_length: int, shard_rows: int) -> list[list]:
+    """The conversations `extract` encodes, chunk by chunk (one chunk per shard)."""
     encoder = ConversationEncoder(tokenizer, max_length, truncate_prompt=False)
-    batches = []
+    chunks = []
     for start in range(0, len(rows.messages), shard_rows):
         encoded = encoder.encode([[messages] for messages in rows.messages[start : start + shard_rows]])
-        sequences = [row.sides[0] for row in encoded if isinstance(row, EncodedRow)]
+        chunks.append([row.sides[0] for row in encoded if isinstance(row, EncodedRow)])
+    return chunks
+
+
+def planned_batches(chunks, pad_id: int, batch_size: int, sort: bool):
+    """The padded batches `extract` runs on a CPU unpacked (chunk by chunk, sorted by length, the padded token budget),
+    or the same rows in data order."""
+    batches = []
+    for sequences in chunks:
         if sort:
-            order = length_sorted_batches([len(ids) for ids in sequences], batch_size)
+            order = length_sorted_batches([len(ids) for ids in sequences], batch_size, CPU_MAX_BATCH_TOKENS)
         else:
             order = [list(range(i, min(i + batch_size, len(sequences)))) for i in range(0, len(sequences), batch_size)]
         for batch in order:
-            inputs = collate([sequences[i] for i in batch], tokenizer.pad_token_id)
+            inputs = collate([sequences[i] for i in batch], pad_id)
             batches.append({key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")})
     return batches
+
+
+# The feature forward's ways: the defaults, then each conversation whole packed, then whole right-padded.
+WAYS = {
+    "shared prompts, packed (the defaults)": {},
+    "each whole, packed": {"share_prefix": False},
+    "each whole, right-padded": {"share_prefix": False, "pack": False},
+}
+
+
+def time_features(model, chunks, pad_id: int, batch_size: int, **way) -> tuple[float, torch.Tensor]:
+    """(seconds, h of every conversation) of `forward_features` over every chunk, one of `WAYS`."""
+    start, features = time.perf_counter(), []
+    for sequences in chunks:
+        features.append(forward_features(model, sequences, False, batch_size, pad_id, **way)[0])
+    return time.perf_counter() - start, torch.cat(features)
 
 
 def padding_waste(batches) -> tuple[int, float]:
@@ -130,19 +160,27 @@ def main():
 
     model, tokenizer = build_backbone(args.backbone)
     rows = load_ratings(args.data, args.split)
-    batches = planned_batches(rows, tokenizer, args.max_length, args.batch_size, args.shard_rows, sort=True)
-    unsorted = planned_batches(rows, tokenizer, args.max_length, args.batch_size, args.shard_rows, sort=False)
+    chunks = encoded_chunks(rows, tokenizer, args.max_length, args.shard_rows)
+    batches = planned_batches(chunks, tokenizer.pad_token_id, args.batch_size, sort=True)
+    unsorted = planned_batches(chunks, tokenizer.pad_token_id, args.batch_size, sort=False)
     real_tokens, waste = padding_waste(batches)
     _, waste_unsorted = padding_waste(unsorted)
     bare_forward(model, batches[-2:], use_cache=False)  # warm-up: allocator and kernels, outside the timings
 
     extract_times, inside_times, bare_times = [], [], []
+    way_times, differences = {name: [] for name in WAYS}, []
     for _ in range(args.repeats):
         seconds, inside, tokens = time_extract(model, tokenizer, rows, args)
         assert tokens == real_tokens, f"extract ran {tokens} tokens, the planned batches hold {real_tokens}"
         extract_times.append(seconds)
         inside_times.append(inside)
         bare_times.append(bare_forward(model, batches, use_cache=False))
+        features = {}
+        for name, way in WAYS.items():
+            seconds, features[name] = time_features(model, chunks, tokenizer.pad_token_id, args.batch_size, **way)
+            way_times[name].append(seconds)
+        padded = features["each whole, right-padded"]
+        differences += [float(((h - padded).abs() / padded.abs().max()).max()) for h in features.values()]
     # The fastest run is the least disturbed by other processes; the in-run share compares within one run.
     t_extract, t_bare = min(extract_times), min(bare_times)
     share = statistics.median(inside / total for inside, total in zip(inside_times, extract_times))
@@ -164,8 +202,14 @@ def main():
     print(f"| time inside the forward / extraction time, same run (median) | {share:.1%} (target >= 90 %) |")
     print(f"| padding waste, length-sorted batches | {waste:.1%} of real tokens |")
     print(f"| padding waste, batches in data order | {waste_unsorted:.1%} of real tokens |")
+    for name, times in way_times.items():
+        speed_up = statistics.median(b / a for a, b in zip(times, way_times["each whole, right-padded"]))
+        print(f"| features, {name} (best of {args.repeats}) | {real_tokens / min(times):,.0f} tokens/s, ", end="")
+        print(f"{speed_up:.2f}× right-padded in the same round (median) |")
+    print(f"| largest feature difference from right-padded | {max(differences):.1e} (relative to the largest |h|) |")
     print(f"\nRaw seconds: extract {[round(t, 2) for t in extract_times]}, of which in the forward ", end="")
-    print(f"{[round(t, 2) for t in inside_times]}; bare {[round(t, 2) for t in bare_times]}.")
+    print(f"{[round(t, 2) for t in inside_times]}; bare {[round(t, 2) for t in bare_times]}; features ", end="")
+    print(f"{ {name: [round(t, 2) for t in times] for name, times in way_times.items()} }.")
 
 
 if __name__ == "__main__":
