@@ -17,6 +17,7 @@ usual mask: `packed_sdpa` runs packed only when a forward passes a `PackedLayout
 """
 
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from .heads import answer_lengths
 __all__ = [
     "PACKED_ATTENTION",
     "PackedLayout",
+    "attends_causally",
     "attends_to_all_earlier_tokens",
     "backbone_supports_packing",
     "bounds_of",
@@ -130,6 +132,20 @@ def attends_to_all_earlier_tokens(config) -> bool:
     return layer_types == {"full_attention"} and getattr(config, "sliding_window", None) is None
 
 
+# backbone -> whether it attends causally (`attends_causally`), read once per backbone.
+_CAUSAL: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def attends_causally(backbone) -> bool:
+    """Every attention of `backbone` is causal (a token never sees a later one), as transformers' attention functions
+    read it (`module.is_causal`, causal where unset): a bidirectional encoder (BERT) is not. Only then is a
+    prompt's hidden state the same whatever follows it, and a packed or shared forward the conversation run alone."""
+    causal = _CAUSAL.get(backbone)
+    if causal is None:  # read once per backbone: walking an 8B model's modules takes about a millisecond
+        causal = _CAUSAL[backbone] = all(m.is_causal for m in backbone.modules() if hasattr(m, "is_causal"))
+    return causal
+
+
 def supports_packing(model) -> bool:
     """Whether `model` (an `ArmoRMForRewardModeling`) scores packed exactly: its heads are callable on features
     (`head_outputs`, absent from remote code saved by older versions) and its backbone packs
@@ -140,12 +156,13 @@ def supports_packing(model) -> bool:
 
 def backbone_supports_packing(backbone) -> bool:
     """Whether `backbone` computes what `packed_sdpa` does: it passes attention keyword arguments through to its
-    attention function (`_supports_attention_backend`), attends with plain SDPA or eager attention, every layer over
-    all earlier tokens, with no logit soft-capping."""
+    attention function (`_supports_attention_backend`), attends with plain SDPA or eager attention, causally, every
+    layer over all earlier tokens, with no logit soft-capping."""
     config = backbone.config
     return (
         getattr(backbone, "_supports_attention_backend", False)
         and config._attn_implementation in ("sdpa", "eager", PACKED_ATTENTION)
+        and attends_causally(backbone)
         and attends_to_all_earlier_tokens(config)
         and getattr(config, "attn_logit_softcapping", None) is None
     )

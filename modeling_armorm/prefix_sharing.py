@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from .batching import length_sorted_batches, right_pad
 from .heads import answer_lengths, position_ids_from_mask
-from .packing import PackedLayout, attends_to_all_earlier_tokens, bounds_of, pack
+from .packing import PackedLayout, attends_causally, attends_to_all_earlier_tokens, bounds_of, pack
 
 
 __all__ = [
@@ -55,9 +55,14 @@ def supports_prefix_sharing(model) -> bool:
 
 
 def backbone_supports_prefix_sharing(backbone) -> bool:
-    """Whether `backbone` runs an answer over its prompt's cache exactly: it takes a key/value cache, and every layer
-    attends to all earlier tokens (a sliding window counts positions in the padded cache)."""
-    return _cache_argument(backbone) is not None and attends_to_all_earlier_tokens(backbone.config.get_text_config())
+    """Whether `backbone` runs an answer over its prompt's cache exactly: it takes a key/value cache, attends causally
+    (`packing.attends_causally`), and every layer attends to all earlier tokens (a sliding window counts positions in the
+    padded cache)."""
+    return (
+        _cache_argument(backbone) is not None
+        and attends_causally(backbone)
+        and attends_to_all_earlier_tokens(backbone.config.get_text_config())
+    )
 
 
 def _cache_argument(backbone) -> str | None:

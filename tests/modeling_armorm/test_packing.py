@@ -6,8 +6,9 @@ import threading
 
 import pytest
 import torch
+from transformers import BertConfig, BertModel
 
-from modeling_armorm import packing
+from modeling_armorm import packing, prefix_sharing
 from modeling_armorm.batching import CPU_MAX_BATCH_TOKENS, CPU_MAX_PACKED_TOKENS
 from modeling_armorm.scoring import EncodedConversation, conversation_features, score_encoded, scoring_steps
 from tests.serving_utils import sensitive_gating
@@ -87,6 +88,24 @@ def test_features_pack_on_a_cpu_where_the_backbone_allows_it():
         conversation_features(armorm(sliding_window=8).model, rows, 4, 0, pack=True)
     empty = conversation_features(armorm().model, [], 4, 0)
     assert [tuple(t.shape) for t in empty] == [(0, armorm().config.get_text_config().hidden_size)] * 2
+
+
+def test_a_bidirectional_encoder_is_never_packed_or_shared():
+    """In BERT every token sees the later ones, so neither a packed row (causal per conversation) nor a prompt run
+    once gives its features: they run whole, padded, and equal each conversation's own bidirectional forward."""
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    bert = BertModel(config, add_pooling_layer=False).eval()
+    assert bert._supports_attention_backend, "the check must not rest on the attention backend alone"
+    assert not packing.backbone_supports_packing(bert) and not prefix_sharing.backbone_supports_prefix_sharing(bert)
+    rows = rows_of(LENGTHS)
+    rows += [EncodedConversation(rows[0].input_ids[:32] + [40, 41, 42], 30, 32)]  # shares the first row's prompt
+    with pytest.raises(ValueError, match="cannot run packed"):
+        conversation_features(bert, rows, 4, 0, pack=True)
+    h, h_x = conversation_features(bert, rows, 4, 0)
+    assert_features_match_alone(bert, rows, h, h_x, PATTERN)
 
 
 def test_a_packed_batch_is_one_row_of_real_tokens():
