@@ -197,4 +197,4 @@ def _packed_prefix_features(
         h[torch.tensor(chunk, device=hidden.device)] = hidden[last]
         if progress is not None:
             progress.update(len(chunk), sum(map(len, suffixes)))
-    return h, h_x[torch.tensor([p for _, p in answers], device=hidden.device)]
+    return h, h_x[torch.tensor([p for _, p in answers], device=h_x.device)]

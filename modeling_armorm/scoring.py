@@ -529,8 +529,8 @@ def _packs(model, pack: bool | None, supported: bool) -> bool:
         return next(model.parameters()).device.type == "cpu" and supported
     if pack and not supported:
         raise ValueError(
-            "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.supports_packing`): it needs "
-            "SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
+            "`pack=True`, but this backbone cannot run packed (`modeling_armorm.packing.backbone_supports_packing`): it "
+            "needs causal SDPA or eager attention over all earlier tokens and attention keyword arguments passed through."
         )
     return pack
 
