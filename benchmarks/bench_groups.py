@@ -19,8 +19,10 @@ all of them, one way after the other:
 
 Reported: tokens/s counted over the unique tokens (each prompt once, plus every answer: the work there is to do), the
 speed-up of sharing over each other way (median of the rounds' ratios), the share of each run's time inside the
-backbone, the head and bookkeeping's share of the scoring time (the time outside the backbone), and the largest
-score difference between the ways. Encoding (chat template, tokenizer) is the same for every way and is not timed.
+backbone, the head and bookkeeping's share of the scoring time (the time outside the backbone), the largest score
+difference between the ways, and the ratio of the backbone's multiply-adds each alone to shared (`multiply_adds`: the
+speed-up the arithmetic saved would give at an equal rate of operations). Encoding (chat template, tokenizer) is the
+same for every way and is not timed.
 """
 
 import argparse
@@ -65,6 +67,31 @@ def annotation_groups(tokenizer, prompts: int, answers: int, prompt_tokens: int,
             answer = text_of(tokenizer, 1000 * p + a, int(answer_tokens * scale))
             conversations.append([*prompt, {"role": "assistant", "content": answer}])
     return conversations
+
+
+def multiply_adds(config, prefix: list[int], groups: list[list[int]], lengths: list[int]) -> tuple[int, int, int]:
+    """The backbone's multiply-adds for the three amounts of work: each conversation alone (attention causal), the
+    shared way's minimum (each answer over all of its prompt's keys and causally over its own) and what the shared way
+    computes (each answer's attention over the whole rectangle of its keys, masked). Linear layers: q, k, v, o and the
+    gated MLP per token and layer; attention: q x k scores and as many value products per head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    linear = config.hidden_size * head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
+    linear += 3 * config.hidden_size * config.intermediate_size
+
+    def attention(queries: int, keys: int) -> int:
+        return 2 * queries * keys * config.num_attention_heads * head_dim
+
+    alone = sum(n * linear + attention(n, n) // 2 for n in lengths)
+    shared = rectangle = 0
+    for p, rows in zip(prefix, groups):
+        shared += p * linear + attention(p, p) // 2
+        rectangle += p * linear + attention(p, p) // 2
+        for row in rows:
+            a = lengths[row] - p
+            shared += a * linear + attention(a, p) + attention(a, a) // 2
+            rectangle += a * linear + attention(a, p + a)
+    layers = config.num_hidden_layers
+    return alone * layers, shared * layers, rectangle * layers
 
 
 def main():
@@ -132,6 +159,14 @@ def main():
         speed_up = median(r["seconds"] / s["seconds"] for r, s in zip(runs, rounds["shared"]))
         share = median(r["in_backbone"] / r["seconds"] for r in runs)
         print(f"| {name} | {speed:,.0f} | {speed_up:.2f}× | {share:.1%} | {1 - share:.2%} |")
+    alone, shared, rectangle = multiply_adds(
+        model.model.config.get_text_config(), prefix, groups, [len(row) for row in encoded]
+    )
+    print(
+        f"\nArithmetic (the backbone's multiply-adds): each alone does {alone / shared:.2f}x the shared way's minimal "
+        f"work and {alone / rectangle:.2f}x what it computes; a speed-up above that comes from running more operations "
+        "per second."
+    )
     print("\nTarget: shared >= 2x each conversation alone. The time outside the backbone is the head and the "
           "bookkeeping (batches, padding, the prompts' key/value caches gathered per answer).")  # fmt: skip
     raw = {name: [round(r["seconds"], 2) for r in runs] for name, runs in rounds.items()}
