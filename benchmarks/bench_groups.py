@@ -84,8 +84,8 @@ def multiply_adds(config, prefix: list[int], groups: list[list[int]], lengths: l
     alone = sum(n * linear + attention(n, n) // 2 for n in lengths)
     shared = rectangle = 0
     for p, rows in zip(prefix, groups):
-        shared += p * linear + attention(p, p) // 2
-        rectangle += p * linear + attention(p, p) // 2
+        prompt = p * linear + attention(p, p) // 2  # run once either way
+        shared, rectangle = shared + prompt, rectangle + prompt
         for row in rows:
             a = lengths[row] - p
             shared += a * linear + attention(a, p) + attention(a, a) // 2
