@@ -286,6 +286,8 @@ def main() -> None:
                 f"difference {worst_abs:.1e} absolute, {worst_rel:.1e} relative (to |s| or 0.01)"
             )
     print(f"\ntokens per conversation: {total_tokens:.0f}, of which the shared prompt {prompt_tokens:.0f}")
+    # The folder is kept for its server logs and the checkpoint a later run can reuse; it is ~160 MB per run.
+    print(f"server logs and checkpoint kept in {work} (reuse: --checkpoint {checkpoint}; delete it when done)")
 
 
 if __name__ == "__main__":
