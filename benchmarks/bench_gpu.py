@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import machine_facts, synchronize  # benchmarks/timing.py
+from timing import head_width, linear_multiply_adds, machine_facts, synchronize  # benchmarks/timing.py
 from transformers import LlamaConfig
 from transformers.utils import is_flash_attn_2_available
 
@@ -92,11 +92,9 @@ def build_model(shape: dict, device: str, dtype: torch.dtype) -> ArmoRMForReward
 
 def flops_per_token(config, context: float) -> float:
     """Forward FLOPs per token: 2 x the backbone's matmul parameters (no embedding lookup), plus causal attention
-    (QK^T and AV, 2 x 2 x context x hidden per layer, halved by the mask) at a mean context of `context` tokens."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size  # q, o; k, v; gate, up, down
-    return 2 * layers * per_layer + 2 * layers * context * d
+    (QK^T and AV, 2 x 2 x context x the heads' width per layer, halved by the mask) at a mean context of `context` tokens."""
+    layers = config.num_hidden_layers
+    return 2 * layers * linear_multiply_adds(config) + 2 * layers * context * head_width(config)
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:

@@ -31,7 +31,7 @@ import sys
 
 import torch
 from bench_score import build_model  # benchmarks/bench_score.py
-from timing import machine_facts, timed_inside  # benchmarks/timing.py
+from timing import head_width, linear_multiply_adds, machine_facts, timed_inside  # benchmarks/timing.py
 
 from modeling_armorm.prefix_sharing import prefix_groups
 from modeling_armorm.scoring import ChatEncoder, model_gating_pattern, pad_token_id, score_encoded
@@ -74,12 +74,10 @@ def multiply_adds(config, prefix: list[int], groups: list[list[int]], lengths: l
     shared way's minimum (each answer over all of its prompt's keys and causally over its own) and what the shared way
     computes (each answer's attention over the whole rectangle of its keys, masked). Linear layers: q, k, v, o and the
     gated MLP per token and layer; attention: q x k scores and as many value products per head."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    linear = config.hidden_size * head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
-    linear += 3 * config.hidden_size * config.intermediate_size
+    linear = linear_multiply_adds(config)
 
     def attention(queries: int, keys: int) -> int:
-        return 2 * queries * keys * config.num_attention_heads * head_dim
+        return 2 * queries * keys * head_width(config)
 
     alone = sum(n * linear + attention(n, n) // 2 for n in lengths)
     shared = rectangle = 0

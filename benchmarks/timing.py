@@ -1,5 +1,6 @@
 """Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
-`model.forward`, and the machine's facts for the report. On a GPU every reading waits for the queued kernels."""
+`model.forward`, the machine's facts for the report, and the backbone's arithmetic per token that a speed is measured
+against. On a GPU every reading waits for the queued kernels."""
 
 import functools
 import os
@@ -84,3 +85,17 @@ def machine_facts(threads: int | None = None) -> str:
         f"{load} (1, 5, 15 min); torch {torch.__version__}, transformers {transformers.__version__}, Python "
         f"{platform.python_version()}"
     )
+
+
+def head_width(config) -> int:
+    """The query heads' total width (heads x head_dim); the hidden size unless the config sets its own `head_dim`."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim
+
+
+def linear_multiply_adds(config) -> int:
+    """Multiply-adds per token and layer in a Llama-shaped decoder's linear layers: q and o, k and v (grouped-query
+    heads), and the gated MLP's gate, up and down. Attention's own products depend on the keys and are counted apart."""
+    d = config.hidden_size
+    kv_width = config.num_key_value_heads * head_width(config) // config.num_attention_heads
+    return 2 * d * head_width(config) + 2 * d * kv_width + 3 * d * config.intermediate_size
