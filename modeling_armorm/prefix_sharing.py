@@ -2,11 +2,13 @@
 """Shared-prefix scoring: answers to one prompt run the prompt once.
 
 A GRPO step scores 8-64 answers to one prompt, annotation 4-16, `compare` and `rank` 2-N, and `armorm extract` reads
-the features of a pair's two sides or of several rated answers to one prompt. Rows whose token ids agree
-up to and including the gating position (where h_x is read) share that prefix. The backbone runs each distinct prefix
-once, keeps its key/value cache, and runs the rest of every answer on top of a copy of it. Attention is causal, so a
-prefix token's hidden state never depends on what follows: h_x read from the prefix run and h read at each answer's
-last token are those of the whole conversation run alone (up to float rounding of different matmul shapes).
+the features of a pair's two sides or of several rated answers to one prompt. Rows whose token ids agree up to and
+including the gating position (where h_x is read) share a prefix: those tokens and any that follow them in every row of
+the group (the rest of the chat template's assistant header, an opening all the answers have), short of each row's last
+token. The backbone runs each distinct prefix once, keeps its key/value cache, and runs the rest of every answer on top
+of a copy of it. Attention is causal, so a prefix token's hidden state never depends on what follows: h_x read from the
+prefix run and h read at each answer's last token are those of the whole conversation run alone (up to float rounding
+of different matmul shapes).
 
 Grouping is found from the token ids, never taken from the caller. Prefixes are right-padded into one batch; each
 answer's tokens follow its prefix's padded width, with the prefix's padding masked out and positions counted on from
@@ -32,6 +34,7 @@ __all__ = [
     "prefix_features",
     "prefix_groups",
     "run_prefix_batch",
+    "shared_length",
     "supports_prefix_sharing",
 ]
 
@@ -44,6 +47,18 @@ def prefix_groups(encoded: Sequence) -> list[list[int]]:
         if len(row.input_ids) > row.gating_position + 1:
             groups.setdefault(tuple(row.input_ids[: row.gating_position + 1]), []).append(i)
     return [rows for rows in groups.values() if len(rows) > 1]
+
+
+def shared_length(encoded: Sequence, rows: list[int]) -> int:
+    """How many tokens the rows of one group of `prefix_groups` run once: all they have in common from the start, at
+    least up to and including the gating position, and short of the shortest row's last token (each row runs at least
+    its last token, where h is read)."""
+    ids = [encoded[row].input_ids for row in rows]
+    first, n = ids[0], encoded[rows[0]].gating_position + 1
+    end = min(map(len, ids)) - 1
+    while n < end and all(other[n] == first[n] for other in ids[1:]):
+        n += 1
+    return n
 
 
 def supports_prefix_sharing(model) -> bool:
@@ -81,7 +96,7 @@ def prefix_batches(encoded: Sequence, batch_size: int, max_tokens: int | None = 
     """The groups of `prefix_groups` in batches of prefixes sorted by length, longest first (`length_sorted_batches`
     of their prefixes: up to `batch_size` and `max_tokens` padded tokens)."""
     groups = prefix_groups(encoded)
-    order = length_sorted_batches([encoded[rows[0]].gating_position + 1 for rows in groups], batch_size, max_tokens)
+    order = length_sorted_batches([shared_length(encoded, rows) for rows in groups], batch_size, max_tokens)
     return [[groups[g] for g in batch] for batch in order]
 
 
@@ -125,7 +140,7 @@ def prefix_features(
         return _packed_prefix_features(backbone, encoded, groups, batch_size, progress, max_tokens)
     device = next(backbone.parameters()).device
     cache_argument = _cache_argument(backbone)
-    prefixes = [encoded[rows[0]].input_ids[: encoded[rows[0]].gating_position + 1] for rows in groups]
+    prefixes = [encoded[rows[0]].input_ids[: shared_length(encoded, rows)] for rows in groups]
     input_ids, prefix_mask = (tensor.to(device) for tensor in right_pad(prefixes, pad_id))
     out = backbone(
         input_ids=input_ids,
@@ -133,9 +148,10 @@ def prefix_features(
         position_ids=position_ids_from_mask(prefix_mask),
         use_cache=True,
     )
-    # h_x, read once per prompt: the prefix's last token is its gating position.
+    # h_x, read once per prompt, at its gating position.
+    gating = torch.tensor([encoded[rows[0]].gating_position for rows in groups], device=device)  # (prefixes,)
+    h_x = out.last_hidden_state[torch.arange(len(prefixes), device=device), gating]  # (prefixes, d)
     lengths = prefix_mask.sum(-1)  # (prefixes,)
-    h_x = out.last_hidden_state[torch.arange(len(prefixes), device=device), lengths - 1]  # (prefixes, d)
     cache = [(layer.keys, layer.values) for layer in getattr(out, cache_argument).layers]
     if progress is not None:
         progress.update(0, int(lengths.sum()))
@@ -175,12 +191,13 @@ def _packed_prefix_features(
     """`prefix_features` with no padding (`packing`): the prefixes run packed in one row, each layer's keys and values
     kept per prefix, and the answers packed in chunks of up to `batch_size` rows and `max_tokens` tokens, each
     attending to its own prefix's keys and values."""
-    prefixes = [encoded[rows[0]].input_ids[: encoded[rows[0]].gating_position + 1] for rows in groups]
+    prefixes = [encoded[rows[0]].input_ids[: shared_length(encoded, rows)] for rows in groups]
     lengths = [len(prefix) for prefix in prefixes]
     prompts = PackedLayout(bounds_of(lengths), keep=True)
     hidden = pack(backbone, prefixes, prompts)
-    # h_x, read once per prompt: the prefix's last token is its gating position.
-    h_x = hidden[torch.tensor([end - 1 for _, end in prompts.bounds], device=hidden.device)]  # (prefixes, d)
+    # h_x, read once per prompt, at its gating position.
+    gating = [start + encoded[rows[0]].gating_position for (start, _), rows in zip(prompts.bounds, groups)]
+    h_x = hidden[torch.tensor(gating, device=hidden.device)]  # (prefixes, d)
     if progress is not None:
         progress.update(0, sum(lengths))
 

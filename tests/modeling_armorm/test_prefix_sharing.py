@@ -1,5 +1,6 @@
 """Shared-prefix scoring: answers to one prompt run the prompt once, and every output equals the conversation run alone."""
 
+import os
 import random
 
 import pytest
@@ -85,9 +86,9 @@ def test_a_shared_prompt_is_computed_once(pack):
     rows = conversations(0, [(40, [3, 5, 7, 2]), (25, [4, 4]), (10, [6])])
     counter = BackboneTokens(model)
     out = score_encoded(model, rows, batch_size=4, pack=pack)
-    # Each prompt's tokens up to and including the gating position once (41, 26); then each answer's tokens after it
-    # (the pattern's second token and the answer); the lone row whole.
-    expected = (41 + 26) + (4 + 6 + 8 + 3) + (5 + 5) + (12 + 6)
+    # Each prompt's tokens, the whole gating pattern included, once (42, 27); then each answer's own tokens; the lone
+    # row whole.
+    expected = (42 + 27) + (3 + 5 + 7 + 2) + (4 + 4) + (12 + 6)
     assert counter.tokens == expected
     counter.tokens = 0
     alone = score_encoded(model, rows, batch_size=4, share_prefix=False, pack=pack)
@@ -104,12 +105,52 @@ def test_shared_features_equal_each_conversation_alone(shapes, pack):
     own unpadded forward."""
     backbone = armorm().model
     rows = conversations(2, shapes)
-    unique = {tuple(row.input_ids[: row.gating_position + 1]): row.gating_position + 1 for row in rows}
     counter = BackboneTokens(backbone)
     h, h_x = conversation_features(backbone, rows, 3, 0, max_batch_tokens=64, pack=pack)
     counter.handle.remove()
-    assert counter.tokens == sum(unique.values()) + sum(len(row) - row.gating_position - 1 for row in rows)
+    assert counter.tokens == tokens_run_once(rows)
     assert_features_match_alone(backbone, rows, h, h_x, PATTERN)
+
+
+def tokens_run_once(rows) -> int:
+    """The tokens a shared forward computes, counted row by row: rows with the same tokens up to the gating position run
+    what they all have in common once (short of each one's last token), then each its own rest; a lone row whole."""
+    by_prompt: dict[tuple, list] = {}
+    for row in rows:
+        by_prompt.setdefault(tuple(row.input_ids[: row.gating_position + 1]), []).append(row.input_ids)
+    total = 0
+    for group in by_prompt.values():
+        if len(group) == 1:
+            total += len(group[0])
+            continue
+        common = min(len(os.path.commonprefix(group)), min(map(len, group)) - 1)
+        total += common + sum(len(ids) - common for ids in group)
+    return total
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_tokens_every_answer_has_after_the_gate_run_once(pack):
+    """The rest of the gating pattern and an opening every answer has run with the prompt, once; h_x is still read at
+    the gating position. Identical answers, and an answer that is the start of another, each still run their last
+    token."""
+    model = armorm()
+    rng = random.Random(3)
+    prompt = [rng.randrange(10, 128) for _ in range(15)] + PATTERN
+    opening = [50, 51, 52]
+    answers = [opening + [60, 61], opening + [70], opening + [60, 61, 62, 63], opening + [80, 81, 82]]
+    rows = [EncodedConversation(prompt + answer, len(prompt) - 2, len(prompt)) for answer in answers]
+    rows += [rows[0], EncodedConversation(prompt + opening[:2], len(prompt) - 2, len(prompt))]  # a twin; a short one
+    rows += [EncodedConversation(list(row.input_ids), row.gating_position, row.answer_start) for row in rows[:2]]
+    other = [7, 8] + PATTERN  # a second prompt whose two answers are the same
+    rows += [EncodedConversation(other + [90, 91, 92], 2, 4)] * 2
+    assert prefix_sharing.shared_length(rows, [0, 1, 2, 3]) == len(prompt) + 3
+    assert prefix_sharing.shared_length(rows, [0, 1, 2, 3, 4, 5]) == len(prompt) + 1  # short of the short one's end
+    assert prefix_sharing.shared_length(rows, [8, 9]) == 6  # short of the twins' last token
+    counter = BackboneTokens(model)
+    out = score_encoded(model, rows, batch_size=3, pack=pack)
+    counter.handle.remove()
+    assert counter.tokens == tokens_run_once(rows)
+    assert_matches_alone(out, model, rows)
 
 
 def test_grouping_comes_from_the_token_ids():
