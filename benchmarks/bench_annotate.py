@@ -30,7 +30,7 @@ The checkpoint is loaded (the vLLM engine started) once, untimed, as a long anno
 `--no-stage`, the whole stage runs once: `annotation.annotate.main` (hashing the inputs, loading the checkpoint or
 starting an engine, reading, scoring, writing `scored/`, `pairs/` and `annotate.json`), timed end to end.
 
-Reported: tokens/s over the unique tokens (each prompt once, up to its gating position, plus every answer) and over
+Reported: tokens/s over the unique tokens (each prompt once, through its assistant header, plus every answer) and over
 all tokens (every conversation whole), the speed-up of annotate over each other way (median of the rounds' own
 ratios), the share of each way's time inside the backbone's forward (transformers), and the largest score difference
 between the ways. `--backend vllm` prepares the checkpoint and the data here (`.venv`: the GGUF reader) and runs the
@@ -53,7 +53,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
-from timing import machine_facts, timed_inside  # noqa: E402  benchmarks/timing.py
+from timing import machine_facts, timed_inside, unique_token_counts  # noqa: E402  benchmarks/timing.py
 
 from annotation.annotate import AnnotateSettings, annotate  # noqa: E402
 from annotation.layouts import read_candidates  # noqa: E402
@@ -178,16 +178,6 @@ def load_scorer(backend: str, checkpoint: str, settings: AnnotateSettings, engin
     )
 
 
-def token_counts(encoded: list) -> tuple[int, int, list[int]]:
-    """(unique tokens, all tokens, each prompt's length up to its gating position)."""
-    from modeling_armorm.prefix_sharing import prefix_groups
-
-    groups = prefix_groups(encoded)
-    prefix = [encoded[g[0]].gating_position + 1 for g in groups]
-    unique = sum(prefix) + sum(len(encoded[i]) - prefix[k] for k, g in enumerate(groups) for i in g)
-    return unique, sum(len(row) for row in encoded), prefix
-
-
 def measure(args, work: Path, source: str) -> None:
     checkpoint, data = str(work / "checkpoint"), str(work / "ultrafeedback.jsonl")
     settings = AnnotateSettings()  # the stage's defaults
@@ -197,8 +187,8 @@ def measure(args, work: Path, source: str) -> None:
     load_seconds = time.perf_counter() - start
     candidates = read(data)
     encoded = encode_all(scorer, candidates)
-    unique, whole, prefix = token_counts(encoded)
-    answer_lengths = [len(row) - (row.gating_position + 1) for row in encoded]
+    unique, whole, prefix = unique_token_counts(encoded)
+    answer_lengths = [len(row) - row.answer_start for row in encoded]  # the answer and its end of turn
 
     shards = iter(range(10**6))
     ways = {
@@ -266,8 +256,9 @@ def measure(args, work: Path, source: str) -> None:
     print(
         f"Model: ArmoRM heads on SmolLM2-135M-Instruct (float32), {backend}; loaded once in {load_seconds:.1f} s "
         f"(untimed). Data: {source}: {len(candidates)} prompts x {args.answers} answers; prompts "
-        f"{min(prefix)}-{max(prefix)} tokens (median {median(prefix):.0f}, up to the gating position, the chat "
-        f"template's system turn included), answers {min(answer_lengths)}-{max(answer_lengths)} tokens (median "
+        f"{min(prefix)}-{max(prefix)} tokens (median {median(prefix):.0f}, what their answers share: through the "
+        f"assistant header, the chat template's system turn included), answers {min(answer_lengths)}-"
+        f"{max(answer_lengths)} tokens (median "
         f"{median(answer_lengths):.0f}); {unique:,} unique tokens, {whole:,} as whole conversations "
         f"({whole / unique:.2f}x). annotate's settings: the stage's defaults (batch size {settings.batch_size}, "
         f"max batch tokens {settings.max_batch_tokens}, {settings.shard_prompts} prompts per shard). Medians of "

@@ -31,9 +31,15 @@ import sys
 
 import torch
 from bench_score import build_model  # benchmarks/bench_score.py
-from timing import head_width, linear_multiply_adds, machine_facts, timed_inside  # benchmarks/timing.py
+from timing import (  # benchmarks/timing.py
+    head_width,
+    linear_multiply_adds,
+    machine_facts,
+    timed_inside,
+    unique_token_counts,
+)
 
-from modeling_armorm.prefix_sharing import prefix_groups, shared_length
+from modeling_armorm.prefix_sharing import prefix_groups
 from modeling_armorm.scoring import ChatEncoder, model_gating_pattern, pad_token_id, score_encoded
 
 
@@ -113,9 +119,7 @@ def main():
     encoded = [encoder.encode(c, where=f"conversation {i}") for i, c in enumerate(conversations)]
     groups = prefix_groups(encoded)
     assert len(groups) == args.prompts and all(len(g) == args.answers for g in groups), "the prompts must be found"
-    prefix = [shared_length(encoded, g) for g in groups]  # what a prompt's answers share, its assistant header too
-    unique = sum(prefix) + sum(len(encoded[i]) - prefix[k] for k, g in enumerate(groups) for i in g)
-    whole = sum(len(row) for row in encoded)
+    unique, whole, prefix = unique_token_counts(encoded)  # prefix: what a prompt's answers share, its header too
     pad = pad_token_id(tokenizer)
     batched = {"max_batch_tokens": args.max_batch_tokens}
     ways = {
@@ -143,8 +147,9 @@ def main():
     print(f"Machine at the end: {machine_facts(args.threads)}. Command: `python {' '.join(sys.argv)}`.\n")
     print(
         f"Model: ArmoRM heads on SmolLM2-135M-Instruct (float32, {model.model.config._attn_implementation} attention). "
-        f"Data: {args.prompts} prompts x {args.answers} answers: prompts {min(prefix)}-{max(prefix)} tokens (what "
-        f"the answers share: through the assistant header), answers (after it) {min(len(r) for r in encoded) - max(prefix)}-"
+        f"Data: {args.prompts} prompts x {args.answers} answers: prompts {min(prefix)}-{max(prefix)} tokens "
+        f"(what the answers share: through the assistant header), answers (after it) "
+        f"{min(len(r) for r in encoded) - max(prefix)}-"
         f"{max(len(r) for r in encoded) - min(prefix)} tokens; {unique:,} unique tokens, {whole:,} as whole "
         f"conversations ({whole / unique:.2f}x). Batch size {args.batch_size}, token budget "
         f"{args.max_batch_tokens or 'the default'}. Medians of {args.repeats} interleaved "

@@ -1,6 +1,6 @@
 """Timing pieces the benchmarks share: a bare forward over prepared batches, the time a call spends inside
-`model.forward`, the machine's facts for the report, and the backbone's arithmetic per token that a speed is measured
-against. On a GPU every reading waits for the queued kernels."""
+`model.forward`, the machine's facts for the report, and the work a speed is measured against: the tokens there are to
+compute and the backbone's arithmetic per token. On a GPU every reading waits for the queued kernels."""
 
 import functools
 import os
@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from modeling_armorm.prefix_sharing import prefix_groups, shared_length
 
 
 def synchronize() -> None:
@@ -99,3 +101,16 @@ def linear_multiply_adds(config) -> int:
     d = config.hidden_size
     kv_width = config.num_key_value_heads * head_width(config) // config.num_attention_heads
     return 2 * d * head_width(config) + 2 * d * kv_width + 3 * d * config.intermediate_size
+
+
+def unique_token_counts(encoded) -> tuple[int, int, list[int]]:
+    """(unique tokens, all tokens, the shared prefix of each group) of encoded conversations: answers to one prompt
+    count what they share once (`prefix_sharing.shared_length`: the prompt through its assistant header) and their own
+    tokens each; a conversation without another answer to its prompt counts whole."""
+    groups = prefix_groups(encoded)
+    prefix = [shared_length(encoded, rows) for rows in groups]
+    grouped = {row for rows in groups for row in rows}
+    whole = sum(len(row) for row in encoded)
+    own = sum(len(encoded[row]) - p for p, rows in zip(prefix, groups) for row in rows)
+    alone = sum(len(row) for i, row in enumerate(encoded) if i not in grouped)
+    return sum(prefix) + own + alone, whole, prefix

@@ -438,8 +438,8 @@ def score_encoded(
     (`batching`). Conversations that share their tokens up to the gating position run them once, with whatever tokens
     all of them have next (`share_prefix=False` runs each whole; the scores agree up to float rounding, see
     `prefix_sharing`). `pack`: run each batch packed in one row with no padding (`packing`); not given, packed on a
-    CPU where the backbone allows it (`packs`), padded on an accelerator. `max_batch_tokens` not given: on a CPU `batching.CPU_MAX_PACKED_TOKENS`
-    packed and `batching.CPU_MAX_BATCH_TOKENS` padded, on an accelerator rows only.
+    CPU where the backbone allows it (`packs`), padded on an accelerator. `max_batch_tokens` not given: on a CPU
+    `batching.CPU_MAX_PACKED_TOKENS` packed and `batching.CPU_MAX_BATCH_TOKENS` padded, on an accelerator rows only.
 
     A conversation longer than `max_length` tokens (or the backbone's `max_position_embeddings`) raises a
     `ValueError` naming it: a reward is never read from a cut conversation. A conversation whose score, rewards or
