@@ -35,6 +35,7 @@ listed in the report; the job never stops over one row. Under `torchrun` / `acce
 across the processes and rank 0 writes the outputs, identical to one process's.
 """
 
+import contextlib
 import logging
 import math
 import shutil
@@ -259,15 +260,16 @@ def main(config: AnnotateConfig | None = None, /, **kwargs) -> dict:
         layout = config.layout or detect_layout(table.column_names)
         candidates, skipped = read_candidates(table, layout)
         scorer = _load_scorer(config, device, world_size)
-        statistics = scorer.config.score_statistics if config.normalize else None
-        if config.normalize:
-            normalize_scores(0.0, statistics)  # a checkpoint without them fails before anything is scored
-        scorer.identity.update(
-            model=inputs["model"].sha256 or f"hub id {config.model}",
-            max_length=scorer.policy.max_length,
-            truncate_prompt=config.truncate_prompt,
-        )
-        results, run = annotate(scorer, candidates, out / SHARDS, config.shard_prompts)
+        with contextlib.closing(scorer):  # the engine stops once every chunk is scored, or on an error
+            statistics = scorer.config.score_statistics if config.normalize else None
+            if config.normalize:
+                normalize_scores(0.0, statistics)  # a checkpoint without them fails before anything is scored
+            scorer.identity.update(
+                model=inputs["model"].sha256 or f"hub id {config.model}",
+                max_length=scorer.policy.max_length,
+                truncate_prompt=config.truncate_prompt,
+            )
+            results, run = annotate(scorer, candidates, out / SHARDS, config.shard_prompts)
         report = None
         if rank == 0:
             report = _write_outputs(

@@ -64,6 +64,9 @@ class _Encoding:
         (row,) = self.policy.encode([[messages]])
         return row.sides[0] if isinstance(row, EncodedRow) else row
 
+    def close(self) -> None:
+        """Free what the scorer runs outside this thread (vLLM's engine); the encoding stays usable."""
+
 
 class TransformersScorer(_Encoding):
     """An `ArmoRMForRewardModeling` (already on its device, in its dtype) and its tokenizer."""
@@ -155,6 +158,17 @@ class VllmScorer(_Encoding):
             "dtype": str(model_config.dtype).removeprefix("torch."),
             "engine_args": engine_args,
         }
+
+    def close(self) -> None:
+        """Stop the engine now: its process, and the client's daemon thread that reads its outputs. Left to the
+        interpreter's exit, vLLM's finalizer wakes that thread while Python shuts down, which can abort the process
+        ("terminate called without an active exception", exit code -6) after every output is written, and `torchrun`
+        then reports the job failed. Calling it again does nothing."""
+        client = self.llm.llm_engine.engine_core
+        client.shutdown()
+        thread = getattr(client, "output_queue_thread", None)  # a multiprocessing client's (vLLM 0.32)
+        if thread is not None:
+            thread.join(timeout=30)
 
     def score(self, encoded: list[EncodedConversation], progress=None) -> Scored:
         from vllm_armorm import ArmoRMRequestError, score_tokens

@@ -6,9 +6,11 @@ The data holds every reference conversation, the answers to one prompt as that p
 eight answers share it through vLLM's prefix cache)."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm`
 import datasets  # noqa: E402
 
 from annotation import annotate as annotate_stage  # noqa: E402
+from annotation.scorers import VllmScorer  # noqa: E402
+from armorm_io.backbone import load_tokenizer  # noqa: E402
 from tests.serving.vllm.conftest import ENGINE, REPO  # noqa: E402
 
 
@@ -72,6 +76,31 @@ def test_two_processes_each_run_an_engine(reference, cases, tmp_path):
     assert len(engines) == 2 and all(line.startswith("(EngineCore") for line in engines), engines
     assert "Traceback" not in logs, logs[-5000:]
     assert_outputs(tmp_path / "out", groups, json.loads((tmp_path / "out" / "annotate.json").read_text()))
+
+
+def test_closing_the_scorer_stops_its_engine(reference):
+    """An engine in a process of its own (as under torchrun, and vLLM's default): `close` ends that process and the
+    daemon threads the engine started in this one. vLLM's finalizer left to stop them at exit wakes a thread while
+    Python shuts down, which can abort a finished job."""
+    threads = set(threading.enumerate())
+    checkpoint = str(reference / "armorm")
+    engine_args = {k: v for k, v in ENGINE.items() if k != "runner"}
+    scorer = VllmScorer(
+        checkpoint, load_tokenizer(checkpoint), max_length=ENGINE["max_model_len"], truncate_prompt=False,
+        engine_args=engine_args, rank_device=torch.device("cpu"),
+    )  # fmt: skip
+    row = scorer.encode([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}])
+    assert torch.isfinite(scorer.score([row]).score).all()
+    engines = multiprocessing.active_children()
+    assert engines and threading.active_count() > len(threads)
+
+    scorer.close()
+    left = [thread.name for thread in threading.enumerate() if thread not in threads and thread.daemon]
+    assert left == [], left
+    for engine in engines:
+        engine.join(timeout=30)
+        assert engine.exitcode is not None, engine
+    scorer.close()  # again: nothing left to stop
 
 
 def assert_outputs(out, groups: list[dict], report: dict) -> None:
